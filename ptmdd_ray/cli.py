@@ -1,0 +1,150 @@
+"""``ptmdd``: the command line.
+
+    ptmdd distill [CONFIG.yaml] [--set key=value ...] --out DIR
+    ptmdd pretrain [CONFIG.yaml] [--set key=value ...]
+    ptmdd evaluate SYNTHETIC.parquet [--config CONFIG.yaml] [--set key=value ...] [--out FILE]
+
+Bad input exits with status 2 and one line on stderr naming the key; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("ptmdd")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2, like every other input error
+        self.exit(2, f"ptmdd: error: {message}\n")
+
+
+def _pct(s: dict | None) -> str:
+    return "-" if not s else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} %"
+
+
+def summary_table(result: dict) -> str:
+    cfg = result["config"]
+    d = cfg["distill"]
+    lines = [f"{d['method'].upper()}  ipc {d['ipc']}  {cfg['dataset']['name']}  model {cfg['model']}  "
+             f"iterations {result['timing']['iterations']}  "
+             f"({result['timing']['seconds_per_iteration']:.4f} s/it)"]
+    pool = result.get("pool") or []
+    if pool:
+        lines.append(f"pool: {len(pool)} PTMs " + ", ".join(
+            f"{p['arch']}/s{p['seed']}/e{p['epoch']} ({100 * p['test_accuracy']:.1f}%)" for p in pool)
+            + f"  clom={cfg['loss']['clom']} cclom={cfg['loss']['cclom']}")
+    runs = next(iter(result["accuracy"].values()))["runs"]
+    lines.append(f"{'eval arch':<16}{'synthetic':>20}{'random real':>20}   ({len(runs)} runs each)")
+    base = result.get("baseline_random") or {}
+    for arch, acc in result["accuracy"].items():
+        lines.append(f"{arch:<16}{_pct(acc):>20}{_pct(base.get(arch)):>20}")
+    return "\n".join(lines)
+
+
+def _config(args) -> "Config":  # noqa: F821
+    from .config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_distill(args) -> int:
+    from .pipeline import run_distill
+
+    cfg = _config(args)
+    result = run_distill(cfg, args.out, progress=not args.quiet)
+    print(summary_table(result))
+    print(f"wrote {Path(args.out) / 'result.json'}, synthetic.parquet, synthetic.png")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pipeline import run_pretrain
+
+    cfg = _config(args)
+    if not cfg.pool.archs:
+        from .config import ConfigError
+
+        raise ConfigError("pool.archs: empty, nothing to pretrain")
+    pool = run_pretrain(cfg, progress=not args.quiet)
+    for row in pool.manifest():
+        print(f"{row['id']}  test acc {100 * row['test_accuracy']:.2f}%")
+    print(f"{len(pool.ptms)} PTMs in {cfg.store}: {pool.trainings} trained, {pool.hits} reused")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .artifacts import read_synthetic, write_json
+    from .config import load_config
+    from .pipeline import run_evaluate
+
+    images, labels, meta = read_synthetic(args.synthetic)
+    cfg = load_config(args.config, args.set, base=None if args.config else meta.get("config"))
+    result = run_evaluate(cfg, images, labels, meta, progress=not args.quiet)
+    for arch, acc in result["accuracy"].items():
+        base = (result["baseline_random"] or {}).get(arch)
+        print(f"{arch:<16} synthetic {_pct(acc)}   random real {_pct(base)}")
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ptmdd", description="PTM-guided dataset distillation (DC, DSA, DM + CLoM/CCLoM)")
+    p.add_argument("--version", action="version", version=f"ptmdd_ray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sp, config_positional: bool = True):
+        if config_positional:
+            sp.add_argument("config", nargs="?", help="YAML config (default: embedded digits defaults)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted config key, e.g. distill.ipc=1 (repeatable)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    d = sub.add_parser("distill", help="pretrain-if-needed, distill, evaluate")
+    common(d)
+    d.add_argument("--out", required=True, help="output directory")
+    d.set_defaults(func=cmd_distill)
+
+    t = sub.add_parser("pretrain", help="build or extend the PTM pool of a config")
+    common(t)
+    t.set_defaults(func=cmd_pretrain)
+
+    e = sub.add_parser("evaluate", help="evaluate a saved synthetic.parquet")
+    e.add_argument("synthetic", help="synthetic.parquet written by ptmdd distill")
+    e.add_argument("--config", help="config for dataset/eval (default: the one stored in the file)")
+    common(e, config_positional=False)
+    e.add_argument("--out", help="write the evaluation result as JSON here")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .config import ConfigError
+    from .methods import DivergenceError
+    from .store import IntegrityError, StoreError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"ptmdd: error: {e}", file=sys.stderr)
+        return 2
+    except (DivergenceError, IntegrityError, StoreError) as e:
+        print(f"ptmdd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ptmdd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

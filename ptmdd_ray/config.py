@@ -1,0 +1,446 @@
+"""Typed, validated configuration: one object drives the CLI, the tests and (later) Ray Tune and MLflow.
+
+A YAML mapping is parsed into frozen dataclasses by :func:`from_dict`, which rejects unknown keys and
+wrong types with a :class:`ConfigError` whose message names the dotted key (``distill.ipc``).
+``None`` in a field means "the published default for the chosen method"; :func:`resolve` fills those
+in, so the resolved config written to ``result.json`` is the complete record of what ran.
+:func:`flatten` gives the flat dotted names used for ``--set`` overrides, sweeps and MLflow params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line and names the offending key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+DOMAINS = ("none", "grayscale", "lowres", "invert")
+METHODS = ("dc", "dsa", "dm")
+INITS = ("real", "noise")
+DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which images, and how they are shaped. ``name`` is ``digits`` (embedded, offline), a torchvision
+    name (``cifar10``, ``cifar100``, ``mnist``, ``fashionmnist``, ``svhn``), ``parquet:PATH`` or
+    ``imagefolder:PATH``. ``domain`` and ``classes`` derive a new domain or label space from it, which
+    is how PTMs from "elsewhere" are made for the domain-match study."""
+
+    name: str = "digits"
+    root: str = "data"
+    download: bool = False
+    im_size: int | None = None  # None: native size (digits: 16, upsampled from 8)
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    domain: str = "none"
+    classes: list[int] | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation method. ``None`` fields take the method's published default (see
+    :data:`METHOD_DEFAULTS` and :func:`ptmdd_ray.methods.loops_for_ipc`)."""
+
+    method: str = "dm"
+    ipc: int = 10
+    iterations: int | None = None
+    lr_img: float | None = None
+    lr_net: float = 0.01
+    momentum_img: float = 0.5
+    batch_real: int = 256
+    batch_train: int = 256
+    init: str | None = None
+    outer_loop: int | None = None
+    inner_loop: int | None = None
+    dsa_strategy: str | None = None
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The PTM pool: ``archs`` × ``seeds`` models, each the checkpoint at ``epoch`` of a pretraining
+    run on ``source``. Nm = number of seeds, Na = len(archs); ``archs: []`` means no PTM.
+    ``seeds`` is a count (seeds 0..n-1) or an explicit list. ``source`` is a dataset name (inheriting
+    the target's size and subset options) or a full dataset mapping; ``None`` means the target."""
+
+    archs: list[str] = field(default_factory=list)
+    seeds: int | list[int] = 1
+    epoch: int = 5
+    source: str | DatasetConfig | None = None
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How a PTM is trained. Defaults follow the paper's code: SGD lr 0.01, momentum 0.9, weight decay
+    5e-3, lr x0.1 at 1/3 and 2/3 of the run, batch 256, no augmentation. ``epochs`` is the length of
+    the run (its lr schedule), ``None`` meaning ``pool.epoch``; checkpoints are saved at
+    ``pool.epoch``, at ``epochs`` and at every ``save_epochs`` entry, so sub-optimal epochs are free."""
+
+    epochs: int | None = None
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-3
+    batch: int = 256
+    save_epochs: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The paper's PTM losses. ``clom`` (alpha) and ``cclom`` (beta) are a weight or a map
+    {arch: weight}. ``clom: None`` means the per-method default (DC 1000, DSA 5000, DM 2000, the
+    authors' CIFAR-10 IPC-10 table) when the pool is non-empty, else 0."""
+
+    clom: float | dict[str, float] | None = None
+    cclom: float | dict[str, float] = 0.0
+    cclom_batch: int = 256
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol: ``runs`` fresh models per arch trained on the synthetic set with DSA
+    augmentation, SGD momentum 0.9, weight decay 5e-4, lr x0.1 at half of ``epochs``. The random
+    real subset of the same IPC is evaluated the same way when ``baseline`` is on."""
+
+    archs: list[str] | None = None  # None: the matching model
+    runs: int = 3
+    epochs: int = 300
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch: int = 256
+    dsa: bool = True
+    baseline: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: str = "ConvNet"
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    store: str = "ptm_store"
+    device: str = "auto"
+
+
+# Published defaults: DC (Zhao et al., ICLR 2021), DSA (Zhao & Bilen, ICML 2021), DM (Zhao & Bilen,
+# WACV 2023); CLoM weights from Lu et al. 2023's table for CIFAR-10 at IPC 10.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dc": {"iterations": 1000, "lr_img": 0.1, "init": "noise", "dsa_strategy": "none", "clom": 1000.0},
+    "dsa": {"iterations": 1000, "lr_img": 0.1, "init": "real", "dsa_strategy": DSA_STRATEGY, "clom": 5000.0},
+    "dm": {"iterations": 20000, "lr_img": 1.0, "init": "real", "dsa_strategy": DSA_STRATEGY, "clom": 2000.0},
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form or raise."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(float(value)):
+                raise ConfigError(f"{key}: NaN is not allowed")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - annotation we do not support
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data (YAML/JSON-ready) form of a config object."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Flat dotted names (``distill.ipc``) -> values, the vocabulary shared by ``--set``, sweeps and
+    MLflow params. Lists and weight maps stay whole values."""
+    if dataclasses.is_dataclass(data):
+        data = to_dict(data)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("clom", "cclom"):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating intermediate mappings."""
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if isinstance(child, str) and p == "source":  # pool.source: name -> mapping
+            child = {"name": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {p} is not a mapping")
+        node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value (``distill.ipc=1``, ``pool.archs=[ConvNet,MLP]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({type(e).__name__})") from None
+    return key, value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: malformed YAML in {path}{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """YAML file (or ``base`` mapping) + ``--set`` overrides -> validated, resolved :class:`Config`."""
+    data = dict(base or {})
+    if path is not None:
+        data.update(load_yaml(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    return resolve(from_dict(Config, data))
+
+
+# --------------------------------------------------------------------------- resolution
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _check_weight(w: float | dict[str, float], key: str, archs: list[str]) -> None:
+    items = w.items() if isinstance(w, dict) else [(None, w)]
+    for arch, v in items:
+        k = key if arch is None else f"{key}.{arch}"
+        _check(math.isfinite(v) and v >= 0, k, f"must be a finite number >= 0, got {v!r}")
+        if arch is not None:
+            _check(arch in archs, k, f"{arch!r} is not in pool.archs {archs}")
+
+
+def weight_for(w: float | dict[str, float], arch: str) -> float:
+    """The weight of one arch from a number or an {arch: weight} map (missing arch: 0)."""
+    return float(w.get(arch, 0.0)) if isinstance(w, dict) else float(w)
+
+
+def source_dataset(cfg: Config) -> DatasetConfig:
+    """The dataset the pool's PTMs are trained on. A bare name inherits the target's image size,
+    root, cache and subset sizes, but none of its domain or class subset."""
+    src = cfg.pool.source
+    if src is None:
+        return cfg.dataset
+    if isinstance(src, str):
+        return replace(cfg.dataset, name=src, domain="none", classes=None)
+    return src
+
+
+def resolve(cfg: Config) -> Config:
+    """Validate ranges and fill method defaults. Raises :class:`ConfigError` naming the key."""
+    from . import data as data_mod  # local: data imports torch; config stays light
+    from . import models
+
+    d = cfg.distill
+    _check(d.method in METHODS, "distill.method", f"unknown method {d.method!r} (known: {', '.join(METHODS)})")
+    defaults = METHOD_DEFAULTS[d.method]
+    _check(d.ipc >= 1, "distill.ipc", f"must be >= 1, got {d.ipc}")
+    for name in ("iterations", "outer_loop", "inner_loop"):
+        v = getattr(d, name)
+        _check(v is None or v >= 1 if name != "iterations" else v is None or v >= 0, f"distill.{name}",
+               f"must be >= {1 if name != 'iterations' else 0}, got {v}")
+    for name in ("batch_real", "batch_train", "log_every"):
+        _check(getattr(d, name) >= 1, f"distill.{name}", f"must be >= 1, got {getattr(d, name)}")
+    for name in ("lr_img", "lr_net", "momentum_img"):
+        v = getattr(d, name)
+        _check(v is None or (math.isfinite(v) and v >= 0), f"distill.{name}", f"must be a finite number >= 0, got {v}")
+    init = d.init or defaults["init"]
+    _check(init in INITS, "distill.init", f"unknown init {init!r} (known: {', '.join(INITS)})")
+    strategy = d.dsa_strategy or defaults["dsa_strategy"]
+    from .augment import check_strategy
+    try:
+        check_strategy(strategy)
+    except ValueError as e:
+        raise ConfigError(f"distill.dsa_strategy: {e}") from None
+    from .methods import loops_for_ipc
+    outer, inner = loops_for_ipc(d.ipc)
+    distill = replace(
+        d,
+        iterations=defaults["iterations"] if d.iterations is None else d.iterations,
+        lr_img=defaults["lr_img"] if d.lr_img is None else d.lr_img,
+        init=init,
+        dsa_strategy=strategy,
+        outer_loop=d.outer_loop or outer,
+        inner_loop=d.inner_loop or inner,
+    )
+
+    _check(models.is_known(cfg.model), "model", f"unknown architecture {cfg.model!r}")
+    data_mod.check_dataset_config(cfg.dataset, "dataset")
+
+    p = cfg.pool
+    for i, a in enumerate(p.archs):
+        _check(models.is_known(a), f"pool.archs[{i}]", f"unknown architecture {a!r}")
+    _check(len(set(p.archs)) == len(p.archs), "pool.archs", "duplicate architecture")
+    seeds = list(range(p.seeds)) if isinstance(p.seeds, int) else list(p.seeds)
+    _check(len(seeds) >= 1 and (not isinstance(p.seeds, int) or p.seeds >= 1), "pool.seeds", f"must be >= 1, got {p.seeds}")
+    _check(len(set(seeds)) == len(seeds), "pool.seeds", "duplicate seed")
+    _check(p.epoch >= 1, "pool.epoch", f"must be >= 1, got {p.epoch}")
+    pool = replace(p, seeds=seeds)
+    cfg = replace(cfg, pool=pool)
+    src = source_dataset(cfg)
+    if p.source is not None:
+        data_mod.check_dataset_config(src, "pool.source")
+    cfg = replace(cfg, pool=replace(pool, source=src if p.source is not None else None))
+
+    t = cfg.pretrain
+    epochs = t.epochs if t.epochs is not None else p.epoch
+    _check(epochs >= 1, "pretrain.epochs", f"must be >= 1, got {epochs}")
+    _check(p.epoch <= epochs, "pool.epoch", f"{p.epoch} is past pretrain.epochs {epochs}")
+    for i, e in enumerate(t.save_epochs):
+        _check(1 <= e <= epochs, f"pretrain.save_epochs[{i}]", f"must be in 1..{epochs}, got {e}")
+    for name in ("lr", "momentum", "weight_decay"):
+        v = getattr(t, name)
+        _check(math.isfinite(v) and v >= 0, f"pretrain.{name}", f"must be a finite number >= 0, got {v}")
+    _check(t.batch >= 1, "pretrain.batch", f"must be >= 1, got {t.batch}")
+    pretrain = replace(t, epochs=epochs)
+
+    l = cfg.loss
+    clom = l.clom if l.clom is not None else (defaults["clom"] if p.archs else 0.0)
+    _check_weight(clom, "loss.clom", p.archs)
+    _check_weight(l.cclom, "loss.cclom", p.archs)
+    _check(l.cclom_batch >= 1, "loss.cclom_batch", f"must be >= 1, got {l.cclom_batch}")
+    uses_ptm = any(weight_for(clom, a) > 0 or weight_for(l.cclom, a) > 0 for a in p.archs) or (
+        not p.archs and (not isinstance(clom, dict) and clom > 0 or not isinstance(l.cclom, dict) and l.cclom > 0))
+    if not p.archs:
+        _check(not uses_ptm, "loss", "clom/cclom > 0 needs a non-empty pool.archs")
+    loss = replace(l, clom=clom)
+
+    e = cfg.eval
+    eval_archs = e.archs if e.archs is not None else [cfg.model]
+    _check(len(eval_archs) >= 1, "eval.archs", "must name at least one architecture")
+    for i, a in enumerate(eval_archs):
+        _check(models.is_known(a), f"eval.archs[{i}]", f"unknown architecture {a!r}")
+    _check(e.runs >= 1, "eval.runs", f"must be >= 1, got {e.runs}")
+    _check(e.epochs >= 1, "eval.epochs", f"must be >= 1, got {e.epochs}")
+    _check(e.batch >= 1, "eval.batch", f"must be >= 1, got {e.batch}")
+    for name in ("lr", "momentum", "weight_decay"):
+        v = getattr(e, name)
+        _check(math.isfinite(v) and v >= 0, f"eval.{name}", f"must be a finite number >= 0, got {v}")
+    ev = replace(e, archs=eval_archs)
+
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+           f"expected auto, cpu or cuda[:N], got {cfg.device!r}")
+    _check(bool(cfg.store), "store", "must not be empty")
+    return replace(cfg, distill=distill, pretrain=pretrain, loss=loss, eval=ev)

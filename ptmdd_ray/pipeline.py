@@ -1,0 +1,164 @@
+"""End-to-end jobs on one :class:`~ptmdd_ray.config.Config`: pretrain the pool if needed, distill,
+evaluate against the random-real baseline, write the artifacts. The CLI and (later) Ray Tune trials
+call these; they do no argument parsing and no printing.
+
+Every check that needs the data (IPC vs class sizes, PTM compatibility) runs before anything is
+written, and the output directory is only populated at the very end, file by atomic file.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__, artifacts
+from .config import Config, ConfigError, source_dataset, to_dict, weight_for
+from .data import ImageData, load_data
+from .evaluate import evaluate_set, random_real_subset
+from .methods import distill
+from .pool import PTM, PTMGuide, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs
+from .store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
+    counts = [int(i.numel()) for i in data.class_indices()]
+    smallest = min(counts)
+    if ipc > smallest:
+        c = counts.index(smallest)
+        raise ConfigError(f"{key}: {ipc} images per class requested but class {data.classes[c]!r} "
+                          f"has only {smallest} training images")
+
+
+@dataclass
+class Pool:
+    ptms: list[PTM]
+    trainings: int
+    hits: int
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return [{"id": p.key, "arch": p.arch, "seed": p.seed, "epoch": p.epoch,
+                 "test_accuracy": p.test_accuracy} for p in self.ptms]
+
+
+def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
+                 repo: PTMRepository | None = None) -> Pool:
+    """Load the pool's PTMs from the store, training the missing ones on ``pool.source``."""
+    if not cfg.pool.archs:
+        return Pool([], 0, 0)
+    repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
+    src_cfg = source_dataset(cfg)
+    cache: dict[str, ImageData] = {}
+
+    def load_source() -> ImageData:
+        if "src" not in cache:
+            cache["src"] = target if src_cfg == cfg.dataset else load_data(src_cfg, cfg.seed).to(device)
+        return cache["src"]
+
+    needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
+    hits0, trainings0 = repo.hits, repo.trainings
+    ptms = []
+    for spec in pool_specs(cfg):
+        ckpt = repo.get(spec, cfg.pool.epoch, save_epochs(cfg), load_source)
+        check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels)
+        ptms.append(load_ptm(ckpt, device))
+    return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0)
+
+
+def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = True,
+                on_log: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Pretrain-if-needed, distill, evaluate; write ``result.json``, ``synthetic.parquet`` and
+    ``synthetic.png`` into ``out`` (if given). Returns the result mapping."""
+    device = pick_device(cfg.device)
+    data = load_data(cfg.dataset, cfg.seed)
+    check_ipc(data, cfg.distill.ipc)
+    data = data.to(device)
+
+    t0 = time.perf_counter()
+    pool = resolve_pool(cfg, data, device, progress)
+    pool_seconds = time.perf_counter() - t0
+    guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, cfg.seed)
+
+    syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log)
+
+    t1 = time.perf_counter()
+    acc = evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic")
+    baseline = None
+    if cfg.eval.baseline:
+        real_x, real_y = random_real_subset(data, cfg.distill.ipc, cfg.seed)
+        baseline = evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real")
+    eval_seconds = time.perf_counter() - t1
+
+    result = {
+        "version": __version__,
+        "config": to_dict(cfg),
+        "accuracy": acc,
+        "baseline_random": baseline,
+        "pool": pool.manifest(),
+        "pool_stats": {"trainings": pool.trainings, "hits": pool.hits, "seconds": pool_seconds},
+        "timing": {"distill_seconds": syn.seconds, "iterations": syn.iterations,
+                   "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": eval_seconds},
+        "loss_history": syn.loss_history,
+        "device": str(device),
+        "synthetic": "synthetic.parquet",
+        "image": "synthetic.png",
+    }
+    if out is not None:
+        write_outputs(Path(out), result, syn.images, syn.labels, data, cfg)
+    return result
+
+
+def synthetic_meta(cfg: Config, data: ImageData) -> dict[str, Any]:
+    return {"config": to_dict(cfg), "mean": list(data.mean), "std": list(data.std), "classes": data.classes}
+
+
+def write_outputs(out: Path, result: dict, images: torch.Tensor, labels: torch.Tensor, data: ImageData,
+                  cfg: Config) -> None:
+    artifacts.write_synthetic(out / "synthetic.parquet", images, labels, synthetic_meta(cfg, data))
+    artifacts.write_atomic(out / "synthetic.png",
+                           artifacts.grid_png(data.denormalize(images.to(data.x_train.device)).cpu(), labels,
+                                              data.num_classes))
+    artifacts.write_json(out / "result.json", result)  # last: its presence marks a complete run
+
+
+def run_pretrain(cfg: Config, progress: bool = True) -> Pool:
+    """Build or extend the pool of ``cfg`` in the store (no distillation)."""
+    device = pick_device(cfg.device)
+    src = load_data(source_dataset(cfg), cfg.seed).to(device)
+    return resolve_pool(cfg, src, device, progress)
+
+
+def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate a saved synthetic set on ``cfg.dataset`` with ``cfg.eval``."""
+    device = pick_device(cfg.device)
+    data = load_data(cfg.dataset, cfg.seed)
+    shape = list(images.shape[1:])
+    if shape != [data.channels, data.im_size, data.im_size]:
+        raise ConfigError(f"dataset: synthetic images are {shape}, the dataset gives "
+                          f"{[data.channels, data.im_size, data.im_size]}")
+    if int(labels.max()) >= data.num_classes:
+        raise ConfigError(f"dataset: synthetic labels go up to {int(labels.max())}, the dataset has "
+                          f"{data.num_classes} classes")
+    data = data.to(device)
+    ipc = int(torch.bincount(labels).max())
+    acc = evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic")
+    out = {"config": to_dict(cfg), "accuracy": acc, "baseline_random": None, "ipc": ipc}
+    if cfg.eval.baseline:
+        check_ipc(data, ipc, "synthetic")
+        real_x, real_y = random_real_subset(data, ipc, cfg.seed)
+        out["baseline_random"] = evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real")
+    return out

@@ -1,0 +1,187 @@
+"""PTM pools: pretraining, resolution against the checkpoint store, and the guide that turns a pool
+into the CLoM/CCLoM loss of one distillation step.
+
+A PTM is identified by how it was made: (arch, seed, source dataset/domain, optimiser settings,
+length of the run). That spec hashes to a run id; the checkpoint of epoch e of that run is the store
+key ``<arch>-s<seed>-<run id>-e<epoch>``. One pretraining run saves every requested epoch on the
+way, so sub-optimal (early-epoch) PTMs cost nothing beyond the longest run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import losses
+from .config import Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, weight_for
+from .data import ImageData
+from .store import Checkpoint, CheckpointStore
+from .train import accuracy, new_model, train_classifier
+
+log = logging.getLogger(__name__)
+
+# Dataset fields that say where data lives, not what it is: left out of a PTM's identity.
+_LOCATION_FIELDS = ("root", "download", "cache_dir")
+
+
+@dataclass(frozen=True)
+class PTMSpec:
+    arch: str
+    seed: int
+    source: DatasetConfig
+    pretrain: PretrainConfig
+
+    def identity(self) -> dict[str, Any]:
+        src = {k: v for k, v in to_dict(self.source).items() if k not in _LOCATION_FIELDS}
+        train = {k: v for k, v in to_dict(self.pretrain).items() if k != "save_epochs"}
+        return {"arch": self.arch, "seed": self.seed, "source": src, "pretrain": train}
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def key(self, epoch: int) -> str:
+        return f"{self.arch}-s{self.seed}-{self.run_id}-e{epoch:04d}"
+
+
+def pool_specs(cfg: Config) -> list[PTMSpec]:
+    src = source_dataset(cfg)
+    return [PTMSpec(a, s, src, cfg.pretrain) for a in cfg.pool.archs for s in cfg.pool.seeds]
+
+
+def save_epochs(cfg: Config) -> list[int]:
+    """Epochs checkpointed by a pretraining run: the pool's epoch, the end of the run, and extras."""
+    return sorted({cfg.pool.epoch, cfg.pretrain.epochs, *cfg.pretrain.save_epochs})
+
+
+def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
+             ) -> dict[int, tuple[dict[str, torch.Tensor], float]]:
+    """Train one PTM for ``spec.pretrain.epochs`` epochs; return {epoch: (state_dict, test acc)} for
+    the requested epochs. Schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation."""
+    t = spec.pretrain
+    shape = (data.channels, data.num_classes, data.im_size)
+    model = new_model(spec.arch, shape, seed=spec.seed, device=data.x_train.device)
+    gen = torch.Generator().manual_seed(spec.seed)
+    wanted = set(epochs_to_save)
+    out: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+    bar = tqdm(total=t.epochs, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
+
+    def on_epoch(e: int, m: nn.Module) -> None:
+        bar.update(1)
+        if e in wanted:
+            acc = accuracy(m, data.x_test, data.y_test)
+            out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc)
+            bar.set_postfix(epoch=e, test_acc=f"{acc:.3f}")
+
+    train_classifier(model, data.x_train, data.y_train, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+                     weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
+                     gen=gen, on_epoch=on_epoch)
+    bar.close()
+    return out
+
+
+@dataclass
+class PTM:
+    """A loaded, frozen pre-trained model and its record."""
+
+    arch: str
+    seed: int
+    epoch: int
+    key: str
+    test_accuracy: float
+    model: nn.Module
+
+
+class PTMRepository:
+    """Resolves PTM specs to checkpoints: reuse what the store has, train what is missing (every
+    requested epoch of a run in one go). The unit a Ray actor can host: it holds no model state."""
+
+    def __init__(self, store: CheckpointStore, progress: bool = True):
+        self.store = store
+        self.progress = progress
+        self.trainings = 0
+        self.hits = 0
+
+    def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
+            load_source: Callable[[], ImageData]) -> Checkpoint:
+        key = spec.key(epoch)
+        if self.store.has(key):
+            self.hits += 1
+            return self.store.load(key)
+        data = load_source()
+        log.info("training PTM %s (epochs %s)", key, epochs_to_save)
+        self.trainings += 1
+        for e, (state, acc) in pretrain(spec, epochs_to_save, data, self.progress).items():
+            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc,
+                    "run_id": spec.run_id, "spec": spec.identity(),
+                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
+            self.store.save(spec.key(e), state, meta)
+        return self.store.load(key)
+
+
+def load_ptm(ckpt: Checkpoint, device) -> PTM:
+    m = ckpt.meta
+    channels, num_classes, im_size = m["shape"]
+    model = new_model(m["arch"], (channels, num_classes, im_size), seed=0, device="cpu")
+    model.load_state_dict(ckpt.tensors)
+    model = model.to(device).eval().requires_grad_(False)  # frozen once; eval: BN PTMs must not drift
+    return PTM(m["arch"], m["seed"], m["epoch"], ckpt.key, float(m["test_accuracy"]), model)
+
+
+def check_compatible(ptm_data_shape: tuple[int, int, int], ptm_classes: list[str], target: ImageData,
+                     needs_labels: bool) -> None:
+    """PTMs must accept the target's images; CLoM also needs the target's label space."""
+    channels, _, im_size = ptm_data_shape
+    if (channels, im_size) != (target.channels, target.im_size):
+        raise ConfigError(f"pool.source: PTM input {channels}x{im_size}px does not match the target's "
+                          f"{target.channels}x{target.im_size}px (set pool.source.im_size)")
+    if needs_labels and list(ptm_classes) != list(target.classes):
+        raise ConfigError("loss.clom: the pool's label space differs from the target's "
+                          "(use loss.cclom for PTMs from another label space)")
+
+
+class PTMGuide:
+    """The paper's PTM supervision for one distillation step.
+
+    Each call draws one PTM (an arch uniformly among those with a non-zero weight, then a seed) and
+    returns alpha * CLoM + beta * CCLoM on the given (augmented) synthetic images. CCLoM compares
+    with a random batch of real target images, embedded without grad."""
+
+    def __init__(self, ptms: list[PTM], clom: float | dict[str, float], cclom: float | dict[str, float],
+                 real: ImageData, cclom_batch: int, seed: int):
+        self.by_arch: dict[str, list[PTM]] = {}
+        for p in ptms:
+            if weight_for(clom, p.arch) > 0 or weight_for(cclom, p.arch) > 0:
+                self.by_arch.setdefault(p.arch, []).append(p)
+        self.archs = sorted(self.by_arch)
+        self.clom, self.cclom = clom, cclom
+        self.real_x, self.real_y = real.x_train, real.y_train
+        self.cclom_batch = cclom_batch
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __bool__(self) -> bool:
+        return bool(self.archs)
+
+    def __call__(self, syn: torch.Tensor, syn_y: torch.Tensor) -> torch.Tensor:
+        arch = self.rng.choice(self.archs)
+        ptm = self.rng.choice(self.by_arch[arch]).model
+        alpha, beta = weight_for(self.clom, arch), weight_for(self.cclom, arch)
+        loss = syn.new_zeros(())
+        if alpha > 0:
+            loss = loss + alpha * losses.clom(ptm(syn), syn_y)
+        if beta > 0:
+            idx = torch.randint(self.real_x.shape[0], (self.cclom_batch,), generator=self.gen).to(self.real_x.device)
+            with torch.no_grad():
+                real_feat = ptm.embed(self.real_x[idx])
+            loss = loss + beta * losses.cclom(ptm.embed(syn), real_feat, syn_y, self.real_y[idx])
+        return loss

@@ -1,0 +1,155 @@
+"""Content-addressed checkpoint store for pre-trained models (PTMs).
+
+A checkpoint is two objects under ``<root>/ptm/``:
+
+- ``<key>.safetensors``: the tensors (safetensors: no pickle, nothing executes on load);
+- ``<key>.json``: the metadata (arch, seed, source, epoch, test accuracy, spec hash) and the sha256
+  of the tensor file. The JSON is written last, so it is the commit marker: a checkpoint exists iff
+  its JSON exists, and a tensor file that does not hash to the recorded sha256 is refused.
+
+Storage goes through ``pyarrow.fs``: a local directory by default, and ``s3://``, ``gs://``,
+``hdfs://`` URIs through the same code. Every write goes to a temporary name and is renamed into
+place (local) or committed on close (object stores), so a crash never leaves a half checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+log = logging.getLogger(__name__)
+
+KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+class IntegrityError(RuntimeError):
+    """A checkpoint's bytes do not match its recorded sha256 (truncated, altered or replaced)."""
+
+
+class StoreError(RuntimeError):
+    """The store cannot be read or written (bad URI, permissions, disk full)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    key: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def check_key(key: str) -> str:
+    """Keys are flat names: no separators, no ``..``, so nothing can escape the store root."""
+    if not KEY_RE.match(key) or ".." in key:
+        raise ValueError(f"invalid checkpoint key {key!r}")
+    return key
+
+
+class CheckpointStore:
+    """Checkpoints by key under a ``pyarrow.fs`` location (path or URI)."""
+
+    def __init__(self, uri: str | Path):
+        uri = str(uri)
+        try:
+            if "://" in uri:
+                self.fs, root = pafs.FileSystem.from_uri(uri)
+            else:
+                self.fs, root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        except Exception as e:  # pyarrow raises several types for bad URIs
+            raise StoreError(f"store: cannot open {uri!r}: {e}") from None
+        self.uri = uri
+        self.root = root.rstrip("/") + "/ptm"
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    # -- paths
+    def _path(self, key: str, ext: str) -> str:
+        return f"{self.root}/{check_key(key)}.{ext}"
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    def _write_atomic(self, path: str, payload: bytes) -> None:
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            if not self._local:  # object stores commit the object on close
+                with self.fs.open_output_stream(path) as f:
+                    f.write(payload)
+                return
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(payload)
+                    f.flush()
+                    import os
+
+                    os.fsync(f.fileno())
+                self.fs.move(tmp, path)
+            finally:
+                if self._exists(tmp):
+                    self.fs.delete_file(tmp)
+        except OSError as e:
+            raise StoreError(f"store: cannot write {path}: {e.strerror or e}") from None
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    # -- API
+    def has(self, key: str) -> bool:
+        return self._exists(self._path(key, "json"))
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+        """Write a checkpoint; returns its metadata including ``sha256`` and ``bytes``."""
+        payload = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                          metadata={"meta": json.dumps(meta, sort_keys=True)})
+        meta = dict(meta, key=key, sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
+        self._write_atomic(self._path(key, "safetensors"), payload)
+        self._write_atomic(self._path(key, "json"), json.dumps(meta, sort_keys=True, indent=1).encode())
+        return meta
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return json.loads(self._read(self._path(key, "json")))
+
+    def load(self, key: str) -> Checkpoint:
+        """Read and verify a checkpoint. Raises :class:`IntegrityError` if the tensor file does not
+        hash to the recorded sha256; the tensors are parsed only after the check passes."""
+        meta = self.meta(key)
+        path = self._path(key, "safetensors")
+        try:
+            payload = self._read(path)
+        except FileNotFoundError:
+            raise IntegrityError(f"checkpoint {key}: tensor file missing: {path}") from None
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != meta.get("sha256"):
+            raise IntegrityError(f"checkpoint {key}: sha256 mismatch for {path} (file altered or truncated)")
+        return Checkpoint(key, st_load(payload), meta)
+
+    def delete(self, key: str) -> None:
+        for ext in ("json", "safetensors"):  # marker first: a half-deleted checkpoint is absent
+            p = self._path(key, ext)
+            if self._exists(p):
+                self.fs.delete_file(p)
+
+    def keys(self) -> list[str]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError as e:
+            raise StoreError(f"store: cannot list {self.root}: {e}") from None
+        return sorted(Path(i.path).name[: -len(".json")] for i in infos
+                      if i.type == pafs.FileType.File and i.path.endswith(".json"))
+
+    def ls(self) -> list[dict[str, Any]]:
+        return [self.meta(k) for k in self.keys()]
+
+    def stats(self) -> dict[str, int]:
+        metas = self.ls()
+        return {"checkpoints": len(metas), "bytes": sum(int(m.get("bytes", 0)) for m in metas)}

@@ -1,0 +1,96 @@
+"""Training networks on tensors: PTM pretraining, evaluation of synthetic sets, DC's inner loop.
+
+One loop serves all three, so the optimiser, schedule and augmentation are defined once. Data are
+whole tensors on the device (DD data sets are small), batches are index slices: no DataLoader.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import augment
+from .models import build_model
+
+
+def new_model(arch: str, shape: tuple[int, int, int], seed: int, device: str | torch.device = "cpu") -> nn.Module:
+    """A freshly initialised ``arch`` for images of ``shape`` = (channels, num_classes, im_size),
+    its weights a function of ``seed`` alone (the global RNG is left untouched)."""
+    channels, num_classes, im_size = shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(arch, channels, num_classes, im_size)
+    return model.to(device)
+
+
+def lr_at(epoch: int, lr: float, milestones: Sequence[int]) -> float:
+    """Learning rate for 0-based ``epoch``: x0.1 for every milestone m with 0 < m <= epoch."""
+    return lr * 0.1 ** sum(1 for m in milestones if 0 < m <= epoch)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch: int,
+    milestones: Sequence[int] = (),
+    dsa_strategy: str = "none",
+    gen: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
+    mixed_precision: bool = True,
+) -> nn.Module:
+    """SGD with cross-entropy for ``epochs`` passes over (x, y), shuffled with ``gen``.
+
+    ``dsa_strategy`` augments every batch with independent per-image DSA parameters.
+    ``on_epoch(e, model)`` runs after 1-based epoch ``e`` (checkpointing hooks in here).
+    ``optimizer`` lets DC's inner loop keep one optimiser across calls."""
+    device = x.device
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n = x.shape[0]
+    size = x.shape[-1]
+    amp = _autocast(device) if mixed_precision else contextlib.nullcontext()
+    for ep in range(epochs):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(ep, lr, milestones)
+        order = torch.randperm(n, generator=gen).to(device)
+        for start in range(0, n, batch):
+            idx = order[start:start + batch]
+            xb = x[idx]
+            params = augment.sample(dsa_strategy, xb.shape[0], size, gen, device)
+            xb = augment.apply(xb, params)
+            with amp:
+                loss = F.cross_entropy(model(xb), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if on_epoch is not None:
+            on_epoch(ep + 1, model)
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]; the model is left in eval mode."""
+    model.eval()
+    correct = 0
+    with _autocast(x.device):
+        for start in range(0, x.shape[0], batch):
+            correct += (model(x[start:start + batch]).argmax(1) == y[start:start + batch]).sum().item()
+    return correct / max(1, x.shape[0])

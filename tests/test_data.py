@@ -1,0 +1,249 @@
+"""Data loading: shapes, fixed splits, seeded subsets, domains, caching and config errors."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ptmdd_ray import data
+from ptmdd_ray.config import ConfigError, DatasetConfig
+
+CIFAR_PARQUET = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.parquet"
+
+
+def digits(**kw) -> DatasetConfig:
+    return DatasetConfig(name="digits", **kw)
+
+
+# --------------------------------------------------------------------------- digits
+
+def test_digits_default_shapes_and_split():
+    d = data.load_data(digits())
+    assert d.channels == 1 and d.im_size == 16 and d.num_classes == 10
+    assert d.x_train.shape[1:] == (1, 16, 16) and d.x_train.dtype == torch.float32
+    assert d.y_train.dtype == torch.int64
+    assert len(d.x_train) + len(d.x_test) == 1797
+    assert d.classes == [str(i) for i in range(10)]
+    assert set(d.y_test.tolist()) == set(range(10))
+    # normalised with train statistics
+    assert abs(d.x_train.mean().item()) < 1e-4
+    assert abs(d.x_train.std().item() - 1) < 1e-3
+    # the split does not depend on the run seed
+    d1 = data.load_data(digits(), seed=1)
+    assert torch.equal(d.x_train, d1.x_train) and torch.equal(d.y_test, d1.y_test)
+
+
+def test_digits_train_test_disjoint():
+    x_tr, y_tr, x_te, y_te, names = data.load_uint8(digits())
+    assert x_tr.shape[1:] == (8, 8, 1) and x_tr.dtype == np.uint8 and x_tr.max() == 255
+    assert len(x_tr) + len(x_te) == 1797
+    from sklearn.datasets import load_digits
+    raw = np.rint(load_digits().images * 255 / 16).astype(np.uint8)
+    # every original image is in exactly one split (count by multiset of bytes)
+    tr = {}
+    for a in x_tr:
+        tr[a.tobytes()] = tr.get(a.tobytes(), 0) + 1
+    te = {}
+    for a in x_te:
+        te[a.tobytes()] = te.get(a.tobytes(), 0) + 1
+    allc = {}
+    for a in raw:
+        allc[a.tobytes()] = allc.get(a.tobytes(), 0) + 1
+    assert all(tr.get(k, 0) + te.get(k, 0) == v for k, v in allc.items())
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_digits_im_size(size):
+    d = data.load_data(digits(im_size=size))
+    assert d.x_train.shape[1:] == (1, size, size) and d.x_test.shape[1:] == (1, size, size)
+
+
+def test_train_per_class_is_seeded():
+    a = data.load_data(digits(train_per_class=5, test_per_class=3), seed=0)
+    assert torch.bincount(a.y_train).tolist() == [5] * 10
+    assert torch.bincount(a.y_test).tolist() == [3] * 10
+    assert [len(i) for i in a.class_indices()] == [5] * 10
+    for c, idx in enumerate(a.class_indices()):
+        assert (a.y_train[idx] == c).all()
+    b = data.load_data(digits(train_per_class=5, test_per_class=3), seed=0)
+    c = data.load_data(digits(train_per_class=5, test_per_class=3), seed=1)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_test, b.x_test)
+    assert not torch.equal(a.x_train, c.x_train)
+    # larger than a class: take all
+    big = data.load_data(digits(train_per_class=10_000))
+    assert len(big.x_train) == len(data.load_data(digits()).x_train)
+
+
+def test_class_subset_relabels():
+    d = data.load_data(digits(classes=[5, 3]))
+    assert d.classes == ["5", "3"] and d.num_classes == 2
+    assert set(d.y_train.tolist()) == {0, 1}
+    _, y_tr, _, _, _ = data.load_uint8(digits())
+    assert (d.y_train == 0).sum().item() == int((y_tr == 5).sum())
+    with pytest.raises(ConfigError, match=r"^dataset\.classes"):
+        data.load_data(digits(classes=[12]))
+
+
+def test_domains():
+    none = data.load_data(digits())
+    inv = data.load_data(digits(domain="invert"))
+    assert torch.allclose(inv.denormalize(inv.x_train), 1 - none.denormalize(none.x_train), atol=1e-5)
+    gray = data.load_data(digits(domain="grayscale"))
+    assert torch.allclose(gray.x_train, none.x_train)
+    low = data.load_data(digits(domain="lowres"))
+    assert low.x_train.shape == none.x_train.shape
+    assert not torch.allclose(low.denormalize(low.x_train), none.denormalize(none.x_train), atol=1e-2)
+
+
+def test_to_and_denormalize_range():
+    d = data.load_data(digits(train_per_class=2)).to("cpu")
+    px = d.denormalize(d.x_train)
+    assert px.min() > -1e-4 and px.max() < 1 + 1e-4
+    assert d.denormalize(d.x_train[0]).shape == d.x_train[0].shape
+
+
+# --------------------------------------------------------------------------- parquet
+
+def _png(rgb: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_parquet(path: Path, *, with_label=True, corrupt_row=None) -> Path:
+    rows = [(s, c) for c in range(3) for s in ["train"] * 4 + ["test"] * 2]
+    blobs = [_png((60 * c + i, 10 * i, 255 - 60 * c)) for i, (_, c) in enumerate(rows)]
+    if corrupt_row is not None:
+        blobs[corrupt_row] = b"not an image"
+    cols = {"split": [s for s, _ in rows], "png": pa.array(blobs, pa.binary())}
+    if with_label:
+        cols["label"] = pa.array([c for _, c in rows], pa.int8())
+    table = pa.table(cols).replace_schema_metadata({b"classes": b"red,green,blue"})
+    pq.write_table(table, path)
+    return path
+
+
+def test_parquet_loads_and_caches(tmp_path, monkeypatch):
+    p = _write_parquet(tmp_path / "tiny.parquet")
+    cache = tmp_path / "cache"
+    ds = DatasetConfig(name=f"parquet:{p}", cache_dir=str(cache))
+    d = data.load_data(ds)
+    assert d.classes == ["red", "green", "blue"]
+    assert d.x_train.shape == (12, 3, 8, 8) and d.x_test.shape == (6, 3, 8, 8)
+    assert torch.bincount(d.y_train).tolist() == [4, 4, 4] and torch.bincount(d.y_test).tolist() == [2, 2, 2]
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    # second load, in a fresh process state, must come from the .npz without decoding
+    data._load_uint8_cached.cache_clear()
+
+    def boom(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "_decode_images", boom)
+    d2 = data.load_data(ds)
+    assert torch.equal(d.x_train, d2.x_train) and d2.classes == d.classes
+    assert files[0].stat().st_mtime_ns == mtime and len(list(cache.glob("*.npz"))) == 1
+
+
+def test_parquet_default_cache_next_to_file(tmp_path):
+    p = _write_parquet(tmp_path / "tiny.parquet")
+    data.load_uint8(DatasetConfig(name=f"parquet:{p}"))
+    assert len(list((tmp_path / ".ptmdd_cache").glob("*.npz"))) == 1
+
+
+def test_parquet_read_only_dir_falls_back(tmp_path, monkeypatch):
+    src = tmp_path / "ro"
+    src.mkdir()
+    p = _write_parquet(src / "tiny.parquet")
+    home_cache = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home_cache))
+    src.chmod(0o555)
+    try:
+        data.load_uint8(DatasetConfig(name=f"parquet:{p}"))
+    finally:
+        src.chmod(0o755)
+    assert not (src / ".ptmdd_cache").exists()
+    assert len(list((home_cache / "ptmdd_ray").glob("*.npz"))) == 1
+
+
+def test_parquet_missing_label(tmp_path):
+    p = _write_parquet(tmp_path / "nolabel.parquet", with_label=False)
+    with pytest.raises(ConfigError, match="'label'") as e:
+        data.load_data(DatasetConfig(name=f"parquet:{p}", cache_dir=str(tmp_path / "c")))
+    assert "\n" not in str(e.value)
+
+
+def test_parquet_corrupt_bytes(tmp_path):
+    p = _write_parquet(tmp_path / "bad.parquet", corrupt_row=7)
+    with pytest.raises(ConfigError, match=r"^dataset\.name: .*row 7") as e:
+        data.load_data(DatasetConfig(name=f"parquet:{p}", cache_dir=str(tmp_path / "c")))
+    assert "bad.parquet" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_real_cifar10_parquet():
+    if not CIFAR_PARQUET.is_file():
+        pytest.skip(f"{CIFAR_PARQUET} not present (offline CIFAR-10 fixture)")
+    meta = pq.read_schema(CIFAR_PARQUET).metadata
+    assert b"airplane" in meta[b"classes"]
+    d = data.load_data(DatasetConfig(name=f"parquet:{CIFAR_PARQUET}", train_per_class=10, test_per_class=10))
+    assert d.x_train.shape == (100, 3, 32, 32) and d.x_test.shape == (100, 3, 32, 32)
+    assert len(d.classes) == 10 and d.classes[0] == "airplane"
+    assert torch.bincount(d.y_train).tolist() == [10] * 10
+    assert not os.path.exists(CIFAR_PARQUET.parent / ".ptmdd_cache")  # read-only source left alone
+
+
+# --------------------------------------------------------------------------- imagefolder
+
+def test_imagefolder(tmp_path):
+    root = tmp_path / "folder"
+    colours = {"cat": (200, 0, 0), "ant": (0, 200, 0)}
+    for split, n in (("train", 3), ("test", 2)):
+        for name, rgb in colours.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                size = (10, 10) if (split, name, i) == ("train", "cat", 2) else (12, 12)  # one odd size
+                Image.new("RGB", size, rgb).save(root / split / name / f"{i}.png")
+    d = data.load_data(DatasetConfig(name=f"imagefolder:{root}", cache_dir=str(tmp_path / "c")))
+    assert d.classes == ["ant", "cat"]
+    assert d.x_train.shape == (6, 3, 12, 12) and d.x_test.shape == (4, 3, 12, 12)
+    red = d.denormalize(d.x_train)[:, 0].mean(dim=(1, 2))
+    assert ((red > 0.5) == (d.y_train == 1)).all()
+
+
+# --------------------------------------------------------------------------- config checks
+
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        ({"name": "foo"}, "dataset.name"),
+        ({"name": "parquet:/nonexistent/x.parquet"}, "dataset.name"),
+        ({"name": "imagefolder:/nonexistent/folder"}, "dataset.name"),
+        ({"domain": "sepia"}, "dataset.domain"),
+        ({"im_size": 4}, "dataset.im_size"),
+        ({"train_per_class": 0}, "dataset.train_per_class"),
+        ({"classes": [1, 1]}, "dataset.classes"),
+        ({"classes": [-1]}, "dataset.classes"),
+        ({"classes": [10]}, "dataset.classes"),
+        ({"name": "cifar10", "root": "/nonexistent/root"}, "dataset.root"),
+    ],
+)
+def test_check_dataset_config_errors(kw, key):
+    with pytest.raises(ConfigError) as e:
+        data.check_dataset_config(DatasetConfig(**kw), "dataset")
+    assert str(e.value).startswith(key + ":")
+    assert "\n" not in str(e.value)
+
+
+def test_check_dataset_config_ok(tmp_path):
+    data.check_dataset_config(digits(im_size=32, classes=[0, 9], domain="lowres"), "pool.source")
+    p = _write_parquet(tmp_path / "ok.parquet")
+    data.check_dataset_config(DatasetConfig(name=f"parquet:{p}"), "dataset")
+    assert data.DOMAINS == ("none", "grayscale", "lowres", "invert")
