@@ -289,7 +289,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read {path} ({type(e).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -335,6 +339,11 @@ def _check_weight(w: float | dict[str, float], key: str, archs: list[str]) -> No
 def weight_for(w: float | dict[str, float], arch: str) -> float:
     """The weight of one arch from a number or an {arch: weight} map (missing arch: 0)."""
     return float(w.get(arch, 0.0)) if isinstance(w, dict) else float(w)
+
+
+def uses_ptms(cfg: Config) -> bool:
+    """True when some pool arch has a non-zero CLoM or CCLoM weight (else the pool is idle)."""
+    return any(weight_for(cfg.loss.clom or 0.0, a) > 0 or weight_for(cfg.loss.cclom, a) > 0 for a in cfg.pool.archs)
 
 
 def source_dataset(cfg: Config) -> DatasetConfig:
@@ -421,10 +430,9 @@ def resolve(cfg: Config) -> Config:
     _check_weight(clom, "loss.clom", p.archs)
     _check_weight(l.cclom, "loss.cclom", p.archs)
     _check(l.cclom_batch >= 1, "loss.cclom_batch", f"must be >= 1, got {l.cclom_batch}")
-    uses_ptm = any(weight_for(clom, a) > 0 or weight_for(l.cclom, a) > 0 for a in p.archs) or (
-        not p.archs and (not isinstance(clom, dict) and clom > 0 or not isinstance(l.cclom, dict) and l.cclom > 0))
     if not p.archs:
-        _check(not uses_ptm, "loss", "clom/cclom > 0 needs a non-empty pool.archs")
+        _check(not any(not isinstance(w, dict) and w > 0 for w in (clom, l.cclom)), "loss",
+               "clom/cclom > 0 needs a non-empty pool.archs")
     loss = replace(l, clom=clom)
 
     e = cfg.eval

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, artifacts
-from .config import Config, ConfigError, source_dataset, to_dict, weight_for
+from .config import Config, ConfigError, source_dataset, to_dict, uses_ptms, weight_for
 from .data import ImageData, load_data
 from .evaluate import evaluate_set, random_real_subset
 from .methods import distill
@@ -55,9 +55,10 @@ class Pool:
 
 
 def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
-                 repo: PTMRepository | None = None) -> Pool:
-    """Load the pool's PTMs from the store, training the missing ones on ``pool.source``."""
-    if not cfg.pool.archs:
+                 repo: PTMRepository | None = None, idle: bool = False) -> Pool:
+    """Load the pool's PTMs from the store, training the missing ones on ``pool.source``. A pool
+    whose weights are all zero is idle and is not resolved (the plain method) unless ``idle``."""
+    if not cfg.pool.archs or not (idle or uses_ptms(cfg)):
         return Pool([], 0, 0)
     repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
     src_cfg = source_dataset(cfg)
@@ -138,7 +139,7 @@ def run_pretrain(cfg: Config, progress: bool = True) -> Pool:
     """Build or extend the pool of ``cfg`` in the store (no distillation)."""
     device = pick_device(cfg.device)
     src = load_data(source_dataset(cfg), cfg.seed).to(device)
-    return resolve_pool(cfg, src, device, progress)
+    return resolve_pool(cfg, src, device, progress, idle=True)
 
 
 def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],

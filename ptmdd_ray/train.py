@@ -23,7 +23,7 @@ def new_model(arch: str, shape: tuple[int, int, int], seed: int, device: str | t
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(arch, channels, num_classes, im_size)
-    return model.to(device)
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def lr_at(epoch: int, lr: float, milestones: Sequence[int]) -> float:

@@ -1,0 +1,120 @@
+"""The real ``ptmdd`` CLI on bad input: status 2, exactly one ``ptmdd: error:`` line on stderr that
+names the offending key, no traceback, and nothing written. Every call fails during validation,
+before any training, so each returns within seconds."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def ptmdd(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), proc.stderr
+    line = lines[0]
+    assert line.startswith("ptmdd: error: "), line
+    assert needle in line, (needle, line)
+    return line
+
+
+def distill_fails(tmp_path: Path, needle: str, *args: str) -> str:
+    out = tmp_path / "out"
+    line = assert_one_line_error(ptmdd(tmp_path, "distill", *args, "--out", str(out)), needle)
+    assert not out.exists(), "nothing may be written on bad input"
+    return line
+
+
+# --------------------------------------------------------------------------- distill
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("distill:\n  ipc: 1\nfoo: 1\n")
+    distill_fails(tmp_path, "foo", "c.yaml")
+
+
+def test_unknown_nested_key_in_yaml_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("distill: {ipcc: 1}\n")
+    distill_fails(tmp_path, "distill.ipcc", "c.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("distill.ipc=0", "distill.ipc"),
+    ("distill.method=xx", "distill.method"),
+    ("model=Foo", "model"),
+    ("loss.clom=-1", "loss.clom"),
+    ("loss.clom=.nan", "loss.clom"),
+    ("dataset.name=parquet:/does/not/exist.parquet", "dataset.name"),
+    ("pool.archs=[ConvNet", "pool.archs"),
+    ("noequals", "noequals"),
+])
+def test_bad_override(tmp_path, override, key):
+    distill_fails(tmp_path, key, "--set", override)
+
+
+def test_malformed_yaml_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("distill:\n  ipc: [1,\n")
+    line = distill_fails(tmp_path, "bad.yaml", "bad.yaml")
+    assert line.startswith("ptmdd: error: config:")
+
+
+def test_not_utf8_yaml_file(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00bad")
+    distill_fails(tmp_path, "bin.yaml", "bin.yaml")
+
+
+def test_missing_config_file(tmp_path):
+    distill_fails(tmp_path, "missing.yaml", "missing.yaml")
+
+
+def test_ipc_larger_than_a_class(tmp_path):
+    # digits has ~140 training images per class: detected after loading the data, before writing
+    line = distill_fails(tmp_path, "distill.ipc", "--set", "distill.ipc=500")
+    assert "500" in line
+
+
+# --------------------------------------------------------------------------- argparse
+
+def test_no_subcommand(tmp_path):
+    assert_one_line_error(ptmdd(tmp_path), "command")
+
+
+def test_distill_without_out(tmp_path):
+    assert_one_line_error(ptmdd(tmp_path, "distill"), "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- evaluate
+
+def test_evaluate_missing_file(tmp_path):
+    out = tmp_path / "eval.json"
+    assert_one_line_error(ptmdd(tmp_path, "evaluate", "/nonexistent.parquet", "--out", str(out)),
+                          "/nonexistent.parquet")
+    assert not out.exists()
+
+
+def test_evaluate_foreign_parquet(tmp_path):
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]}), path)
+    out = tmp_path / "eval.json"
+    line = assert_one_line_error(ptmdd(tmp_path, "evaluate", str(path), "--out", str(out)), "other.parquet")
+    assert "synthetic" in line
+    assert not out.exists()
+
+
+def test_evaluate_not_parquet(tmp_path):
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"not a parquet file at all")
+    assert_one_line_error(ptmdd(tmp_path, "evaluate", str(path)), "junk.parquet")

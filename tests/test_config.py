@@ -1,0 +1,286 @@
+"""Config: embedded defaults, method-default resolution, ``--set`` parsing, flattening and
+one-line errors that start with the offending dotted key. Pure and fast: nothing is trained."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from ptmdd_ray.config import (
+    DSA_STRATEGY,
+    METHOD_DEFAULTS,
+    Config,
+    ConfigError,
+    build_config,
+    flatten,
+    load_config,
+    load_yaml,
+    parse_override,
+)
+
+
+def cfg_from(text: str) -> Config:
+    """Build a resolved config from a YAML snippet (what a config file would hold)."""
+    return build_config(yaml.safe_load(text) or {})
+
+
+# --------------------------------------------------------------------------- defaults
+
+def test_embedded_defaults():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.dataset.name == "digits"
+    assert cfg.model == "ConvNet"
+    d = cfg.distill
+    assert d.method == "dm"
+    assert d.iterations == 20000
+    assert d.lr_img == 1.0
+    assert d.init == "real"
+    assert d.dsa_strategy == DSA_STRATEGY == "color_crop_cutout_flip_scale_rotate"
+    # every None of a method default is filled in
+    assert None not in (d.iterations, d.lr_img, d.init, d.dsa_strategy, d.outer_loop, d.inner_loop)
+    assert cfg.pool.archs == [] and cfg.pool.seeds == [0] and cfg.pool.source is None
+    assert cfg.pretrain.epochs == cfg.pool.epoch
+    assert cfg.loss.clom == 0.0  # empty pool: no PTM loss
+    assert cfg.eval.archs == ["ConvNet"]
+
+
+def test_dc_defaults():
+    d = load_config(None, ["distill.method=dc"]).distill
+    assert d.method == "dc"
+    assert d.lr_img == 0.1
+    assert d.init == "noise"
+    assert d.dsa_strategy == "none"
+    assert d.iterations == METHOD_DEFAULTS["dc"]["iterations"]
+
+
+def test_dsa_defaults():
+    d = load_config(None, ["distill.method=dsa"]).distill
+    assert d.init == "real"
+    assert d.dsa_strategy == DSA_STRATEGY
+    assert d.lr_img == 0.1
+
+
+def test_explicit_values_win_over_method_defaults():
+    d = load_config(None, ["distill.method=dc", "distill.lr_img=0.5", "distill.init=real",
+                           "distill.iterations=0", "distill.outer_loop=3", "distill.inner_loop=7"]).distill
+    assert (d.lr_img, d.init, d.iterations, d.outer_loop, d.inner_loop) == (0.5, "real", 0, 3, 7)
+
+
+@pytest.mark.parametrize("ipc, loops", [(1, (1, 1)), (10, (10, 50)), (50, (50, 10))])
+def test_published_loops(ipc, loops):
+    d = load_config(None, [f"distill.ipc={ipc}", "distill.method=dc"]).distill
+    assert (d.outer_loop, d.inner_loop) == loops
+
+
+def test_off_table_ipc_loops_are_sensible():
+    d = load_config(None, ["distill.ipc=5"]).distill
+    assert d.outer_loop == 5
+    assert 10 <= d.inner_loop <= 50
+    big = load_config(None, ["distill.ipc=200"]).distill
+    assert 1 <= big.outer_loop <= 50 and 10 <= big.inner_loop <= 50
+
+
+# --------------------------------------------------------------------------- loss weights
+
+@pytest.mark.parametrize("method, weight", [("dc", 1000.0), ("dsa", 5000.0), ("dm", 2000.0)])
+def test_clom_default_per_method_with_pool(method, weight):
+    cfg = load_config(None, [f"distill.method={method}", "pool.archs=[ConvNet]"])
+    assert cfg.loss.clom == weight
+
+
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm"])
+def test_clom_default_zero_without_pool(method):
+    assert load_config(None, [f"distill.method={method}"]).loss.clom == 0.0
+
+
+def test_clom_map_accepted_for_pool_arch():
+    cfg = cfg_from("pool: {archs: [ConvNet, MLP]}\nloss: {clom: {ConvNet: 10.0}}")
+    assert cfg.loss.clom == {"ConvNet": 10.0}
+
+
+def test_clom_map_rejects_arch_outside_pool():
+    with pytest.raises(ConfigError) as ei:
+        cfg_from("pool: {archs: [ConvNet]}\nloss: {clom: {MLP: 10.0}}")
+    msg = str(ei.value)
+    assert msg.startswith("loss.clom.MLP:") and "\n" not in msg
+
+
+def test_clom_zero_with_empty_pool_is_fine():
+    assert cfg_from("loss: {clom: 0}").loss.clom == 0.0
+
+
+# --------------------------------------------------------------------------- pool / pretrain
+
+def test_pool_seeds_int_becomes_range():
+    assert cfg_from("pool: {seeds: 3}").pool.seeds == [0, 1, 2]
+
+
+def test_pool_seeds_list_kept():
+    assert cfg_from("pool: {seeds: [4, 7]}").pool.seeds == [4, 7]
+
+
+def test_pretrain_epochs_defaults_to_pool_epoch():
+    cfg = cfg_from("pool: {epoch: 7}")
+    assert cfg.pretrain.epochs == 7
+    cfg = cfg_from("pool: {epoch: 3}\npretrain: {epochs: 9}")
+    assert (cfg.pool.epoch, cfg.pretrain.epochs) == (3, 9)
+
+
+# --------------------------------------------------------------------------- --set
+
+def test_parse_override_types():
+    assert parse_override("distill.ipc=1") == ("distill.ipc", 1)
+    assert parse_override("pool.archs=[ConvNet,MLP]") == ("pool.archs", ["ConvNet", "MLP"])
+    assert parse_override("loss.clom={ConvNet: 5}") == ("loss.clom", {"ConvNet": 5})
+    assert parse_override("dataset.name=digits") == ("dataset.name", "digits")
+    assert parse_override(" distill.ipc = 2") == ("distill.ipc", 2)
+
+
+def test_overrides_through_load_config():
+    cfg = load_config(None, ["distill.ipc=1", "pool.archs=[ConvNet,MLP]", "loss.clom={ConvNet: 5}"])
+    assert cfg.distill.ipc == 1 and isinstance(cfg.distill.ipc, int)
+    assert cfg.pool.archs == ["ConvNet", "MLP"]
+    assert cfg.loss.clom == {"ConvNet": 5.0}
+
+
+def test_overrides_apply_on_top_of_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill: {ipc: 10, method: dc}\nseed: 3\n")
+    cfg = load_config(path, ["distill.ipc=1"])
+    assert (cfg.distill.ipc, cfg.distill.method, cfg.seed) == (1, "dc", 3)
+
+
+def test_override_unbalanced_brackets():
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, ["pool.archs=[ConvNet"])
+    msg = str(ei.value)
+    assert "pool.archs" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="pool.archs"):
+        parse_override("pool.archs=[ConvNet")
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, ["noequals"])
+    msg = str(ei.value)
+    assert "noequals" in msg and "\n" not in msg
+
+
+# --------------------------------------------------------------------------- flatten
+
+def test_flatten():
+    cfg = load_config(None, ["pool.archs=[ConvNet]", "loss.clom={ConvNet: 5}"])
+    flat = flatten(cfg)
+    for key in ("distill.ipc", "dataset.name", "pool.archs", "loss.clom", "seed", "model", "eval.runs"):
+        assert key in flat, key
+    assert flat["distill.ipc"] == 10
+    assert flat["dataset.name"] == "digits"
+    assert flat["pool.archs"] == ["ConvNet"]
+    assert flat["loss.clom"] == {"ConvNet": 5.0}  # a weight map stays one value
+    assert not [k for k, v in flat.items() if isinstance(v, dict) and k not in ("loss.clom", "loss.cclom")]
+    assert not [k for k in flat if k.startswith("loss.clom.")]
+
+
+def test_flatten_scalar_clom_and_defaults():
+    flat = flatten(load_config(None))
+    assert flat["loss.clom"] == 0.0
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+BAD = [
+    ("foo: 1", "foo"),
+    ("distill: {ipcc: 1}", "distill.ipcc"),
+    ('distill: {ipc: "ten"}', "distill.ipc"),
+    ("eval: {runs: 1.5}", "eval.runs"),
+    ("seed: true", "seed"),
+    ("distill: {method: xx}", "distill.method"),
+    ("model: Foo", "model"),
+    ("pool: {archs: [Foo]}", "pool.archs[0]"),
+    ("eval: {archs: [Bar]}", "eval.archs[0]"),
+    ("dataset: {name: imagenet42}", "dataset.name"),
+    ('dataset: {name: "parquet:/nonexistent.parquet"}', "dataset.name"),
+    ("dataset: {domain: sepia}", "dataset.domain"),
+    ("distill: {ipc: 0}", "distill.ipc"),
+    ("loss: {clom: -1}", "loss.clom"),
+    ("loss: {clom: .nan}", "loss.clom"),
+    ("loss: {clom: .inf}", "loss.clom"),
+    ("loss: {clom: 5}", "loss"),
+    ("pool: {epoch: 10}\npretrain: {epochs: 5}", "pool.epoch"),
+    ("distill: {iterations: -1}", "distill.iterations"),
+    ("distill: {dsa_strategy: color_blur}", "distill.dsa_strategy"),
+    ("distill: {init: zeros}", "distill.init"),
+    ("device: tpu", "device"),
+]
+
+
+@pytest.mark.parametrize("text, key", BAD, ids=[t.replace("\n", " ") for t, _ in BAD])
+def test_bad_input_names_key(text, key):
+    with pytest.raises(ConfigError) as ei:
+        cfg_from(text)
+    msg = str(ei.value)
+    assert msg.startswith(key + ":"), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("text, key", BAD[:3], ids=["file-unknown", "file-nested", "file-type"])
+def test_bad_input_through_file(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(path)
+    assert str(ei.value).startswith(key + ":")
+
+
+def test_nan_never_resolves():
+    with pytest.raises(ConfigError):
+        load_config(None, ["distill.lr_net=.nan"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["distill.lr_img=.inf"])
+    assert math.isfinite(load_config(None).distill.lr_net)
+
+
+# --------------------------------------------------------------------------- load_yaml
+
+def test_load_yaml_malformed(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("distill:\n  ipc: [1,\n")
+    with pytest.raises(ConfigError) as ei:
+        load_yaml(path)
+    msg = str(ei.value)
+    assert msg.startswith("config:") and "\n" not in msg
+
+
+def test_load_yaml_missing(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        load_yaml(tmp_path / "nope.yaml")
+    assert str(ei.value).startswith("config:")
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_load_yaml_top_level_list(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError) as ei:
+        load_yaml(path)
+    assert str(ei.value).startswith("config:")
+
+
+def test_load_yaml_not_utf8(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError) as ei:
+        load_yaml(path)
+    msg = str(ei.value)
+    assert msg.startswith("config:") and "\n" not in msg
+
+
+def test_load_yaml_empty_file_is_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_yaml(path) == {}
+    assert load_config(path) == load_config(None)

@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from ptmdd_ray import losses
+from ptmdd_ray.config import ConfigError, build_config
+from ptmdd_ray.data import load_data
+from ptmdd_ray.pipeline import resolve_pool
+from ptmdd_ray.pool import PTMGuide, PTMRepository, PTMSpec, pool_specs, save_epochs
+from ptmdd_ray.store import CheckpointStore, IntegrityError
+
+DEVICE = torch.device("cpu")
+
+
+def _cfg(tmp_path, **pool):
+    return build_config({
+        "dataset": {"name": "digits", "im_size": 8, "train_per_class": 20},
+        "model": "ConvNetW32",
+        "pool": {"archs": ["ConvNetW32"], "seeds": 2, "epoch": 1, **pool},
+        "pretrain": {"epochs": 3, "batch": 64},
+        "store": str(tmp_path / "store"),
+    })
+
+
+def test_spec_key_is_content_addressed(tmp_path):
+    cfg = _cfg(tmp_path)
+    a, b = pool_specs(cfg)
+    assert a.seed == 0 and b.seed == 1 and a.run_id != b.run_id
+    assert a.key(2).startswith("ConvNetW32-s0-") and a.key(2).endswith("-e0002")
+    # where the data lives is not part of a PTM's identity; what it is, is
+    moved = PTMSpec(a.arch, a.seed, a.source.__class__(**{**a.source.__dict__, "root": "/elsewhere"}), a.pretrain)
+    assert moved.run_id == a.run_id
+    other = PTMSpec(a.arch, a.seed, a.source.__class__(**{**a.source.__dict__, "domain": "invert"}), a.pretrain)
+    assert other.run_id != a.run_id
+    assert save_epochs(cfg) == [1, 3]
+
+
+def test_resolution_reuses_what_exists_and_trains_what_is_missing(tmp_path):
+    cfg = _cfg(tmp_path)
+    data = load_data(cfg.dataset)
+    pool = resolve_pool(cfg, data, DEVICE, progress=False)
+    assert (pool.trainings, pool.hits) == (2, 0)
+    store = CheckpointStore(cfg.store)
+    assert len(store.keys()) == 4  # epochs 1 and 3 of both seeds, from one run each
+    assert all(not p.model.training and not any(q.requires_grad for q in p.model.parameters()) for p in pool.ptms)
+    assert all(0.0 <= p.test_accuracy <= 1.0 for p in pool.ptms)
+
+    # more seeds: the two existing PTMs are reused, one is trained
+    more = _cfg(tmp_path, seeds=3)
+    pool3 = resolve_pool(more, data, DEVICE, progress=False)
+    assert (pool3.trainings, pool3.hits) == (1, 2)
+    # a sub-optimal epoch saved on the way by the same runs costs nothing
+    final = build_config({**_asdict(more), "pool": {"archs": ["ConvNetW32"], "seeds": 3, "epoch": 3}})
+    pool_final = resolve_pool(final, data, DEVICE, progress=False)
+    assert (pool_final.trainings, pool_final.hits) == (0, 3)
+    # the same weights come back
+    again = resolve_pool(cfg, data, DEVICE, progress=False)
+    for p, q in zip(pool.ptms, again.ptms):
+        assert all(torch.equal(a, b) for a, b in zip(p.model.state_dict().values(), q.model.state_dict().values()))
+
+
+def _asdict(cfg):
+    from ptmdd_ray.config import to_dict
+
+    return to_dict(cfg)
+
+
+def test_tampered_pool_checkpoint_is_not_loaded(tmp_path):
+    cfg = _cfg(tmp_path, seeds=1)
+    data = load_data(cfg.dataset)
+    resolve_pool(cfg, data, DEVICE, progress=False)
+    key = pool_specs(cfg)[0].key(1)
+    path = tmp_path / "store" / "ptm" / f"{key}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match=key):
+        resolve_pool(cfg, data, DEVICE, progress=False)
+
+
+def test_clom_needs_the_target_label_space(tmp_path):
+    cfg = build_config({
+        "dataset": {"name": "digits", "im_size": 8, "train_per_class": 10},
+        "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 1,
+                 "source": {"name": "digits", "im_size": 8, "train_per_class": 10, "classes": [0, 1, 2, 3, 4]}},
+        "loss": {"clom": 1.0},
+        "store": str(tmp_path / "store"),
+    })
+    data = load_data(cfg.dataset)
+    with pytest.raises(ConfigError, match="loss.clom"):
+        resolve_pool(cfg, data, DEVICE, progress=False)
+    # CCLoM only needs embeddings: the same pool works
+    ok = build_config({**_asdict(cfg), "loss": {"clom": 0.0, "cclom": 1.0}})
+    assert len(resolve_pool(ok, data, DEVICE, progress=False).ptms) == 1
+
+
+def test_guide_computes_weighted_clom_and_cclom(tmp_path):
+    cfg = _cfg(tmp_path, seeds=1)
+    data = load_data(cfg.dataset)
+    ptm = resolve_pool(cfg, data, DEVICE, progress=False).ptms[0]
+    syn = data.x_train[:10].clone().requires_grad_(True)
+    y = data.y_train[:10]
+    guide = PTMGuide([ptm], clom=3.0, cclom=0.0, real=data, cclom_batch=16, seed=0)
+    expected = 3.0 * losses.clom(ptm.model(syn), y)
+    assert guide(syn, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    both = PTMGuide([ptm], clom=0.0, cclom={"ConvNetW32": 2.0}, real=data, cclom_batch=16, seed=0)
+    value = both(syn, y)
+    assert 0.0 < value.item() <= 2.0  # beta * a share of distance in [0, 1]
+    value.backward()
+    assert syn.grad.abs().sum() > 0
+    assert not PTMGuide([ptm], clom=0.0, cclom=0.0, real=data, cclom_batch=16, seed=0)
+
+
+def test_guide_draws_archs_uniformly_then_seeds(tmp_path):
+    cfg = build_config({
+        "dataset": {"name": "digits", "im_size": 8, "train_per_class": 10},
+        "pool": {"archs": ["ConvNetW32", "MLP"], "seeds": [0, 1, 2], "epoch": 1},
+        "store": str(tmp_path / "store"),
+    })
+    data = load_data(cfg.dataset)
+    ptms = resolve_pool(cfg, data, DEVICE, progress=False).ptms
+    ptms = [p for p in ptms if p.arch == "ConvNetW32" or p.seed == 0]  # 3 ConvNet PTMs, 1 MLP
+    seen = []
+    for p in ptms:  # record which model is used through a forward hook
+        p.model.register_forward_hook(lambda m, i, o, p=p: seen.append(p.arch))
+    guide = PTMGuide(ptms, clom=1.0, cclom=0.0, real=data, cclom_batch=8, seed=0)
+    syn, y = data.x_train[:10], data.y_train[:10]
+    for _ in range(400):
+        guide(syn, y)
+    share_mlp = seen.count("MLP") / len(seen)
+    assert 0.4 < share_mlp < 0.6  # 1 MLP vs 3 ConvNet PTMs, yet archs are drawn 50/50 (not 25/75)

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from ptmdd_ray.store import CheckpointStore, IntegrityError, StoreError, check_key
+
+
+def _tensors():
+    return {"w": torch.arange(6.0).view(2, 3), "n": torch.tensor(3, dtype=torch.int64)}
+
+
+def test_round_trip_with_metadata(tmp_path):
+    store = CheckpointStore(tmp_path / "s")
+    meta = store.save("ConvNet-s0-abc-e0002", _tensors(), {"arch": "ConvNet", "epoch": 2})
+    assert store.has("ConvNet-s0-abc-e0002") and not store.has("other")
+    ck = store.load("ConvNet-s0-abc-e0002")
+    assert torch.equal(ck.tensors["w"], _tensors()["w"]) and ck.tensors["n"].item() == 3
+    assert ck.meta["arch"] == "ConvNet" and ck.meta["sha256"] == meta["sha256"] and len(meta["sha256"]) == 64
+    assert store.keys() == ["ConvNet-s0-abc-e0002"]
+    assert store.stats() == {"checkpoints": 1, "bytes": meta["bytes"]}
+    # no temporary files are left behind by the atomic writes
+    assert sorted(p.name for p in (tmp_path / "s" / "ptm").iterdir()) == [
+        "ConvNet-s0-abc-e0002.json", "ConvNet-s0-abc-e0002.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "replace"])
+def test_tampered_checkpoint_is_refused(tmp_path, damage):
+    store = CheckpointStore(tmp_path)
+    store.save("k1", _tensors(), {})
+    path = tmp_path / "ptm" / "k1.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flip_byte":
+        data[-1] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # a valid safetensors file with other weights
+        other = CheckpointStore(tmp_path / "other")
+        other.save("k1", {"w": torch.zeros(2, 3)}, {})
+        data = (tmp_path / "other" / "ptm" / "k1.safetensors").read_bytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        store.load("k1")
+
+
+def test_missing_tensor_file_is_an_integrity_error(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.save("k1", _tensors(), {})
+    (tmp_path / "ptm" / "k1.safetensors").unlink()
+    with pytest.raises(IntegrityError):
+        store.load("k1")
+
+
+def test_pickle_payload_is_never_executed(tmp_path):
+    """A checkpoint file replaced by a pickle (with a matching sha in a forged sidecar) is refused
+    by the safetensors parser: nothing is unpickled."""
+    import hashlib
+    import pickle
+
+    store = CheckpointStore(tmp_path)
+    store.save("k1", _tensors(), {})
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    payload = pickle.dumps(Evil())
+    (tmp_path / "ptm" / "k1.safetensors").write_bytes(payload)
+    meta_path = tmp_path / "ptm" / "k1.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = hashlib.sha256(payload).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(Exception):
+        store.load("k1")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("key", ["../x", "a/b", "/abs", "..", "", "a b"])
+def test_keys_cannot_escape_the_root(tmp_path, key):
+    with pytest.raises(ValueError):
+        check_key(key)
+    with pytest.raises(ValueError):
+        CheckpointStore(tmp_path).save(key, _tensors(), {})
+
+
+def test_read_only_store_gives_a_store_error(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        # root ignores permission bits; a file in place of the directory fails for everyone
+        (tmp_path / "ro").write_text("not a directory")
+        store = CheckpointStore(tmp_path / "ro")
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o500)
+        store = CheckpointStore(tmp_path / "ro")
+    with pytest.raises(StoreError):
+        store.save("k1", _tensors(), {})
+
+
+def test_uri_form_uses_the_same_code_path(tmp_path):
+    store = CheckpointStore(f"file://{tmp_path}/u")
+    store.save("k1", _tensors(), {"a": 1})
+    assert CheckpointStore(tmp_path / "u").load("k1").meta["a"] == 1
