@@ -84,12 +84,14 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """How a PTM is trained. Defaults follow the paper's code: SGD lr 0.01, momentum 0.9, weight decay
-    5e-3, lr x0.1 at 1/3 and 2/3 of the run, batch 256, no augmentation. ``epochs`` is the length of
-    the run (its lr schedule), ``None`` meaning ``pool.epoch``; checkpoints are saved at
-    ``pool.epoch``, at ``epochs`` and at every ``save_epochs`` entry, so sub-optimal epochs are free."""
+    """How a PTM is trained. Defaults follow the paper's code: a 150-epoch run, SGD lr 0.01, momentum
+    0.9, weight decay 5e-3, lr x0.1 at 1/3 and 2/3 of the run, batch 256, no augmentation.
+    ``epochs`` is the length of the run, i.e. its lr schedule: epoch 2 of a 150-epoch run is a
+    different model from epoch 2 of a 2-epoch run. A run is only trained as far as the largest
+    epoch asked for (``pool.epoch`` and ``save_epochs``), saving each of them on the way, so early
+    (sub-optimal) PTMs cost only their own epochs."""
 
-    epochs: int | None = None
+    epochs: int = 150
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-3
@@ -414,7 +416,7 @@ def resolve(cfg: Config) -> Config:
     cfg = replace(cfg, pool=replace(pool, source=src if p.source is not None else None))
 
     t = cfg.pretrain
-    epochs = t.epochs if t.epochs is not None else p.epoch
+    epochs = t.epochs
     _check(epochs >= 1, "pretrain.epochs", f"must be >= 1, got {epochs}")
     _check(p.epoch <= epochs, "pool.epoch", f"{p.epoch} is past pretrain.epochs {epochs}")
     for i, e in enumerate(t.save_epochs):

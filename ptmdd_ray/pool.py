@@ -59,21 +59,23 @@ def pool_specs(cfg: Config) -> list[PTMSpec]:
 
 
 def save_epochs(cfg: Config) -> list[int]:
-    """Epochs checkpointed by a pretraining run: the pool's epoch, the end of the run, and extras."""
-    return sorted({cfg.pool.epoch, cfg.pretrain.epochs, *cfg.pretrain.save_epochs})
+    """Epochs checkpointed by a pretraining run: the pool's epoch and ``pretrain.save_epochs``."""
+    return sorted({cfg.pool.epoch, *cfg.pretrain.save_epochs})
 
 
 def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
              ) -> dict[int, tuple[dict[str, torch.Tensor], float]]:
-    """Train one PTM for ``spec.pretrain.epochs`` epochs; return {epoch: (state_dict, test acc)} for
-    the requested epochs. Schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation."""
+    """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
+    (schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation); return
+    {epoch: (state_dict, test accuracy)} for the requested epochs."""
     t = spec.pretrain
     shape = (data.channels, data.num_classes, data.im_size)
     model = new_model(spec.arch, shape, seed=spec.seed, device=data.x_train.device)
     gen = torch.Generator().manual_seed(spec.seed)
     wanted = set(epochs_to_save)
     out: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
-    bar = tqdm(total=t.epochs, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
+    last = max(wanted)
+    bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
 
     def on_epoch(e: int, m: nn.Module) -> None:
         bar.update(1)
@@ -82,7 +84,7 @@ def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress
             out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc)
             bar.set_postfix(epoch=e, test_acc=f"{acc:.3f}")
 
-    train_classifier(model, data.x_train, data.y_train, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+    train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
                      gen=gen, on_epoch=on_epoch)
     bar.close()

@@ -41,7 +41,7 @@ def test_embedded_defaults():
     # every None of a method default is filled in
     assert None not in (d.iterations, d.lr_img, d.init, d.dsa_strategy, d.outer_loop, d.inner_loop)
     assert cfg.pool.archs == [] and cfg.pool.seeds == [0] and cfg.pool.source is None
-    assert cfg.pretrain.epochs == cfg.pool.epoch
+    assert cfg.pretrain.epochs == 150  # the paper's run length; only trained up to pool.epoch
     assert cfg.loss.clom == 0.0  # empty pool: no PTM loss
     assert cfg.eval.archs == ["ConvNet"]
 
@@ -121,9 +121,9 @@ def test_pool_seeds_list_kept():
     assert cfg_from("pool: {seeds: [4, 7]}").pool.seeds == [4, 7]
 
 
-def test_pretrain_epochs_defaults_to_pool_epoch():
+def test_pretrain_run_length_is_the_papers_150_epochs():
     cfg = cfg_from("pool: {epoch: 7}")
-    assert cfg.pretrain.epochs == 7
+    assert cfg.pretrain.epochs == 150
     cfg = cfg_from("pool: {epoch: 3}\npretrain: {epochs: 9}")
     assert (cfg.pool.epoch, cfg.pretrain.epochs) == (3, 9)
 

@@ -16,7 +16,7 @@ def _cfg(tmp_path, **pool):
         "dataset": {"name": "digits", "im_size": 8, "train_per_class": 20},
         "model": "ConvNetW32",
         "pool": {"archs": ["ConvNetW32"], "seeds": 2, "epoch": 1, **pool},
-        "pretrain": {"epochs": 3, "batch": 64},
+        "pretrain": {"epochs": 3, "batch": 64, "save_epochs": [3]},
         "store": str(tmp_path / "store"),
     })
 
@@ -128,3 +128,23 @@ def test_guide_draws_archs_uniformly_then_seeds(tmp_path):
         guide(syn, y)
     share_mlp = seen.count("MLP") / len(seen)
     assert 0.4 < share_mlp < 0.6  # 1 MLP vs 3 ConvNet PTMs, yet archs are drawn 50/50 (not 25/75)
+
+
+def test_a_run_is_trained_only_as_far_as_asked_and_is_deterministic(tmp_path):
+    base = {"dataset": {"name": "digits", "im_size": 8, "train_per_class": 20}, "model": "ConvNetW32",
+            "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 1}, "pretrain": {"batch": 64},
+            "store": str(tmp_path / "store")}
+    cfg = build_config(base)
+    assert cfg.pretrain.epochs == 150
+    data = load_data(cfg.dataset)
+    first = resolve_pool(cfg, data, DEVICE, progress=False).ptms[0]
+    store = CheckpointStore(cfg.store)
+    assert [k[-5:] for k in store.keys()] == ["e0001"]  # epoch 1 of a 150-epoch run: 1 epoch trained
+    longer = build_config({**base, "pretrain": {"batch": 64, "save_epochs": [2]}})
+    pool = resolve_pool(longer, data, DEVICE, progress=False)
+    assert pool.hits == 1 and pool.trainings == 0  # epoch 1 is there already
+    more = build_config({**base, "pool": {**base["pool"], "epoch": 2}, "pretrain": {"batch": 64, "save_epochs": [1]}})
+    second = resolve_pool(more, data, DEVICE, progress=False)
+    assert second.trainings == 1 and [k[-5:] for k in store.keys()] == ["e0001", "e0002"]
+    again = store.load(first.key)  # rewritten by the second run with identical weights
+    assert all(torch.equal(again.tensors[k], v.cpu()) for k, v in first.model.state_dict().items())
