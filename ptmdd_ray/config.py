@@ -103,11 +103,13 @@ class PretrainConfig:
 class LossConfig:
     """The paper's PTM losses. ``clom`` (alpha) and ``cclom`` (beta) are a weight or a map
     {arch: weight}. ``clom: None`` means the per-method default (DC 1000, DSA 5000, DM 2000, the
-    authors' CIFAR-10 IPC-10 table) when the pool is non-empty, else 0."""
+    authors' CIFAR-10 IPC-10 table) when the pool is non-empty, else 0. ``augmented: false``
+    applies them to the raw synthetic set instead, as the reference code did (an ablation knob)."""
 
     clom: float | dict[str, float] | None = None
     cclom: float | dict[str, float] = 0.0
     cclom_batch: int = 256
+    augmented: bool = True  # PTM losses on the DSA-augmented images the matching term sees
 
 
 @dataclass(frozen=True)

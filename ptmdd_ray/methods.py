@@ -93,7 +93,8 @@ def _groups(classes: int, per_class: int, device) -> torch.Tensor:
     return torch.arange(classes, device=device).repeat_interleave(per_class)
 
 
-Guide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# guide(augmented synthetic images, raw synthetic images, labels) -> weighted PTM loss
+Guide = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None):
@@ -109,7 +110,7 @@ def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
     loss = losses.distribution_distance(
         syn_feat.view(classes, ipc, -1).mean(1), real_feat.view(classes, per, -1).mean(1))
     if guide is not None:
-        loss = loss + guide(syn_aug, syn_y)
+        loss = loss + guide(syn_aug, syn, syn_y)
     return loss
 
 
@@ -151,7 +152,7 @@ def dc_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
             loss = loss + losses.gradient_distance(gw_syn, gw_real)
             syn_aug.append(syn_c)
         if guide is not None:
-            loss = loss + guide(torch.cat(syn_aug), syn_y)
+            loss = loss + guide(torch.cat(syn_aug), syn, syn_y)
         update(loss)
         out.append(loss.detach())
         if ol == cfg.outer_loop - 1:

@@ -91,7 +91,8 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     t0 = time.perf_counter()
     pool = resolve_pool(cfg, data, device, progress)
     pool_seconds = time.perf_counter() - t0
-    guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, cfg.seed)
+    guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, cfg.seed,
+                     cfg.loss.augmented)
 
     syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log)
 

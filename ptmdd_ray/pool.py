@@ -155,11 +155,12 @@ class PTMGuide:
     """The paper's PTM supervision for one distillation step.
 
     Each call draws one PTM (an arch uniformly among those with a non-zero weight, then a seed) and
-    returns alpha * CLoM + beta * CCLoM on the given (augmented) synthetic images. CCLoM compares
-    with a random batch of real target images, embedded without grad."""
+    returns alpha * CLoM + beta * CCLoM on the synthetic images: by default the DSA-augmented ones
+    the matching term sees, or the raw set with ``augmented=False`` (what the reference code did).
+    CCLoM compares with a random batch of real target images, embedded without grad."""
 
     def __init__(self, ptms: list[PTM], clom: float | dict[str, float], cclom: float | dict[str, float],
-                 real: ImageData, cclom_batch: int, seed: int):
+                 real: ImageData, cclom_batch: int, seed: int, augmented: bool = True):
         self.by_arch: dict[str, list[PTM]] = {}
         for p in ptms:
             if weight_for(clom, p.arch) > 0 or weight_for(cclom, p.arch) > 0:
@@ -168,13 +169,15 @@ class PTMGuide:
         self.clom, self.cclom = clom, cclom
         self.real_x, self.real_y = real.x_train, real.y_train
         self.cclom_batch = cclom_batch
+        self.augmented = augmented
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
 
     def __bool__(self) -> bool:
         return bool(self.archs)
 
-    def __call__(self, syn: torch.Tensor, syn_y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, syn_aug: torch.Tensor, syn_raw: torch.Tensor, syn_y: torch.Tensor) -> torch.Tensor:
+        syn = syn_aug if self.augmented else syn_raw
         arch = self.rng.choice(self.archs)
         ptm = self.rng.choice(self.by_arch[arch]).model
         alpha, beta = weight_for(self.clom, arch), weight_for(self.cclom, arch)

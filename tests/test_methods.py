@@ -51,7 +51,7 @@ def test_ptm_guide_receives_the_augmented_images(digits):
     cfg = _cfg("dm", iterations=1)
     seen = []
 
-    def guide(syn, y):
+    def guide(syn, raw, y):
         seen.append(syn.detach().clone())
         return syn.sum() * 0
 

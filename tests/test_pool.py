@@ -101,9 +101,9 @@ def test_guide_computes_weighted_clom_and_cclom(tmp_path):
     y = data.y_train[:10]
     guide = PTMGuide([ptm], clom=3.0, cclom=0.0, real=data, cclom_batch=16, seed=0)
     expected = 3.0 * losses.clom(ptm.model(syn), y)
-    assert guide(syn, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert guide(syn, syn, y).item() == pytest.approx(expected.item(), rel=1e-5)
     both = PTMGuide([ptm], clom=0.0, cclom={"ConvNetW32": 2.0}, real=data, cclom_batch=16, seed=0)
-    value = both(syn, y)
+    value = both(syn, syn, y)
     assert 0.0 < value.item() <= 2.0  # beta * a share of distance in [0, 1]
     value.backward()
     assert syn.grad.abs().sum() > 0
@@ -125,7 +125,7 @@ def test_guide_draws_archs_uniformly_then_seeds(tmp_path):
     guide = PTMGuide(ptms, clom=1.0, cclom=0.0, real=data, cclom_batch=8, seed=0)
     syn, y = data.x_train[:10], data.y_train[:10]
     for _ in range(400):
-        guide(syn, y)
+        guide(syn, syn, y)
     share_mlp = seen.count("MLP") / len(seen)
     assert 0.4 < share_mlp < 0.6  # 1 MLP vs 3 ConvNet PTMs, yet archs are drawn 50/50 (not 25/75)
 
@@ -148,3 +148,14 @@ def test_a_run_is_trained_only_as_far_as_asked_and_is_deterministic(tmp_path):
     assert second.trainings == 1 and [k[-5:] for k in store.keys()] == ["e0001", "e0002"]
     again = store.load(first.key)  # rewritten by the second run with identical weights
     assert all(torch.equal(again.tensors[k], v.cpu()) for k, v in first.model.state_dict().items())
+
+
+def test_guide_can_be_told_to_use_the_raw_synthetic_set(tmp_path):
+    cfg = _cfg(tmp_path, seeds=1)
+    data = load_data(cfg.dataset)
+    ptm = resolve_pool(cfg, data, DEVICE, progress=False).ptms[0]
+    raw, aug, y = data.x_train[:10], data.x_train[10:20], data.y_train[:10]
+    on_aug = PTMGuide([ptm], clom=1.0, cclom=0.0, real=data, cclom_batch=8, seed=0)
+    on_raw = PTMGuide([ptm], clom=1.0, cclom=0.0, real=data, cclom_batch=8, seed=0, augmented=False)
+    assert on_aug(aug, raw, y).item() == pytest.approx(losses.clom(ptm.model(aug), y).item(), rel=1e-5)
+    assert on_raw(aug, raw, y).item() == pytest.approx(losses.clom(ptm.model(raw), y).item(), rel=1e-5)
