@@ -93,9 +93,7 @@ def reference_time(cfg, data, ptms) -> float:
     ptm = ptms[0].model if ptms else None
 
     def it(k):
-        # the original builds its nets in the default (NCHW) layout
-        net = new_model(cfg.model, shape, seed=k).to(memory_format=torch.contiguous_format)
-        net.embed = lambda x, f=net.features: f(x)
+        net = new_model(cfg.model, shape, seed=k)  # the original's default (NCHW) layout
         reference_dm_iteration(net, syn, syn_y, data.x_train, indices, opt, d.ipc, d.batch_real, d.dsa_strategy,
                                ptm, cfg.loss.clom if ptm is not None else 0.0)
 

@@ -192,7 +192,8 @@ def distill(
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.iterations), desc=f"distill {cfg.method}", disable=not progress, leave=False)
     for it in bar:
-        net = new_model(model, shape, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)), device=device)
+        net = new_model(model, shape, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)), device=device,
+                        channels_last=cfg.method == "dm")
         if cfg.method == "dm":
             loss = dm_step(net, syn, syn_y, sampler, cfg, ipc, classes, gen, guide)
             update(loss)
