@@ -1,0 +1,40 @@
+import statistics
+
+import pytest
+import torch
+
+from ptmdd_ray.config import EvalConfig, build_config
+from ptmdd_ray.data import load_data
+from ptmdd_ray.evaluate import evaluate_set, random_real_subset, summarize
+
+
+def test_summarize_reports_mean_std_and_runs():
+    s = summarize([0.5, 0.7, 0.6])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(statistics.pstdev([0.5, 0.7, 0.6]))
+    assert s["runs"] == [0.5, 0.7, 0.6] and summarize([0.4])["std"] == 0.0
+
+
+def test_random_real_subset_has_ipc_images_of_every_class_and_is_seeded():
+    data = load_data(build_config({"dataset": {"name": "digits", "im_size": 8}}).dataset)
+    x, y = random_real_subset(data, 3, seed=0)
+    assert x.shape == (30, 1, 8, 8) and torch.bincount(y).tolist() == [3] * 10
+    x2, _ = random_real_subset(data, 3, seed=0)
+    x3, _ = random_real_subset(data, 3, seed=1)
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+    # every image is a real training image of its label
+    for img, label in zip(x, y):
+        match = (data.x_train == img).flatten(1).all(1)
+        assert match.any() and (data.y_train[match] == label).all()
+
+
+def test_evaluate_set_trains_runs_per_arch_and_reports_fractions():
+    data = load_data(build_config({"dataset": {"name": "digits", "test_per_class": 20}}).dataset)
+    x, y = random_real_subset(data, 10, seed=0)
+    cfg = EvalConfig(archs=["ConvNetW32", "MLP"], runs=2, epochs=100)
+    out = evaluate_set(x, y, data, cfg, seed=0, progress=False)
+    assert set(out) == {"ConvNetW32", "MLP"}
+    for res in out.values():
+        assert len(res["runs"]) == 2 and all(0.0 <= a <= 1.0 for a in res["runs"])
+    assert out["ConvNetW32"]["mean"] > 0.5  # 10 real digits per class already teach a lot
+    again = evaluate_set(x, y, data, cfg, seed=0, progress=False)
+    assert again == out  # fixed seeds reproduce the evaluation
