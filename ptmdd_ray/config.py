@@ -321,6 +321,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 
 def build_config(data: dict[str, Any]) -> Config:
+    """Mapping -> validated, resolved :class:`Config`. A ``pool.source`` mapping starts from the
+    target dataset (less its domain and class subset), so ``{domain: invert}`` means "the target,
+    inverted" and keeps the target's image size and subset sizes."""
+    pool = data.get("pool")
+    if isinstance(pool, dict) and isinstance(pool.get("source"), dict):
+        target = data.get("dataset") or {}
+        if isinstance(target, dict):
+            inherited = {k: v for k, v in target.items() if k not in ("domain", "classes")}
+            data = {**data, "pool": {**pool, "source": {**inherited, **pool["source"]}}}
     return resolve(from_dict(Config, data))
 
 
@@ -351,8 +360,9 @@ def uses_ptms(cfg: Config) -> bool:
 
 
 def source_dataset(cfg: Config) -> DatasetConfig:
-    """The dataset the pool's PTMs are trained on. A bare name inherits the target's image size,
-    root, cache and subset sizes, but none of its domain or class subset."""
+    """The dataset the pool's PTMs are trained on. A bare name (like a mapping, see
+    :func:`build_config`) inherits the target's image size, root, cache and subset sizes, but none
+    of its domain or class subset."""
     src = cfg.pool.source
     if src is None:
         return cfg.dataset

@@ -284,3 +284,16 @@ def test_load_yaml_empty_file_is_defaults(tmp_path):
     path.write_text("")
     assert load_yaml(path) == {}
     assert load_config(path) == load_config(None)
+
+
+def test_pool_source_mapping_inherits_the_target_but_not_its_domain():
+    from ptmdd_ray.config import build_config, source_dataset
+
+    cfg = build_config({"dataset": {"name": "digits", "im_size": 8, "train_per_class": 7, "domain": "invert"},
+                        "pool": {"archs": ["MLP"], "source": {"domain": "grayscale", "classes": [1, 2]}}})
+    src = source_dataset(cfg)
+    assert (src.name, src.im_size, src.train_per_class, src.domain, src.classes) == ("digits", 8, 7, "grayscale", [1, 2])
+    by_name = build_config({"dataset": {"name": "digits", "im_size": 8, "classes": [0, 1]},
+                            "pool": {"archs": ["MLP"], "source": "digits"}})
+    s2 = source_dataset(by_name)
+    assert (s2.im_size, s2.classes, s2.domain) == (8, None, "none")
