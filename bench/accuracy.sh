@@ -11,5 +11,5 @@ for ipc in 1 10; do
 done
 $P distill studies/cifar10_cpu.yaml --set loss.clom=0 --out $out/cifar10_ipc10_dm -q
 $P distill studies/cifar10_cpu.yaml --out $out/cifar10_ipc10_dm_clom -q
-$P distill studies/cifar10_cpu.yaml --set loss.augmented=false --out $out/cifar10_ipc10_dm_clom_raw -q
+$P distill studies/cifar10_cpu.yaml --set loss.augmented=false --set loss.clom=1000 --out $out/cifar10_ipc10_dm_clom_raw -q
 .venv/bin/python bench/summarize.py $out

@@ -133,10 +133,10 @@ def main() -> None:
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        ref = row.get("reference_seconds_per_iteration")
-        print(f"{method:<8}{variant:<9}{row['seconds_per_iteration']:>10.4f}"
-              f"{(f'{ref:.4f}' if ref else '-'):>11}{(f'{ref / row['seconds_per_iteration']:.2f}x' if ref else '-'):>10}"
-              f"{row['peak_rss_mb']:>13.0f}", flush=True)
+        ref, ours = row.get("reference_seconds_per_iteration"), row["seconds_per_iteration"]
+        ref_s = f"{ref:.4f}" if ref else "-"
+        ratio = f"{ref / ours:.2f}x" if ref else "-"
+        print(f"{method:<8}{variant:<9}{ours:>10.4f}{ref_s:>11}{ratio:>10}{row['peak_rss_mb']:>13.0f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import losses
 from .config import Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, weight_for
 from .data import ImageData
+from .methods import embed_chunked
 from .store import Checkpoint, CheckpointStore
 from .train import accuracy, new_model, train_classifier
 
@@ -187,6 +188,6 @@ class PTMGuide:
         if beta > 0:
             idx = torch.randint(self.real_x.shape[0], (self.cclom_batch,), generator=self.gen).to(self.real_x.device)
             with torch.no_grad():
-                real_feat = ptm.embed(self.real_x[idx])
+                real_feat = embed_chunked(ptm, self.real_x[idx])
             loss = loss + beta * losses.cclom(ptm.embed(syn), real_feat, syn_y, self.real_y[idx])
         return loss
