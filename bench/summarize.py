@@ -9,16 +9,17 @@ def pct(s):
 
 
 def main(root: str) -> None:
-    print("| run | method | ipc | clom α | PTM input | synthetic (%) | random real (%) | s/iter |")
+    print("| run | method | ipc | pool | clom α | PTM input | synthetic (%) | random real (%) |")
     print("|---|---|---|---|---|---|---|---|")
     for path in sorted(Path(root).glob("*/result.json")):
         r = json.loads(path.read_text())
         c = r["config"]
         arch = next(iter(r["accuracy"]))
-        ptm = "augmented" if c["loss"]["augmented"] else "raw"
-        print(f"| {path.parent.name} | {c['distill']['method'].upper()} | {c['distill']['ipc']} | "
-              f"{c['loss']['clom']} | {ptm if r['pool'] else '-'} | {pct(r['accuracy'][arch])} | "
-              f"{pct(r['baseline_random'][arch])} | {r['timing']['seconds_per_iteration']:.4f} |")
+        ptm = "augmented" if c["loss"].get("augmented", True) else "raw"
+        pool = ", ".join(f"{p['arch']}/e{p['epoch']} ({100 * p['test_accuracy']:.0f}%)" for p in r["pool"]) or "-"
+        print(f"| {path.parent.name} | {c['distill']['method'].upper()} | {c['distill']['ipc']} | {pool} | "
+              f"{c['loss']['clom'] if r['pool'] else 0} | {ptm if r['pool'] else '-'} | {pct(r['accuracy'][arch])} | "
+              f"{pct(r['baseline_random'][arch])} |")
 
 
 if __name__ == "__main__":

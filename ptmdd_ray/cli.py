@@ -47,7 +47,8 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _config(args) -> "Config":  # noqa: F821
+def _config(args):
+    """The validated config of a ``distill``/``pretrain`` call: file (or defaults) + ``--set``."""
     from .config import load_config
 
     return load_config(args.config, args.set)
@@ -85,7 +86,7 @@ def cmd_evaluate(args) -> int:
 
     images, labels, meta = read_synthetic(args.synthetic)
     cfg = load_config(args.config, args.set, base=None if args.config else meta.get("config"))
-    result = run_evaluate(cfg, images, labels, meta, progress=not args.quiet)
+    result = run_evaluate(cfg, images, labels, progress=not args.quiet)
     for arch, acc in result["accuracy"].items():
         base = (result["baseline_random"] or {}).get(arch)
         print(f"{arch:<16} synthetic {_pct(acc)}   random real {_pct(base)}")

@@ -143,8 +143,7 @@ def run_pretrain(cfg: Config, progress: bool = True) -> Pool:
     return resolve_pool(cfg, src, device, progress, idle=True)
 
 
-def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
-                 progress: bool = True) -> dict[str, Any]:
+def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, progress: bool = True) -> dict[str, Any]:
     """Evaluate a saved synthetic set on ``cfg.dataset`` with ``cfg.eval``."""
     device = pick_device(cfg.device)
     data = load_data(cfg.dataset, cfg.seed)

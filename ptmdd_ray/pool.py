@@ -134,7 +134,7 @@ class PTMRepository:
 def load_ptm(ckpt: Checkpoint, device) -> PTM:
     m = ckpt.meta
     channels, num_classes, im_size = m["shape"]
-    model = new_model(m["arch"], (channels, num_classes, im_size), seed=0, device="cpu")
+    model = new_model(m["arch"], (channels, num_classes, im_size), seed=0, device="cpu", channels_last=True)
     model.load_state_dict(ckpt.tensors)
     model = model.to(device).eval().requires_grad_(False)  # frozen once; eval: BN PTMs must not drift
     return PTM(m["arch"], m["seed"], m["epoch"], ckpt.key, float(m["test_accuracy"]), model)

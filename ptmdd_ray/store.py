@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -89,8 +90,6 @@ class CheckpointStore:
                 with open(tmp, "wb") as f:
                     f.write(payload)
                     f.flush()
-                    import os
-
                     os.fsync(f.fileno())
                 self.fs.move(tmp, path)
             finally:
