@@ -20,7 +20,7 @@ from .config import Config, ConfigError, source_dataset, to_dict, uses_ptms, wei
 from .data import ImageData, load_data
 from .evaluate import evaluate_set, random_real_subset
 from .methods import distill
-from .pool import PTM, PTMGuide, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs
+from .pool import PTM_DATA_SEED, PTM, PTMGuide, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,11 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
     cache: dict[str, ImageData] = {}
 
     def load_source() -> ImageData:
+        # A PTM's training data is a function of its spec alone (never of this run's seed), so a
+        # stored checkpoint means the same model whichever run trained it.
         if "src" not in cache:
-            cache["src"] = target if src_cfg == cfg.dataset else load_data(src_cfg, cfg.seed).to(device)
+            same = src_cfg == cfg.dataset and (cfg.seed == PTM_DATA_SEED or not src_cfg.train_per_class)
+            cache["src"] = target if same else load_data(src_cfg, PTM_DATA_SEED).to(device)
         return cache["src"]
 
     needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
@@ -139,7 +142,7 @@ def write_outputs(out: Path, result: dict, images: torch.Tensor, labels: torch.T
 def run_pretrain(cfg: Config, progress: bool = True) -> Pool:
     """Build or extend the pool of ``cfg`` in the store (no distillation)."""
     device = pick_device(cfg.device)
-    src = load_data(source_dataset(cfg), cfg.seed).to(device)
+    src = load_data(source_dataset(cfg), PTM_DATA_SEED).to(device)
     return resolve_pool(cfg, src, device, progress, idle=True)
 
 

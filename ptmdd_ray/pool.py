@@ -29,6 +29,10 @@ from .train import accuracy, new_model, train_classifier
 
 log = logging.getLogger(__name__)
 
+# The per-class subset a PTM trains on (``train_per_class``) is drawn with this fixed seed, so the
+# data are part of the spec, not of the run that happened to train it first.
+PTM_DATA_SEED = 0
+
 # Dataset fields that say where data lives, not what it is: left out of a PTM's identity.
 _LOCATION_FIELDS = ("root", "download", "cache_dir")
 
