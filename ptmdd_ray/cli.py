@@ -3,6 +3,7 @@
     ptmdd distill [CONFIG.yaml] [--set key=value ...] --out DIR
     ptmdd pretrain [CONFIG.yaml] [--set key=value ...]
     ptmdd evaluate SYNTHETIC.parquet [--config CONFIG.yaml] [--set key=value ...] [--out FILE]
+    ptmdd store ls|stats|gc [--store URI] [--json]
 
 Bad input exits with status 2 and one line on stderr naming the key; nothing is written.
 """
@@ -95,6 +96,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_store(args) -> int:
+    from .store import CheckpointStore
+
+    store = CheckpointStore(args.store)
+    if args.action == "ls":
+        rows = store.ls()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        for m in rows if not args.json else []:
+            print(f"{m['key']}  test acc {100 * float(m.get('test_accuracy', 0)):.2f}%  {m.get('bytes', 0)} B")
+    elif args.action == "stats":
+        stats = store.stats()
+        print(json.dumps(stats) if args.json else "  ".join(f"{k} {v}" for k, v in stats.items()))
+    else:
+        removed = store.gc()
+        print(json.dumps(removed) if args.json else "removed " + ", ".join(f"{v} {k}" for k, v in removed.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ptmdd", description="PTM-guided dataset distillation (DC, DSA, DM + CLoM/CCLoM)")
     p.add_argument("--version", action="version", version=f"ptmdd_ray {__version__}")
@@ -123,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(e, config_positional=False)
     e.add_argument("--out", help="write the evaluation result as JSON here")
     e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("store", help="inspect or clean a PTM checkpoint store")
+    s.add_argument("action", choices=["ls", "stats", "gc"], help="list checkpoints, life-time counts, or "
+                   "remove temporaries, orphans and corrupt checkpoints")
+    s.add_argument("--store", default="ptm_store", help="store directory or pyarrow.fs URI (default: ptm_store)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    s.set_defaults(func=cmd_store)
     return p
 
 

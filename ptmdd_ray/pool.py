@@ -123,16 +123,26 @@ class PTMRepository:
         key = spec.key(epoch)
         if self.store.has(key):
             self.hits += 1
+            self.store.count(hits=1)
             return self.store.load(key)
-        data = load_source()
-        log.info("training PTM %s (epochs %s)", key, epochs_to_save)
         self.trainings += 1
-        for e, (state, acc) in pretrain(spec, epochs_to_save, data, self.progress).items():
-            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc,
-                    "run_id": spec.run_id, "spec": spec.identity(),
-                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
-            self.store.save(spec.key(e), state, meta)
+        train_run(self.store, spec, epochs_to_save, load_source(), self.progress)
         return self.store.load(key)
+
+
+def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int], data: ImageData,
+              progress: bool = False) -> list[str]:
+    """Pretrain ``spec`` on ``data`` and save every requested epoch; returns the keys written."""
+    log.info("training PTM %s (epochs %s)", spec.key(max(epochs_to_save)), epochs_to_save)
+    keys = []
+    for e, (state, acc) in pretrain(spec, epochs_to_save, data, progress).items():
+        meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc,
+                "run_id": spec.run_id, "spec": spec.identity(),
+                "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
+        store.save(spec.key(e), state, meta)
+        keys.append(spec.key(e))
+    store.count(trainings=1)
+    return keys
 
 
 def load_ptm(ckpt: Checkpoint, device) -> PTM:

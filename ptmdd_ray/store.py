@@ -78,9 +78,9 @@ class CheckpointStore:
     def _exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type == pafs.FileType.File
 
-    def _write_atomic(self, path: str, payload: bytes) -> None:
+    def _write_atomic(self, path: str, payload: bytes, create: str | None = None) -> None:
         try:
-            self.fs.create_dir(self.root, recursive=True)
+            self.fs.create_dir(create or self.root, recursive=True)
             if not self._local:  # object stores commit the object on close
                 with self.fs.open_output_stream(path) as f:
                     f.write(payload)
@@ -149,6 +149,47 @@ class CheckpointStore:
     def ls(self) -> list[dict[str, Any]]:
         return [self.meta(k) for k in self.keys()]
 
+    # -- life-time counters (trainings run, checkpoints served from the store), in counters.json
+    def _counters_path(self) -> str:
+        return self.root.rsplit("/", 1)[0] + "/counters.json"
+
+    def counters(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._read(self._counters_path()))
+        except (FileNotFoundError, OSError, ValueError):
+            data = {}
+        return {"trainings": int(data.get("trainings", 0)), "hits": int(data.get("hits", 0))}
+
+    def count(self, trainings: int = 0, hits: int = 0) -> None:
+        """Add to the life-time counters (read-modify-write; the store actor is the one writer
+        when the store is shared through Ray)."""
+        c = self.counters()
+        c["trainings"] += trainings
+        c["hits"] += hits
+        self._write_atomic(self._counters_path(), json.dumps(c).encode(), create=self.root.rsplit("/", 1)[0])
+
     def stats(self) -> dict[str, int]:
         metas = self.ls()
-        return {"checkpoints": len(metas), "bytes": sum(int(m.get("bytes", 0)) for m in metas)}
+        return {"checkpoints": len(metas), **self.counters(), "bytes": sum(int(m.get("bytes", 0)) for m in metas)}
+
+    def gc(self) -> dict[str, int]:
+        """Remove what no committed, intact checkpoint owns: temporary files of interrupted
+        writes, tensor files without their JSON marker, and checkpoints that fail their sha256."""
+        removed = {"temporary": 0, "orphaned": 0, "corrupt": 0}
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        names = {Path(i.path).name for i in infos if i.type == pafs.FileType.File}
+        for name in names:
+            path = f"{self.root}/{name}"
+            if ".tmp-" in name:
+                self.fs.delete_file(path)
+                removed["temporary"] += 1
+            elif name.endswith(".safetensors") and name[: -len(".safetensors")] + ".json" not in names:
+                self.fs.delete_file(path)
+                removed["orphaned"] += 1
+        for key in self.keys():
+            try:
+                self.load(key)
+            except IntegrityError:
+                self.delete(key)
+                removed["corrupt"] += 1
+        return removed

@@ -18,7 +18,7 @@ def test_round_trip_with_metadata(tmp_path):
     assert torch.equal(ck.tensors["w"], _tensors()["w"]) and ck.tensors["n"].item() == 3
     assert ck.meta["arch"] == "ConvNet" and ck.meta["sha256"] == meta["sha256"] and len(meta["sha256"]) == 64
     assert store.keys() == ["ConvNet-s0-abc-e0002"]
-    assert store.stats() == {"checkpoints": 1, "bytes": meta["bytes"]}
+    assert store.stats() == {"checkpoints": 1, "trainings": 0, "hits": 0, "bytes": meta["bytes"]}
     # no temporary files are left behind by the atomic writes
     assert sorted(p.name for p in (tmp_path / "s" / "ptm").iterdir()) == [
         "ConvNet-s0-abc-e0002.json", "ConvNet-s0-abc-e0002.safetensors"]
@@ -103,3 +103,25 @@ def test_uri_form_uses_the_same_code_path(tmp_path):
     store = CheckpointStore(f"file://{tmp_path}/u")
     store.save("k1", _tensors(), {"a": 1})
     assert CheckpointStore(tmp_path / "u").load("k1").meta["a"] == 1
+
+
+def test_life_time_counters_persist_across_instances(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.count(trainings=1)
+    store.count(hits=2)
+    again = CheckpointStore(tmp_path)
+    assert again.counters() == {"trainings": 1, "hits": 2}
+    assert again.stats()["trainings"] == 1 and again.stats()["checkpoints"] == 0
+
+
+def test_gc_removes_temporaries_orphans_and_corrupt_checkpoints(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.save("good", _tensors(), {})
+    store.save("bad", _tensors(), {})
+    ptm = tmp_path / "ptm"
+    (ptm / "bad.safetensors").write_bytes(b"garbage")
+    (ptm / "half.safetensors").write_bytes(b"x")           # tensor file whose JSON never landed
+    (ptm / "good.json.tmp-0123").write_bytes(b"{")          # an interrupted write
+    assert store.gc() == {"temporary": 1, "orphaned": 1, "corrupt": 1}
+    assert sorted(p.name for p in ptm.iterdir()) == ["good.json", "good.safetensors"]
+    assert store.load("good").tensors["w"].shape == (2, 3)
