@@ -4,6 +4,7 @@
     ptmdd pretrain [CONFIG.yaml] [--set key=value ...]
     ptmdd evaluate SYNTHETIC.parquet [--config CONFIG.yaml] [--set key=value ...] [--out FILE]
     ptmdd store ls|stats|gc [--store URI] [--json]
+    ptmdd study STUDY.yaml [--set key=value ...] [--address A] [--mlflow-uri U] [--store S] [--results R] [--resume]
 
 Bad input exits with status 2 and one line on stderr naming the key; nothing is written.
 """
@@ -96,6 +97,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import load_study, run_study
+
+    study = load_study(args.study, args.set)
+    summary = run_study(study, address=args.address, mlflow_uri=args.mlflow_uri, store=args.store,
+                        results=args.results, resume=args.resume)
+    metric = study.spec.metric
+    print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed; "
+          f"MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
+    for row in sorted(summary["trials"], key=lambda r: (str(r["overrides"]), r["sample"])):
+        value = row[metric]
+        shown = f"{100 * value:.2f} %" if isinstance(value, float) and metric.startswith("acc") else value
+        print(f"  {row['overrides'] or '(base)'}  sample {row['sample']}  {metric} {shown}")
+    return 1 if summary["errors"] else 0
+
+
 def cmd_store(args) -> int:
     from .store import CheckpointStore
 
@@ -143,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(e, config_positional=False)
     e.add_argument("--out", help="write the evaluation result as JSON here")
     e.set_defaults(func=cmd_evaluate)
+
+    st = sub.add_parser("study", help="run a study (Ray Tune sweep, MLflow tracking)")
+    st.add_argument("study", help="study YAML (name, base, sweep, samples, resources, ...)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a study key, e.g. base.distill.iterations=50 or samples=3")
+    st.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    st.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
+    st.add_argument("--store", help="PTM checkpoint store location (default: the config's store)")
+    st.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment")
+    st.add_argument("--resume", action="store_true", help="finish an interrupted study")
+    st.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    st.set_defaults(func=cmd_study)
 
     s = sub.add_parser("store", help="inspect or clean a PTM checkpoint store")
     s.add_argument("action", choices=["ls", "stats", "gc"], help="list checkpoints, life-time counts, or "

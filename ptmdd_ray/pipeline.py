@@ -83,16 +83,17 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
 
 
 def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = True,
-                on_log: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                on_log: Callable[[int, float], None] | None = None, repo=None) -> dict[str, Any]:
     """Pretrain-if-needed, distill, evaluate; write ``result.json``, ``synthetic.parquet`` and
-    ``synthetic.png`` into ``out`` (if given). Returns the result mapping."""
+    ``synthetic.png`` into ``out`` (if given). Returns the result mapping. ``repo`` serves the
+    pool (default: a local :class:`~ptmdd_ray.pool.PTMRepository` on ``cfg.store``)."""
     device = pick_device(cfg.device)
     data = load_data(cfg.dataset, cfg.seed)
     check_ipc(data, cfg.distill.ipc)
     data = data.to(device)
 
     t0 = time.perf_counter()
-    pool = resolve_pool(cfg, data, device, progress)
+    pool = resolve_pool(cfg, data, device, progress, repo=repo)
     pool_seconds = time.perf_counter() - t0
     guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, cfg.seed,
                      cfg.loss.augmented)

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 NAMESPACE = "ptmdd"
 
 
+def _outside_placement_groups():
+    """Tune runs each trial in a placement group that captures its child tasks; the store actor
+    and its training tasks must not live inside (and wait on) one trial's bundle."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=None)
+
+
 def actor_name(uri: str) -> str:
     return "ptm-store-" + hashlib.sha256(str(CheckpointStore(uri).root).encode()).hexdigest()[:16]
 
@@ -50,8 +58,12 @@ class StoreActor:
         self.uri = uri
         self.store = CheckpointStore(uri)
         self.inflight: dict[str, tuple[ray.ObjectRef, set[int]]] = {}
+        # The trials that wait for a PTM sit idle in ray.get but keep their resources (Tune runs
+        # them as actors), so a training task that asked for a whole CPU could wait forever
+        # behind them. It asks for no CPU (it uses the CPUs its waiters leave idle) and, on a GPU
+        # cluster, half a GPU: studies there should give trials fractional GPUs (README).
         gpus = ray.cluster_resources().get("GPU", 0)
-        self.train_options = {"num_cpus": 1, "num_gpus": 1 if gpus >= 1 else 0}
+        self.train_options = {"num_cpus": 0, "num_gpus": 0.5 if gpus > 0 else 0}
 
     async def fetch(self, spec, epoch: int, epochs_to_save: list[int]) -> tuple[dict, ray.ObjectRef, str]:
         """(metadata, ref to {name: ndarray}, outcome) for epoch ``epoch`` of run ``spec``;
@@ -64,7 +76,8 @@ class StoreActor:
                 if run is not None:  # a run under way that will not save this epoch: let it finish
                     await asyncio.wait([asyncio.ensure_future(_await(run[0]))])
                     continue
-                ref = _train_run.options(**self.train_options).remote(self.uri, spec, sorted(set(epochs_to_save)))
+                ref = _train_run.options(**self.train_options, scheduling_strategy=_outside_placement_groups()
+                                         ).remote(self.uri, spec, sorted(set(epochs_to_save)))
                 self.inflight[spec.run_id] = (ref, set(epochs_to_save))
                 outcome = "trained"
             else:
@@ -94,8 +107,8 @@ async def _await(ref):
 
 def get_store_actor(uri: str):
     """The store's actor, created on first use (detached: it outlives the driver)."""
-    return StoreActor.options(name=actor_name(uri), namespace=NAMESPACE, lifetime="detached",
-                              get_if_exists=True).remote(str(uri))
+    return StoreActor.options(name=actor_name(uri), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                              scheduling_strategy=_outside_placement_groups()).remote(str(uri))
 
 
 class RayRepository:

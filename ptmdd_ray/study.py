@@ -1,0 +1,176 @@
+"""Studies: Ray Tune sweeps over dotted config keys, every trial a full ``run_distill``.
+
+A study file wraps a core config (``base``) with a ``sweep`` (grid/choice per dotted key), repeats
+(``samples``, each with its own seed), per-trial ``resources`` and ``max_concurrent``. Every grid
+point is validated before anything runs. Trials share the PTM store through its Ray actor (so a PTM
+is trained once per study, not once per trial) and report to MLflow as nested runs of one parent.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, build_config, flatten, from_dict, load_yaml, parse_override, set_dotted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    base: dict[str, Any] | str = field(default_factory=dict)
+    sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    search: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    metric: str = "acc.mean"
+    mode: str = "max"
+    samples: int = 1
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int = 2
+    max_failures: int = 2
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class Study:
+    spec: StudyConfig
+    base: dict[str, Any]  # the core config mapping (validated)
+    grid: list[dict[str, Any]]  # one dict of dotted overrides per grid point
+
+    def trial_config(self, overrides: dict[str, Any], sample: int):
+        data = _deepcopy(self.base)
+        for k, v in overrides.items():
+            set_dotted(data, k, v)
+        data["seed"] = int(data.get("seed", 0)) + sample
+        return build_config(data)
+
+
+def _deepcopy(d):
+    import copy
+
+    return copy.deepcopy(d)
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
+    """Parse and validate a study file; every grid point must give a valid core config."""
+    path = Path(path)
+    data = load_yaml(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+    spec = from_dict(StudyConfig, data)
+    base = spec.base
+    if isinstance(base, str):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        base = load_yaml(base_path)
+    base_cfg = build_config(_deepcopy(base))
+    known = set(flatten(base_cfg))
+    _check(spec.samples >= 1, "samples", f"must be >= 1, got {spec.samples}")
+    _check(spec.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {spec.max_concurrent}")
+    _check(spec.max_failures >= 0, "max_failures", f"must be >= 0, got {spec.max_failures}")
+    _check(spec.mode in ("max", "min"), "mode", f"expected max or min, got {spec.mode!r}")
+    _check(spec.resources.cpu > 0 and spec.resources.gpu >= 0, "resources", "cpu must be > 0 and gpu >= 0")
+    axes = {}
+    for key, dist in spec.sweep.items():
+        _check(key in known, f"sweep.{key}", "not a config key (see `ptmdd distill --help` / README)")
+        _check(len(dist) == 1 and next(iter(dist)) in ("grid", "choice"), f"sweep.{key}",
+               "expected {grid: [...]} or {choice: [...]}")
+        values = next(iter(dist.values()))
+        _check(isinstance(values, list) and len(values) >= 1, f"sweep.{key}", "needs a non-empty list")
+        axes[key] = values
+    grid = [dict(zip(axes, combo)) for combo in product(*axes.values())] if axes else [{}]
+    study = Study(spec, base, grid)
+    for point in grid:
+        try:
+            study.trial_config(point, 0)
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {point}: {e}") from None
+    return study
+
+
+def _metric_value(result: dict, metric: str) -> float:
+    from .tracking import metrics_of
+
+    return metrics_of(result)[metric]
+
+
+def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
+              results: str = "runs/studies", resume: bool = False) -> dict[str, Any]:
+    """Run the sweep with Ray Tune (a local Ray when no address is given); returns a summary."""
+    import ray
+    from ray import tune
+
+    from . import tracking
+    from .pipeline import run_distill
+    from .service import RayRepository
+
+    spec = study.spec
+    results_dir = Path(results).resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    mlflow_uri = mlflow_uri or tracking.default_tracking_uri(results_dir)
+    store_uri = store or str(Path(study.trial_config(study.grid[0], 0).store).resolve())
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+                 **({} if (address or os.environ.get("RAY_ADDRESS")) else
+                    {"_node_ip_address": "127.0.0.1", "include_dashboard": False}),
+                 log_to_driver=False, configure_logging=False)
+    swept = sorted({k for p in study.grid for k in p})
+    parent = tracking.start_parent(mlflow_uri, spec.name, {"ptmdd.study": spec.name,
+                                                           "ptmdd.swept": ",".join(swept)})
+
+    def trial(config: dict) -> None:
+        ctx = tune.get_context()
+        cfg = study.trial_config(config["overrides"], config["sample"])
+        from dataclasses import replace
+
+        cfg = replace(cfg, store=store_uri)
+        out = Path(ctx.get_trial_dir()) / "out"
+        tags = {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
+                "ptmdd.sample": str(config["sample"])}
+        client, run_id = tracking.log_trial(mlflow_uri, parent, cfg, tags)
+        try:
+            result = run_distill(cfg, out, progress=False, repo=RayRepository(store_uri))
+            tracking.log_result(client, run_id, result, out)
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        tune.report({spec.metric: _metric_value(result, spec.metric), **tracking.metrics_of(result)})
+
+    trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    param_space = {"overrides": tune.grid_search(study.grid), "sample": tune.grid_search(list(range(spec.samples)))}
+    exp_path = results_dir / spec.name
+    try:
+        if resume and tune.Tuner.can_restore(str(exp_path)):
+            tuner = tune.Tuner.restore(str(exp_path), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode,
+                                            max_concurrent_trials=spec.max_concurrent),
+                run_config=tune.RunConfig(name=spec.name, storage_path=str(results_dir),
+                                          failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                          verbose=1))
+        grid = tuner.fit()
+    except BaseException:
+        tracking.end_run(mlflow_uri, parent, "FAILED")
+        raise
+    errors = [r for r in grid if r.error is not None]
+    tracking.end_run(mlflow_uri, parent, "FAILED" if errors else "FINISHED")
+    rows = [{"overrides": r.config["overrides"], "sample": r.config["sample"],
+             spec.metric: (r.metrics or {}).get(spec.metric)} for r in grid]
+    return {"parent_run_id": parent, "trials": rows, "errors": len(errors), "tracking_uri": mlflow_uri,
+            "results": str(exp_path)}

@@ -1,0 +1,104 @@
+"""MLflow tracking: one parent run per study invocation, one nested child run per trial.
+
+Params are the config's flat dotted names (``distill.ipc``, ``pool.archs`` ...), the same vocabulary
+as ``--set`` and the sweep keys, so runs can be filtered and compared in the MLflow UI by exactly
+the names used to launch them. The default tracking store is a local SQLite file next to the study
+results (``<results>/mlflow.db``); ``--mlflow-uri`` points at a server.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, flatten
+
+
+def default_tracking_uri(results: str | Path) -> str:
+    return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_of(cfg: Config) -> dict[str, str]:
+    """Flat dotted params; lists and weight maps as compact JSON (MLflow params are strings)."""
+    out = {}
+    for k, v in flatten(cfg).items():
+        out[k] = json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    m: dict[str, float] = {}
+    accs = []
+    for arch, s in result["accuracy"].items():
+        m[f"acc.{arch}.mean"], m[f"acc.{arch}.std"] = s["mean"], s["std"]
+        accs.append(s["mean"])
+    m["acc.mean"] = sum(accs) / len(accs)
+    base = result.get("baseline_random") or {}
+    if base:
+        for arch, s in base.items():
+            m[f"baseline.random.{arch}.mean"] = s["mean"]
+        m["baseline.random.mean"] = sum(s["mean"] for s in base.values()) / len(base)
+    t = result["timing"]
+    m["distill.seconds_per_iteration"] = t["seconds_per_iteration"]
+    m["distill.seconds"] = t["distill_seconds"]
+    m["eval.seconds"] = t["eval_seconds"]
+    return m
+
+
+def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str]) -> str:
+    """Create the study's parent run (RUNNING) and return its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, tags={**tags, "ptmdd.version": __version__, "ptmdd.git_commit": git_commit(),
+                                          "ptmdd.role": "study"}, run_name=experiment)
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+def log_trial(tracking_uri: str, parent_id: str, cfg: Config, tags: dict[str, str]):
+    """Open a nested child run under ``parent_id``; returns (client, run_id)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_id)
+    run = client.create_run(parent.info.experiment_id, tags={
+        **tags, "mlflow.parentRunId": parent_id, "ptmdd.version": __version__,
+        "ptmdd.git_commit": parent.data.tags.get("ptmdd.git_commit", "unknown"), "ptmdd.role": "trial"},
+        run_name=tags.get("ptmdd.trial_id"))
+    params = params_of(cfg)
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    return client, run.info.run_id
+
+
+def log_result(client, run_id: str, result: dict[str, Any], out_dir: Path) -> None:
+    import mlflow
+
+    metrics = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics_of(result).items()]
+    metrics += [mlflow.entities.Metric("distill.loss", float(v), 0, int(step)) for step, v in result["loss_history"]]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
+    (out_dir / "pool.json").write_text(json.dumps(result["pool"], indent=1))
+    for name in ("synthetic.parquet", "synthetic.png", "result.json", "pool.json"):
+        if (out_dir / name).exists():
+            client.log_artifact(run_id, str(out_dir / name))
