@@ -1,9 +1,12 @@
-"""Every shipped config validates (the CIFAR one only where its Parquet is present)."""
+"""Every shipped config and study validates (CIFAR ones only where the Parquet is present)."""
 from pathlib import Path
 
 import pytest
 
+import yaml
+
 from ptmdd_ray.config import load_config
+from ptmdd_ray.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "studies").glob("*.yaml"))
@@ -14,8 +17,12 @@ def test_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # paths in configs are relative to the repository root
     if "parquet:../shared" in path.read_text() and not (ROOT.parent / "shared/data/cifar10-jpeg.parquet").exists():
         pytest.skip("CIFAR-10 Parquet not beside the repository")
-    cfg = load_config(path)
-    assert cfg.distill.ipc >= 1 and cfg.eval.runs >= 3  # results are mean ± std over several runs
+    if "base" in yaml.safe_load(path.read_text()):  # a study file: every grid point validates
+        study = load_study(path)
+        cfgs = [study.trial_config(point, 0) for point in study.grid]
+    else:
+        cfgs = [load_config(path)]
+    assert all(c.distill.ipc >= 1 and c.eval.runs >= 3 for c in cfgs)  # mean ± std over several runs
 
 
 def test_the_main_job_uses_the_embedded_data():
