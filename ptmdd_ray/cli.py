@@ -5,6 +5,7 @@
     ptmdd evaluate SYNTHETIC.parquet [--config CONFIG.yaml] [--set key=value ...] [--out FILE]
     ptmdd store ls|stats|gc [--store URI] [--json]
     ptmdd study STUDY.yaml [--set key=value ...] [--address A] [--mlflow-uri U] [--store S] [--results R] [--resume]
+    ptmdd search STUDY.yaml --trials N [--optuna-storage URL] [--address A] [--mlflow-uri U] [--store S]
 
 Bad input exits with status 2 and one line on stderr naming the key; nothing is written.
 """
@@ -101,8 +102,14 @@ def cmd_study(args) -> int:
     from .study import load_study, run_study
 
     study = load_study(args.study, args.set)
+    trials = getattr(args, "trials", 0)
+    if trials and not study.spec.search:
+        from .config import ConfigError
+
+        raise ConfigError("search: the study file has no search space")
     summary = run_study(study, address=args.address, mlflow_uri=args.mlflow_uri, store=args.store,
-                        results=args.results, resume=args.resume)
+                        results=args.results, resume=getattr(args, "resume", False), search_trials=trials,
+                        optuna_storage=getattr(args, "optuna_storage", None))
     metric = study.spec.metric
     print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed; "
           f"MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
@@ -161,17 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the evaluation result as JSON here")
     e.set_defaults(func=cmd_evaluate)
 
-    st = sub.add_parser("study", help="run a study (Ray Tune sweep, MLflow tracking)")
-    st.add_argument("study", help="study YAML (name, base, sweep, samples, resources, ...)")
-    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a study key, e.g. base.distill.iterations=50 or samples=3")
-    st.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    st.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
-    st.add_argument("--store", help="PTM checkpoint store location (default: the config's store)")
-    st.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment")
+    def study_args(sp):
+        sp.add_argument("study", help="study YAML (name, base, sweep, search, samples, resources, ...)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a study key, e.g. base.distill.iterations=50 or samples=3")
+        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+        sp.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
+        sp.add_argument("--store", help="PTM checkpoint store location (default: the config's store)")
+        sp.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        sp.set_defaults(func=cmd_study)
+
+    st = sub.add_parser("study", help="run a study's sweep (Ray Tune, MLflow tracking)")
+    study_args(st)
     st.add_argument("--resume", action="store_true", help="finish an interrupted study")
-    st.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    st.set_defaults(func=cmd_study)
+    se = sub.add_parser("search", help="Optuna TPE over a study's search space, as Ray Tune trials")
+    study_args(se)
+    se.add_argument("--trials", type=int, required=True, help="number of trials to run in this call")
+    se.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite in --results); the "
+                    "Optuna study is named after the study, so a second call continues it")
 
     s = sub.add_parser("store", help="inspect or clean a PTM checkpoint store")
     s.add_argument("action", choices=["ls", "stats", "gc"], help="list checkpoints, life-time counts, or "

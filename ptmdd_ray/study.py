@@ -30,7 +30,7 @@ class StudyConfig:
     name: str = "study"
     base: dict[str, Any] | str = field(default_factory=dict)
     sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-    search: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    search: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     metric: str = "acc.mean"
     mode: str = "max"
     samples: int = 1
@@ -98,7 +98,46 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
             study.trial_config(point, 0)
         except ConfigError as e:
             raise ConfigError(f"sweep point {point}: {e}") from None
+    for key, dist in spec.search.items():
+        _check(key in known, f"search.{key}", "not a config key")
+        _check(len(dist) == 1 and next(iter(dist)) in SEARCH_KINDS, f"search.{key}",
+               f"expected one of {{{', '.join(SEARCH_KINDS)}: ...}}")
+        kind, values = next(iter(dist.items()))
+        if kind == "choice":
+            _check(isinstance(values, list) and len(values) >= 1, f"search.{key}", "choice needs a non-empty list")
+            ends = values
+        else:
+            _check(isinstance(values, list) and len(values) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), f"search.{key}",
+                f"{kind} needs [low, high]")
+            _check(values[0] <= values[1], f"search.{key}", f"low {values[0]} > high {values[1]}")
+            _check(kind != "loguniform" or values[0] > 0, f"search.{key}", "loguniform needs low > 0")
+            ends = values
+        for v in ends:  # the ends of every range must give valid configs
+            try:
+                study.trial_config({key: v}, 0)
+            except ConfigError as e:
+                raise ConfigError(f"search.{key}: {v!r} gives an invalid config ({e})") from None
     return study
+
+
+SEARCH_KINDS = ("uniform", "loguniform", "int", "choice")
+
+
+def optuna_space(search: dict[str, dict[str, list[Any]]]) -> dict:
+    """The ``search`` section as Optuna distributions."""
+    import optuna
+
+    space = {}
+    for key, dist in search.items():
+        kind, v = next(iter(dist.items()))
+        if kind == "choice":
+            space[key] = optuna.distributions.CategoricalDistribution(v)
+        elif kind == "int":
+            space[key] = optuna.distributions.IntDistribution(int(v[0]), int(v[1]))
+        else:
+            space[key] = optuna.distributions.FloatDistribution(float(v[0]), float(v[1]), log=kind == "loguniform")
+    return space
 
 
 def _metric_value(result: dict, metric: str) -> float:
@@ -108,8 +147,10 @@ def _metric_value(result: dict, metric: str) -> float:
 
 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
-              results: str = "runs/studies", resume: bool = False) -> dict[str, Any]:
-    """Run the sweep with Ray Tune (a local Ray when no address is given); returns a summary."""
+              results: str = "runs/studies", resume: bool = False, search_trials: int = 0,
+              optuna_storage: str | None = None) -> dict[str, Any]:
+    """Run the sweep (or, with ``search_trials``, the Optuna search) with Ray Tune, a local Ray
+    when no address is given; returns a summary."""
     import ray
     from ray import tune
 
@@ -127,19 +168,20 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                  **({} if (address or os.environ.get("RAY_ADDRESS")) else
                     {"_node_ip_address": "127.0.0.1", "include_dashboard": False}),
                  log_to_driver=False, configure_logging=False)
-    swept = sorted({k for p in study.grid for k in p})
+    swept = sorted(spec.search) if search_trials else sorted({k for p in study.grid for k in p})
     parent = tracking.start_parent(mlflow_uri, spec.name, {"ptmdd.study": spec.name,
                                                            "ptmdd.swept": ",".join(swept)})
 
     def trial(config: dict) -> None:
         ctx = tune.get_context()
-        cfg = study.trial_config(config["overrides"], config["sample"])
+        overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
+        cfg = study.trial_config(overrides, config.get("sample", 0))
         from dataclasses import replace
 
         cfg = replace(cfg, store=store_uri)
         out = Path(ctx.get_trial_dir()) / "out"
         tags = {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
-                "ptmdd.sample": str(config["sample"])}
+                "ptmdd.sample": str(config.get("sample", 0))}
         client, run_id = tracking.log_trial(mlflow_uri, parent, cfg, tags)
         try:
             result = run_distill(cfg, out, progress=False, repo=RayRepository(store_uri))
@@ -151,17 +193,29 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         tune.report({spec.metric: _metric_value(result, spec.metric), **tracking.metrics_of(result)})
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    param_space = {"overrides": tune.grid_search(study.grid), "sample": tune.grid_search(list(range(spec.samples)))}
-    exp_path = results_dir / spec.name
+    if search_trials:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        storage = optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
+        searcher = OptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
+                                study_name=spec.name, storage=optuna.storages.RDBStorage(storage))
+        param_space, num_samples = {}, search_trials
+        exp_name = f"{spec.name}-search"
+    else:
+        searcher, storage, num_samples, exp_name = None, None, 1, spec.name
+        param_space = {"overrides": tune.grid_search(study.grid),
+                       "sample": tune.grid_search(list(range(spec.samples)))}
+    exp_path = results_dir / exp_name
     try:
         if resume and tune.Tuner.can_restore(str(exp_path)):
             tuner = tune.Tuner.restore(str(exp_path), trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode,
-                                            max_concurrent_trials=spec.max_concurrent),
-                run_config=tune.RunConfig(name=spec.name, storage_path=str(results_dir),
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
+                                            num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
+                run_config=tune.RunConfig(name=exp_name, storage_path=str(results_dir),
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           verbose=1))
         grid = tuner.fit()
@@ -170,7 +224,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         raise
     errors = [r for r in grid if r.error is not None]
     tracking.end_run(mlflow_uri, parent, "FAILED" if errors else "FINISHED")
-    rows = [{"overrides": r.config["overrides"], "sample": r.config["sample"],
-             spec.metric: (r.metrics or {}).get(spec.metric)} for r in grid]
+    rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
+             "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric)} for r in grid]
     return {"parent_run_id": parent, "trials": rows, "errors": len(errors), "tracking_uri": mlflow_uri,
-            "results": str(exp_path)}
+            "results": str(exp_path), "optuna_storage": storage}

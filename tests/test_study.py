@@ -15,6 +15,7 @@ STUDY = {
              "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 2}, "pretrain": {"batch": 128},
              "eval": {"runs": 2, "epochs": 20}},
     "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},
+    "search": {"loss.clom": {"loguniform": [1.0, 100.0]}, "loss.cclom": {"uniform": [0.0, 1.0]}},
     "samples": 1,
     "max_concurrent": 2,
 }
@@ -36,6 +37,12 @@ def test_study_grid_is_validated_before_anything_runs(tmp_path):
         load_study(_write(tmp_path, {**STUDY, "sweep": {"distill.ipc": {"grid": [1, 0]}}}))
     with pytest.raises(ConfigError, match="sweep.loss.clom"):
         load_study(_write(tmp_path, {**STUDY, "sweep": {"loss.clom": {"uniform": [0, 1]}}}))
+    with pytest.raises(ConfigError, match="low 5.0 > high 1.0"):
+        load_study(_write(tmp_path, {**STUDY, "search": {"loss.clom": {"uniform": [5.0, 1.0]}}}))
+    with pytest.raises(ConfigError, match="search.loss.clom"):
+        load_study(_write(tmp_path, {**STUDY, "search": {"loss.clom": {"uniform": [-1.0, 1.0]}}}))
+    with pytest.raises(ConfigError, match="search.nope"):
+        load_study(_write(tmp_path, {**STUDY, "search": {"nope": {"uniform": [0.0, 1.0]}}}))
 
 
 @pytest.mark.slow
@@ -66,3 +73,22 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"synthetic.parquet", "synthetic.png", "result.json", "pool.json"} <= names
     assert len(client.get_metric_history(children[0].info.run_id, "distill.loss")) >= 2
+
+
+@pytest.mark.slow
+def test_search_runs_optuna_trials_and_a_second_call_continues_the_study(tmp_path):
+    import optuna
+
+    path = _write(tmp_path, {**STUDY, "max_concurrent": 1})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "search", str(path), "--trials", "2",
+                               "--optuna-storage", storage, "--results", str(tmp_path / "results"),
+                               "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    assert all(1.0 <= t.params["loss.clom"] <= 100.0 and 0.0 <= t.params["loss.cclom"] <= 1.0 for t in done)
+    assert all(0.0 <= t.value <= 1.0 for t in done)
