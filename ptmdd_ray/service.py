@@ -19,7 +19,6 @@ import numpy as np
 import ray
 import torch
 
-from .data import ImageData
 from .store import Checkpoint, CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -132,9 +131,4 @@ class RayRepository:
         return Checkpoint(meta["key"], tensors, meta)
 
 
-def share_data(data: ImageData) -> ray.ObjectRef:
-    """Put a data set in the object store once; trials on a node then map the same buffers."""
-    return ray.put(data)
-
-
-__all__ = ["NAMESPACE", "RayRepository", "StoreActor", "actor_name", "get_store_actor", "share_data"]
+__all__ = ["NAMESPACE", "RayRepository", "StoreActor", "actor_name", "get_store_actor"]
