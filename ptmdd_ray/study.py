@@ -1,6 +1,8 @@
 """Studies: Ray Tune sweeps over dotted config keys, every trial a full ``run_distill``.
 
-A study file wraps a core config (``base``) with a ``sweep`` (grid/choice per dotted key), repeats
+A study file wraps a core config (``base``) with a ``sweep`` (grid/choice per dotted key) and
+optional ``cases`` (override sets that go together, e.g. a PTM source with the loss that suits its
+label space), crossed with each other, repeats
 (``samples``, each with its own seed), per-trial ``resources`` and ``max_concurrent``. Every grid
 point is validated before anything runs. Trials share the PTM store through its Ray actor (so a PTM
 is trained once per study, not once per trial) and report to MLflow as nested runs of one parent.
@@ -30,6 +32,7 @@ class StudyConfig:
     name: str = "study"
     base: dict[str, Any] | str = field(default_factory=dict)
     sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    cases: list[dict[str, Any]] = field(default_factory=list)  # paired overrides, crossed with the grid
     search: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     metric: str = "acc.mean"
     mode: str = "max"
@@ -91,7 +94,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
         values = next(iter(dist.values()))
         _check(isinstance(values, list) and len(values) >= 1, f"sweep.{key}", "needs a non-empty list")
         axes[key] = values
+    for i, case in enumerate(spec.cases):
+        for key in case:
+            _check(key in known, f"cases[{i}].{key}", "not a config key")
     grid = [dict(zip(axes, combo)) for combo in product(*axes.values())] if axes else [{}]
+    grid = [{**case, **point} for case in (spec.cases or [{}]) for point in grid]
     study = Study(spec, base, grid)
     for point in grid:
         try:
