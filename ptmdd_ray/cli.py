@@ -4,6 +4,7 @@
     ptmdd pretrain [CONFIG.yaml] [--set key=value ...]
     ptmdd evaluate SYNTHETIC.parquet [--config CONFIG.yaml] [--set key=value ...] [--out FILE]
     ptmdd store ls|stats|gc [--store URI] [--json]
+    ptmdd report STUDY [--mlflow-uri URI] --out DIR
     ptmdd study STUDY.yaml [--set key=value ...] [--address A] [--mlflow-uri U] [--store S] [--results R] [--resume]
     ptmdd search STUDY.yaml --trials N [--optuna-storage URL] [--address A] [--mlflow-uri U] [--store S]
 
@@ -120,6 +121,20 @@ def cmd_study(args) -> int:
     return 1 if summary["errors"] else 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+    from .tracking import default_tracking_uri
+
+    name = args.study
+    if name.endswith((".yaml", ".yml")):
+        from .study import load_study
+
+        name = load_study(name).spec.name
+    md = write_report(args.mlflow_uri or default_tracking_uri(args.results), name, args.out)
+    print(f"wrote {md} (and plots beside it); logged to the study's parent run")
+    return 0
+
+
 def cmd_store(args) -> int:
     from .store import CheckpointStore
 
@@ -188,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite in --results); the "
                     "Optuna study is named after the study, so a second call continues it")
 
+    r = sub.add_parser("report", help="tables and plots of a study's runs, read back from MLflow")
+    r.add_argument("study", help="study name (the MLflow experiment) or study YAML")
+    r.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
+    r.add_argument("--results", default="runs/studies", help="results directory of the study")
+    r.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
+    r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    r.set_defaults(func=cmd_report)
+
     s = sub.add_parser("store", help="inspect or clean a PTM checkpoint store")
     s.add_argument("action", choices=["ls", "stats", "gc"], help="list checkpoints, life-time counts, or "
                    "remove temporaries, orphans and corrupt checkpoints")
@@ -202,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from .config import ConfigError
     from .methods import DivergenceError
     from .store import IntegrityError, StoreError

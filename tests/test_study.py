@@ -74,6 +74,17 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
         assert {"synthetic.parquet", "synthetic.png", "result.json", "pool.json"} <= names
     assert len(client.get_metric_history(children[0].info.run_id, "distill.loss")) >= 2
 
+    # the report reads the runs back, tabulates each swept axis and logs itself to the parent run
+    rep = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "report", "tiny", "--results", str(results),
+                          "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## loss.clom" in md and "| 0.0 |" in md and "| 30.0 |" in md and "random real" in md
+    png = (tmp_path / "report" / "acc_vs_loss.clom.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/report.md", "report/acc_vs_loss.clom.png"} <= logged
+
 
 @pytest.mark.slow
 def test_search_runs_optuna_trials_and_a_second_call_continues_the_study(tmp_path):

@@ -1,0 +1,118 @@
+"""``ptmdd report``: read a study's runs back from MLflow, tabulate and plot each swept axis.
+
+For every swept key, the trials are grouped by that key's value (and by the values of the other
+swept keys, so nothing is averaged over a confound); each group reports acc.mean as mean ± std over
+its samples, with the random-real baseline beside it. Tables go to ``report.md``, plots to
+``acc_vs_<key>.png``, and both are logged to the study's parent run.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * sd:.2f}"
+
+
+def collect(tracking_uri: str, study: str) -> tuple[Any, list[str], list[dict[str, Any]]]:
+    """(parent run, swept keys, rows) of the study's most recent invocation; a row per FINISHED trial."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise ConfigError(f"study: no MLflow experiment named {study!r} at {tracking_uri}")
+    parents = client.search_runs([exp.experiment_id], "tags.`ptmdd.role` = 'study'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise ConfigError(f"study: experiment {study!r} has no study run")
+    parent = parents[0]
+    swept = [k for k in parent.data.tags.get("ptmdd.swept", "").split(",") if k]
+    children = client.search_runs([exp.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                  "attributes.status = 'FINISHED'", max_results=10000)
+    rows = [{"params": c.data.params, "metrics": c.data.metrics} for c in children]
+    return parent, swept, rows
+
+
+def tables(swept: list[str], rows: list[dict[str, Any]]) -> dict[str, list[tuple[str, str, list[float], list[float]]]]:
+    """{axis: [(axis value, other swept values, accs, baselines)]} sorted by the other values."""
+    out = {}
+    for axis in swept or ["(none)"]:
+        groups: dict[tuple[str, str], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+        for r in rows:
+            value = r["params"].get(axis, "-")
+            others = ", ".join(f"{k}={r['params'].get(k)}" for k in swept if k != axis)
+            accs, bases = groups[(others, value)]
+            accs.append(r["metrics"]["acc.mean"])
+            if "baseline.random.mean" in r["metrics"]:
+                bases.append(r["metrics"]["baseline.random.mean"])
+        out[axis] = [(value, others, accs, bases) for (others, value), (accs, bases) in sorted(groups.items(),
+                     key=lambda kv: (kv[0][0], _sort_key(kv[0][1])))]
+    return out
+
+
+def _sort_key(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    parent, swept, rows = collect(tracking_uri, study)
+    if not rows:
+        raise ConfigError(f"study: the latest run of {study!r} has no finished trials")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
+             "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed).", ""]
+    files = []
+    for axis, groups in tables(swept, rows).items():
+        lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | synthetic acc. | random real |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {v} | {o or '-'} | {len(a)} | {_pm(a)} | {_pm(b)} |" for v, o, a, b in groups]
+        lines.append("")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_other: dict[str, list] = defaultdict(list)
+        for v, o, a, b in groups:
+            by_other[o].append((v, a, b))
+        for o, pts in by_other.items():
+            xs = [p[0] for p in pts]
+            ax.errorbar(xs, [100 * statistics.fmean(p[1]) for p in pts],
+                        yerr=[100 * (statistics.pstdev(p[1]) if len(p[1]) > 1 else 0) for p in pts],
+                        marker="o", capsize=3, label=o or "synthetic")
+            if all(p[2] for p in pts):
+                ax.plot(xs, [100 * statistics.fmean(p[2]) for p in pts], "k--", alpha=0.5)
+        ax.set_xlabel(axis)
+        ax.set_ylabel("test accuracy (%)  [dashed: random real]")
+        ax.set_title(f"{study}: accuracy vs {axis}")
+        if len(by_other) > 1:
+            ax.legend(fontsize=7)
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in axis)
+        png = out / f"acc_vs_{safe}.png"
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        lines += [f"![accuracy vs {axis}]({png.name})", ""]
+        files.append(png)
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    client = mlflow.MlflowClient(tracking_uri)
+    for f in [md, *files]:
+        client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
+    return md
