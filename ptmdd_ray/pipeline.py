@@ -83,12 +83,14 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
 
 
 def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = True,
-                on_log: Callable[[int, float], None] | None = None, repo=None) -> dict[str, Any]:
+                on_log: Callable[[int, float], None] | None = None, repo=None,
+                data: ImageData | None = None) -> dict[str, Any]:
     """Pretrain-if-needed, distill, evaluate; write ``result.json``, ``synthetic.parquet`` and
     ``synthetic.png`` into ``out`` (if given). Returns the result mapping. ``repo`` serves the
-    pool (default: a local :class:`~ptmdd_ray.pool.PTMRepository` on ``cfg.store``)."""
+    pool (default: a local :class:`~ptmdd_ray.pool.PTMRepository` on ``cfg.store``); ``data`` is
+    ``cfg.dataset`` already loaded (a study shares one copy between its trials)."""
     device = pick_device(cfg.device)
-    data = load_data(cfg.dataset, cfg.seed)
+    data = data if data is not None else load_data(cfg.dataset, cfg.seed)
     check_ipc(data, cfg.distill.ipc)
     data = data.to(device)
 

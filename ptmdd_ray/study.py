@@ -162,6 +162,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     from ray import tune
 
     from . import tracking
+    from .data import load_data
     from .pipeline import run_distill
     from .service import RayRepository
 
@@ -179,6 +180,13 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     parent = tracking.start_parent(mlflow_uri, spec.name, {"ptmdd.study": spec.name,
                                                            "ptmdd.swept": ",".join(swept)})
 
+    # The target data go into the object store once and every trial maps the same buffers, unless
+    # trials would load different data (a swept dataset key, or seed-dependent per-class subsets).
+    first = study.trial_config(study.grid[0], 0)
+    shared = not any(k.startswith("dataset.") for k in swept) and not (
+        first.dataset.train_per_class or first.dataset.test_per_class)
+    data_ref = ray.put(load_data(first.dataset, first.seed)) if shared else None
+
     def trial(config: dict) -> None:
         ctx = tune.get_context()
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
@@ -191,7 +199,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                 "ptmdd.sample": str(config.get("sample", 0))}
         client, run_id = tracking.log_trial(mlflow_uri, parent, cfg, tags)
         try:
-            result = run_distill(cfg, out, progress=False, repo=RayRepository(store_uri))
+            data = ray.get(data_ref) if data_ref is not None else None
+            result = run_distill(cfg, out, progress=False, repo=RayRepository(store_uri), data=data)
             tracking.log_result(client, run_id, result, out)
             client.set_terminated(run_id, "FINISHED")
         except BaseException:
