@@ -49,13 +49,20 @@ def test_study_grid_is_validated_before_anything_runs(tmp_path):
 def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     import mlflow
 
+    from ptmdd_ray.store import CheckpointStore
+
     path = _write(tmp_path, STUDY)
     results = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results", str(results),
-                           "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 trials, 0 failed" in proc.stdout
+
+    def run(out):
+        proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results", str(out),
+                               "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "2 trials, 0 failed" in proc.stdout
+
+    run(results)
+    assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1  # one PTM, shared by the pool trial
 
     client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tiny")
@@ -84,6 +91,12 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/report.md", "report/acc_vs_loss.clom.png"} <= logged
+
+    # a second run of the same study trains no PTM: all hits
+    before = CheckpointStore(tmp_path / "store").stats()
+    run(tmp_path / "results2")
+    after = CheckpointStore(tmp_path / "store").stats()
+    assert after["trainings"] == before["trainings"] and after["hits"] > before["hits"]
 
 
 @pytest.mark.slow
