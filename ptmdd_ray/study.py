@@ -169,6 +169,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     spec = study.spec
     results_dir = Path(results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
+    # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
+    # whatever directory the driver happens to run in); a server decides for itself.
+    artifacts = None if mlflow_uri else (results_dir / "mlartifacts").as_uri()
     mlflow_uri = mlflow_uri or tracking.default_tracking_uri(results_dir)
     store_uri = store or str(Path(study.trial_config(study.grid[0], 0).store).resolve())
     if not ray.is_initialized():
@@ -178,7 +181,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                  log_to_driver=False, configure_logging=False)
     swept = sorted(spec.search) if search_trials else sorted({k for p in study.grid for k in p})
     parent = tracking.start_parent(mlflow_uri, spec.name, {"ptmdd.study": spec.name,
-                                                           "ptmdd.swept": ",".join(swept)})
+                                                           "ptmdd.swept": ",".join(swept)}, artifacts)
 
     # The target data go into the object store once and every trial maps the same buffers, unless
     # trials would load different data (a swept dataset key, or seed-dependent per-class subsets).

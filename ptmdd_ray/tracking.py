@@ -56,13 +56,14 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     return m
 
 
-def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str]) -> str:
-    """Create the study's parent run (RUNNING) and return its id."""
+def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str], artifacts: str | None = None) -> str:
+    """Create the study's parent run (RUNNING) and return its id. A new experiment keeps its
+    artifacts under ``artifacts`` when given (else wherever the tracking server puts them)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
     run = client.create_run(exp_id, tags={**tags, "ptmdd.version": __version__, "ptmdd.git_commit": git_commit(),
                                           "ptmdd.role": "study"}, run_name=experiment)
     return run.info.run_id

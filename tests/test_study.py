@@ -62,6 +62,7 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
         assert "2 trials, 0 failed" in proc.stdout
 
     run(results)
+    assert (results / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()  # artifacts beside the db
     assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1  # one PTM, shared by the pool trial
 
     client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
