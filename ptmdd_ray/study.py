@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -54,17 +55,11 @@ class Study:
     grid: list[dict[str, Any]]  # one dict of dotted overrides per grid point
 
     def trial_config(self, overrides: dict[str, Any], sample: int):
-        data = _deepcopy(self.base)
+        data = copy.deepcopy(self.base)
         for k, v in overrides.items():
             set_dotted(data, k, v)
         data["seed"] = int(data.get("seed", 0)) + sample
         return build_config(data)
-
-
-def _deepcopy(d):
-    import copy
-
-    return copy.deepcopy(d)
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
@@ -79,7 +74,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     if isinstance(base, str):
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         base = load_yaml(base_path)
-    base_cfg = build_config(_deepcopy(base))
+    base_cfg = build_config(copy.deepcopy(base))
     known = set(flatten(base_cfg))
     _check(spec.samples >= 1, "samples", f"must be >= 1, got {spec.samples}")
     _check(spec.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {spec.max_concurrent}")
@@ -194,8 +189,6 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         ctx = tune.get_context()
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
         cfg = study.trial_config(overrides, config.get("sample", 0))
-        from dataclasses import replace
-
         cfg = replace(cfg, store=store_uri)
         out = Path(ctx.get_trial_dir()) / "out"
         tags = {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
