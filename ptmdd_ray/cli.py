@@ -6,7 +6,7 @@
     ptmdd store ls|stats|gc [--store URI] [--json]
     ptmdd report STUDY [--mlflow-uri URI] --out DIR
     ptmdd study STUDY.yaml [--set key=value ...] [--address A] [--mlflow-uri U] [--store S] [--results R] [--resume]
-    ptmdd search STUDY.yaml --trials N [--optuna-storage URL] [--address A] [--mlflow-uri U] [--store S]
+    ptmdd search STUDY.yaml --trials N [--prune] [--optuna-storage URL] [--address A] [--mlflow-uri U] [--store S]
 
 Bad input exits with status 2 and one line on stderr naming the key; nothing is written.
 """
@@ -110,7 +110,7 @@ def cmd_study(args) -> int:
         raise ConfigError("search: the study file has no search space")
     summary = run_study(study, address=args.address, mlflow_uri=args.mlflow_uri, store=args.store,
                         results=args.results, resume=getattr(args, "resume", False), search_trials=trials,
-                        optuna_storage=getattr(args, "optuna_storage", None))
+                        optuna_storage=getattr(args, "optuna_storage", None), prune=getattr(args, "prune", False))
     metric = study.spec.metric
     print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed; "
           f"MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--trials", type=int, required=True, help="number of trials to run in this call")
     se.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite in --results); the "
                     "Optuna study is named after the study, so a second call continues it")
+    se.add_argument("--prune", action="store_true", help="stop trailing trials early (ASHA) on the intermediate "
+                    "evaluations every base.eval.every iterations; Optuna records them as PRUNED")
 
     r = sub.add_parser("report", help="tables and plots of a study's runs, read back from MLflow")
     r.add_argument("study", help="study name (the MLflow experiment) or study YAML")

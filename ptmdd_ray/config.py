@@ -127,6 +127,7 @@ class EvalConfig:
     batch: int = 256
     dsa: bool = True
     baseline: bool = True
+    every: int = 0  # also evaluate every this many distillation iterations (1 run per arch); 0: at the end only
 
 
 @dataclass(frozen=True)
@@ -461,6 +462,7 @@ def resolve(cfg: Config) -> Config:
     _check(e.runs >= 1, "eval.runs", f"must be >= 1, got {e.runs}")
     _check(e.epochs >= 1, "eval.epochs", f"must be >= 1, got {e.epochs}")
     _check(e.batch >= 1, "eval.batch", f"must be >= 1, got {e.batch}")
+    _check(e.every >= 0, "eval.every", f"must be >= 0 (0: no intermediate evaluation), got {e.every}")
     for name in ("lr", "momentum", "weight_decay"):
         v = getattr(e, name)
         _check(math.isfinite(v) and v >= 0, f"eval.{name}", f"must be a finite number >= 0, got {v}")

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -382,6 +383,22 @@ class ImageData:
         if self._class_idx is not None:
             out._class_idx = [i.to(device) for i in self._class_idx]
         return out
+
+    def to_arrays(self) -> dict:
+        """Plain numpy arrays plus metadata: the form a study puts into the Ray object store,
+        from which every trial on a node maps the same read-only buffers (zero-copy)."""
+        return {"name": self.name, "classes": list(self.classes), "mean": self.mean, "std": self.std,
+                **{k: getattr(self, k).cpu().numpy() for k in ("x_train", "y_train", "x_test", "y_test")}}
+
+    @classmethod
+    def from_arrays(cls, d: dict) -> ImageData:
+        """Inverse of :meth:`to_arrays` without copying: the tensors view the given buffers (which
+        may be read-only; nothing in the package writes into a data set's tensors)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable array" from torch.from_numpy
+            t = {k: torch.from_numpy(d[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+        return cls(d["name"], t["x_train"], t["y_train"], t["x_test"], t["y_test"], list(d["classes"]),
+                   tuple(d["mean"]), tuple(d["std"]))
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] pixel units (not clipped); works for (N, C, H, W) and (C, H, W)."""

@@ -189,8 +189,12 @@ def distill(
     guide: Guide | None = None,
     progress: bool = True,
     on_log: Callable[[int, float], None] | None = None,
+    every: int = 0,
+    on_every: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Distilled:
-    """Run ``cfg.method`` for ``cfg.iterations`` iterations on ``data`` (already on its device)."""
+    """Run ``cfg.method`` for ``cfg.iterations`` iterations on ``data`` (already on its device).
+    With ``every`` > 0, ``on_every(iterations done, images, labels)`` sees a detached copy of the
+    synthetic set every ``every`` iterations before the last (intermediate evaluation, pruning)."""
     device = data.x_train.device
     gen = torch.Generator().manual_seed(seed)
     classes, ipc = data.num_classes, cfg.ipc
@@ -226,6 +230,8 @@ def distill(
             bar.set_postfix(loss=f"{value:.4g}")
             if on_log is not None:
                 on_log(it, value)
+        if on_every is not None and every > 0 and (it + 1) % every == 0 and it + 1 < cfg.iterations:
+            on_every(it + 1, syn.detach().clone(), labels)
     if not torch.isfinite(syn).all():
         raise DivergenceError("distillation diverged: non-finite synthetic pixels; lower distill.lr_img")
     return Distilled(syn.detach().cpu(), labels, time.perf_counter() - t0, cfg.iterations, history)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,11 +84,14 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
 
 def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = True,
                 on_log: Callable[[int, float], None] | None = None, repo=None,
-                data: ImageData | None = None) -> dict[str, Any]:
+                data: ImageData | None = None, on_eval: Callable[[int, float], None] | None = None
+                ) -> dict[str, Any]:
     """Pretrain-if-needed, distill, evaluate; write ``result.json``, ``synthetic.parquet`` and
     ``synthetic.png`` into ``out`` (if given). Returns the result mapping. ``repo`` serves the
     pool (default: a local :class:`~ptmdd_ray.pool.PTMRepository` on ``cfg.store``); ``data`` is
-    ``cfg.dataset`` already loaded (a study shares one copy between its trials)."""
+    ``cfg.dataset`` already loaded (a study shares one copy between its trials). With
+    ``eval.every`` > 0 the set is also evaluated along the way (one run per arch, no baseline) and
+    ``on_eval(iteration, mean accuracy)`` hears each result: a Tune scheduler prunes on these."""
     device = pick_device(cfg.device)
     data = data if data is not None else load_data(cfg.dataset, cfg.seed)
     check_ipc(data, cfg.distill.ipc)
@@ -100,7 +103,18 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, cfg.seed,
                      cfg.loss.augmented)
 
-    syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log)
+    eval_history: list[tuple[int, float]] = []
+    quick = replace(cfg.eval, runs=1)
+
+    def intermediate(it: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        acc = evaluate_set(images, labels, data, quick, cfg.seed, False)
+        mean = sum(a["mean"] for a in acc.values()) / len(acc)
+        eval_history.append((it, mean))
+        if on_eval is not None:
+            on_eval(it, mean)
+
+    syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log,
+                  cfg.eval.every, intermediate)
 
     t1 = time.perf_counter()
     acc = evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic")
@@ -120,6 +134,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
         "timing": {"distill_seconds": syn.seconds, "iterations": syn.iterations,
                    "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": eval_seconds},
         "loss_history": syn.loss_history,
+        "eval_history": eval_history,
         "device": str(device),
         "synthetic": "synthetic.parquet",
         "image": "synthetic.png",

@@ -2,11 +2,14 @@
 
 For every swept key, the trials are grouped by that key's value (and by the values of the other
 swept keys, so nothing is averaged over a confound); each group reports acc.mean as mean ± std over
-its samples, with the random-real baseline beside it. Tables go to ``report.md``, plots to
-``acc_vs_<key>.png``, and both are logged to the study's parent run.
+its samples, with the random-real baseline beside it. A study with a ``matrix`` key also gets a
+matrix: that key's values down, the combinations of the other swept keys across (Nm x Na for the
+diversity study, PTM source x loss for the domain study). Tables go to ``report.md``, plots to
+``acc_vs_<key>.png`` and ``matrix_<key>.png``, and all of them are logged to the study's parent run.
 """
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -22,8 +25,21 @@ def _pm(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.2f} ± {100 * sd:.2f}"
 
 
+def label(value: Any) -> str:
+    """A swept value as a short label: lists joined by '+', mappings as k=v, None as 'default'."""
+    if value is None:
+        return "default"
+    if isinstance(value, list):
+        return "+".join(label(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={label(v)}" for k, v in sorted(value.items()))
+    return str(value)
+
+
 def collect(tracking_uri: str, study: str) -> tuple[Any, list[str], list[dict[str, Any]]]:
-    """(parent run, swept keys, rows) of the study's most recent invocation; a row per FINISHED trial."""
+    """(parent run, swept keys, rows) of the study's most recent invocation; a row per FINISHED
+    trial with the labels of its swept values (from the ``ptmdd.point`` tag: the overrides as
+    given, so a mapping-valued key such as ``pool.source`` is one value, not many params)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -39,18 +55,25 @@ def collect(tracking_uri: str, study: str) -> tuple[Any, list[str], list[dict[st
     children = client.search_runs([exp.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
                                   "attributes.status = 'FINISHED'", max_results=10000)
-    rows = [{"params": c.data.params, "metrics": c.data.metrics} for c in children]
+    rows = []
+    for c in children:
+        point = json.loads(c.data.tags.get("ptmdd.point", "{}"))
+        values = {k: label(point[k]) if k in point else c.data.params.get(k, "-") for k in swept}
+        rows.append({"values": values, "params": c.data.params, "metrics": c.data.metrics})
     return parent, swept, rows
 
 
-def tables(swept: list[str], rows: list[dict[str, Any]]) -> dict[str, list[tuple[str, str, list[float], list[float]]]]:
+Group = tuple[str, str, list[float], list[float]]  # (value, other swept values, accs, baselines)
+
+
+def tables(swept: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Group]]:
     """{axis: [(axis value, other swept values, accs, baselines)]} sorted by the other values."""
     out = {}
     for axis in swept or ["(none)"]:
         groups: dict[tuple[str, str], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
         for r in rows:
-            value = r["params"].get(axis, "-")
-            others = ", ".join(f"{k}={r['params'].get(k)}" for k in swept if k != axis)
+            value = r["values"].get(axis, "-")
+            others = ", ".join(f"{k}={r['values'][k]}" for k in swept if k != axis)
             accs, bases = groups[(others, value)]
             accs.append(r["metrics"]["acc.mean"])
             if "baseline.random.mean" in r["metrics"]:
@@ -65,6 +88,60 @@ def _sort_key(value: str):
         return (0, float(value), "")
     except ValueError:
         return (1, 0.0, value)
+
+
+def matrix(groups: list[Group]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
+    """(row values, column labels, {(row, column): accs}) from one axis's groups."""
+    rows = sorted({g[0] for g in groups}, key=_sort_key)
+    cols = sorted({g[1] for g in groups})
+    return rows, cols, {(v, o): a for v, o, a, _ in groups}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def _axis_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_other: dict[str, list] = defaultdict(list)
+    for v, o, a, b in groups:
+        by_other[o].append((v, a, b))
+    for o, pts in by_other.items():
+        xs = [p[0] for p in pts]
+        ax.errorbar(xs, [100 * statistics.fmean(p[1]) for p in pts],
+                    yerr=[100 * (statistics.pstdev(p[1]) if len(p[1]) > 1 else 0) for p in pts],
+                    marker="o", capsize=3, label=o or "synthetic")
+        if all(p[2] for p in pts):
+            ax.plot(xs, [100 * statistics.fmean(p[2]) for p in pts], "k--", alpha=0.5)
+    ax.set_xlabel(axis)
+    ax.set_ylabel("test accuracy (%)  [dashed: random real]")
+    ax.set_title(f"{study}: accuracy vs {axis}")
+    if len(by_other) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _matrix_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> None:
+    import numpy as np
+
+    rows, cols, cells = matrix(groups)
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (r, c), accs in cells.items():
+        grid[rows.index(r), cols.index(c)] = 100 * statistics.fmean(accs)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cols), 1.2 + 0.6 * len(rows)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for (r, c), accs in cells.items():
+        ax.text(cols.index(c), rows.index(r), _pm(accs), ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(cols)), [c.replace(", ", "\n") or "-" for c in cols], fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_ylabel(axis)
+    ax.set_title(f"{study}: accuracy (%) by {axis}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
@@ -82,33 +159,26 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
     lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
              "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed).", ""]
     files = []
-    for axis, groups in tables(swept, rows).items():
+    by_axis = tables(swept, rows)
+    for axis, groups in by_axis.items():
         lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | synthetic acc. | random real |",
                   "|---|---|---|---|---|"]
         lines += [f"| {v} | {o or '-'} | {len(a)} | {_pm(a)} | {_pm(b)} |" for v, o, a, b in groups]
         lines.append("")
-        fig, ax = plt.subplots(figsize=(6, 4))
-        by_other: dict[str, list] = defaultdict(list)
-        for v, o, a, b in groups:
-            by_other[o].append((v, a, b))
-        for o, pts in by_other.items():
-            xs = [p[0] for p in pts]
-            ax.errorbar(xs, [100 * statistics.fmean(p[1]) for p in pts],
-                        yerr=[100 * (statistics.pstdev(p[1]) if len(p[1]) > 1 else 0) for p in pts],
-                        marker="o", capsize=3, label=o or "synthetic")
-            if all(p[2] for p in pts):
-                ax.plot(xs, [100 * statistics.fmean(p[2]) for p in pts], "k--", alpha=0.5)
-        ax.set_xlabel(axis)
-        ax.set_ylabel("test accuracy (%)  [dashed: random real]")
-        ax.set_title(f"{study}: accuracy vs {axis}")
-        if len(by_other) > 1:
-            ax.legend(fontsize=7)
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in axis)
-        png = out / f"acc_vs_{safe}.png"
-        fig.tight_layout()
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
+        png = out / f"acc_vs_{_safe(axis)}.png"
+        _axis_plot(plt, study, axis, groups, png)
         lines += [f"![accuracy vs {axis}]({png.name})", ""]
+        files.append(png)
+    key = parent.data.tags.get("ptmdd.matrix") or ""
+    if key in by_axis:
+        groups = by_axis[key]
+        rws, cols, cells = matrix(groups)
+        lines += [f"## Matrix: {key} x other swept keys", "", f"| {key} | " + " | ".join(c or "-" for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        lines += [f"| {r} | " + " | ".join(_pm(cells.get((r, c), [])) for c in cols) + " |" for r in rws]
+        png = out / f"matrix_{_safe(key)}.png"
+        _matrix_plot(plt, study, key, groups, png)
+        lines += ["", f"![matrix]({png.name})", ""]
         files.append(png)
     md = out / "report.md"
     md.write_text("\n".join(lines))

@@ -9,14 +9,17 @@ is trained once per study, not once per trial) and report to MLflow as nested ru
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
 import os
-import copy
 from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any
 
+from .artifacts import write_json
 from .config import ConfigError, build_config, flatten, from_dict, load_yaml, parse_override, set_dotted
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ class StudyConfig:
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 2
     max_failures: int = 2
+    matrix: str | None = None  # a swept key: `ptmdd report` draws it against the other swept keys
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -100,6 +104,8 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
             study.trial_config(point, 0)
         except ConfigError as e:
             raise ConfigError(f"sweep point {point}: {e}") from None
+    varied = set(axes) | {k for case in spec.cases for k in case}
+    _check(spec.matrix is None or spec.matrix in varied, "matrix", f"{spec.matrix!r} is not a swept key")
     for key, dist in spec.search.items():
         _check(key in known, f"search.{key}", "not a config key")
         _check(len(dist) == 1 and next(iter(dist)) in SEARCH_KINDS, f"search.{key}",
@@ -142,31 +148,94 @@ def optuna_space(search: dict[str, dict[str, list[Any]]]) -> dict:
     return space
 
 
-def _metric_value(result: dict, metric: str) -> float:
-    from .tracking import metrics_of
+def _PruningAwareOptunaSearch(**kwargs):
+    """Ray's OptunaSearch, except that a trial stopped by the scheduler before its final
+    evaluation is told to Optuna as PRUNED (Ray would record its last intermediate accuracy as the
+    trial's value, a partial evaluation posing as a complete one)."""
+    from ray.tune.search.optuna import OptunaSearch
 
-    return metrics_of(result)[metric]
+    class Search(OptunaSearch):
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if result and not error and not result.get("trial.final"):
+                result = {k: v for k, v in result.items() if k != self.metric}  # no value: PRUNED
+            super().on_trial_complete(trial_id, result, error)
+
+    return Search(**kwargs)
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """A trial's identity across retries and resumes: a hash of its Tune config (grid point and
+    sample, or sampled search values), not Tune's trial id, which a restored experiment may not
+    keep for trials it had not checkpointed yet."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's peak resident set and current private memory (MiB), from /proc (Linux):
+    pages mapped from the object store are shared, so ``mem.private_mb`` shows what a trial holds
+    of its own."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["mem.peak_rss_mb"] = int(line.split()[1]) / 1024
+        private = 0
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                private += int(line.split()[1])
+        out["mem.private_mb"] = private / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _open_parent(tracking, mlflow_uri: str, spec: StudyConfig, swept: list[str], exp_path: Path, resume: bool,
+                 artifacts_uri: str | None) -> str:
+    """The study's MLflow parent run: the interrupted one again on ``--resume`` (its id is kept in
+    the Tune experiment directory), else a new one."""
+    record = exp_path / "mlflow_parent.json"
+    if resume and record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("tracking_uri") == mlflow_uri and tracking.reopen_parent(mlflow_uri, saved["run_id"]):
+            log.info("continuing MLflow parent run %s", saved["run_id"])
+            return saved["run_id"]
+    parent = tracking.start_parent(mlflow_uri, spec.name, {"ptmdd.study": spec.name, "ptmdd.swept": ",".join(swept),
+                                                           "ptmdd.matrix": spec.matrix or ""}, artifacts_uri)
+    write_json(record, {"run_id": parent, "tracking_uri": mlflow_uri})
+    return parent
 
 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
               results: str = "runs/studies", resume: bool = False, search_trials: int = 0,
-              optuna_storage: str | None = None) -> dict[str, Any]:
+              optuna_storage: str | None = None, share_data: bool = True, prune: bool = False) -> dict[str, Any]:
     """Run the sweep (or, with ``search_trials``, the Optuna search) with Ray Tune, a local Ray
-    when no address is given; returns a summary."""
+    when no address is given; returns a summary.
+
+    Exactly once: every trial attempt first asks MLflow for a FINISHED run of the same trial (see
+    :func:`trial_key`) and reports that instead of running again, and marks runs of it left
+    RUNNING by a dead attempt FAILED. So a retried trial (worker killed) or a resumed study
+    (driver killed) ends with one FINISHED run per trial, and finished work is never repeated.
+    Trials report their intermediate evaluations (``eval.every``) to Tune; with ``prune`` an
+    asynchronous successive-halving scheduler (ASHA) stops the trials that trail at the same
+    iteration, and Optuna records them as PRUNED. ``share_data=False`` loads the data set in every
+    trial (only for the memory benchmark)."""
     import ray
     from ray import tune
 
     from . import tracking
-    from .data import load_data
+    from .data import ImageData, load_data
     from .pipeline import run_distill
     from .service import RayRepository
 
     spec = study.spec
+    first = study.trial_config(study.grid[0], 0)
+    if prune and not (search_trials and first.eval.every > 0):
+        raise ConfigError("prune: needs `ptmdd search` and base.eval.every > 0 (the evaluations to prune on)")
     results_dir = Path(results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
     # whatever directory the driver happens to run in); a server decides for itself.
-    artifacts = None if mlflow_uri else (results_dir / "mlartifacts").as_uri()
+    artifacts_uri = None if mlflow_uri else (results_dir / "mlartifacts").as_uri()
     mlflow_uri = mlflow_uri or tracking.default_tracking_uri(results_dir)
     store_uri = store or str(Path(study.trial_config(study.grid[0], 0).store).resolve())
     if not ray.is_initialized():
@@ -175,67 +244,79 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                     {"_node_ip_address": "127.0.0.1", "include_dashboard": False}),
                  log_to_driver=False, configure_logging=False)
     swept = sorted(spec.search) if search_trials else sorted({k for p in study.grid for k in p})
-    parent = tracking.start_parent(mlflow_uri, spec.name, {"ptmdd.study": spec.name,
-                                                           "ptmdd.swept": ",".join(swept)}, artifacts)
+    exp_name = f"{spec.name}-search" if search_trials else spec.name
+    exp_path = results_dir / exp_name
+    parent = _open_parent(tracking, mlflow_uri, spec, swept, exp_path, resume, artifacts_uri)
 
-    # The target data go into the object store once and every trial maps the same buffers, unless
-    # trials would load different data (a swept dataset key, or seed-dependent per-class subsets).
-    first = study.trial_config(study.grid[0], 0)
-    shared = not any(k.startswith("dataset.") for k in swept) and not (
+    # The target data go into the object store once, as numpy buffers that every trial on a node
+    # maps read-only (zero-copy), unless trials would load different data (a swept dataset key, or
+    # seed-dependent per-class subsets).
+    shared = share_data and not any(k.startswith("dataset.") for k in swept) and not (
         first.dataset.train_per_class or first.dataset.test_per_class)
-    data_ref = ray.put(load_data(first.dataset, first.seed)) if shared else None
+    data_ref = ray.put(load_data(first.dataset, first.seed).to_arrays()) if shared else None
 
     def trial(config: dict) -> None:
         ctx = tune.get_context()
+        key = trial_key(config)
+        done = tracking.claim_trial(mlflow_uri, parent, key)
+        if done is not None:  # finished before a driver crash: report it, do not run it again
+            tune.report({**done, "trial.reused": 1.0})
+            return
+        sample = config.get("sample", 0)
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
-        cfg = study.trial_config(overrides, config.get("sample", 0))
-        cfg = replace(cfg, store=store_uri)
+        cfg = replace(study.trial_config(overrides, sample), store=store_uri)
         out = Path(ctx.get_trial_dir()) / "out"
-        tags = {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
-                "ptmdd.sample": str(config.get("sample", 0))}
+        tags = {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.trial_key": key,
+                "ptmdd.swept": ",".join(swept), "ptmdd.sample": str(sample),
+                "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str)}
         client, run_id = tracking.log_trial(mlflow_uri, parent, cfg, tags)
         try:
-            data = ray.get(data_ref) if data_ref is not None else None
-            result = run_distill(cfg, out, progress=False, repo=RayRepository(store_uri), data=data)
-            tracking.log_result(client, run_id, result, out)
+            data = ImageData.from_arrays(ray.get(data_ref)) if data_ref is not None else None
+
+            def on_eval(it: int, acc: float) -> None:
+                tune.report({spec.metric: acc, "distill.iteration": it, "trial.final": 0.0})
+
+            result = run_distill(cfg, out, progress=False, repo=RayRepository(store_uri), data=data,
+                                 on_eval=on_eval if spec.metric.startswith("acc.") else None)
+            metrics = {**tracking.metrics_of(result), **memory_mb(), "trial.final": 1.0}
+            tracking.log_result(client, run_id, result, out, extra=memory_mb())
             client.set_terminated(run_id, "FINISHED")
-        except BaseException:
-            client.set_terminated(run_id, "FAILED")
+        except BaseException as e:
+            tracking.fail_stale(client, run_id, f"{type(e).__name__}: {e}"[:1000])
             raise
-        tune.report({spec.metric: _metric_value(result, spec.metric), **tracking.metrics_of(result)})
+        tune.report(metrics)
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if search_trials:
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
 
         storage = optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
-        searcher = OptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
-                                study_name=spec.name, storage=optuna.storages.RDBStorage(storage))
+        searcher = _PruningAwareOptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
+                                             study_name=spec.name, storage=optuna.storages.RDBStorage(storage))
         param_space, num_samples = {}, search_trials
-        exp_name = f"{spec.name}-search"
     else:
-        searcher, storage, num_samples, exp_name = None, None, 1, spec.name
+        searcher, storage, num_samples = None, None, 1
         param_space = {"overrides": tune.grid_search(study.grid),
                        "sample": tune.grid_search(list(range(spec.samples)))}
-    exp_path = results_dir / exp_name
     try:
         if resume and tune.Tuner.can_restore(str(exp_path)):
             tuner = tune.Tuner.restore(str(exp_path), trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=(
+                                                tune.schedulers.ASHAScheduler(grace_period=1, reduction_factor=2)
+                                                if prune else None),
                                             num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
                 run_config=tune.RunConfig(name=exp_name, storage_path=str(results_dir),
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           verbose=1))
         grid = tuner.fit()
     except BaseException:
-        tracking.end_run(mlflow_uri, parent, "FAILED")
+        tracking.close_parent(mlflow_uri, parent, "FAILED")
         raise
     errors = [r for r in grid if r.error is not None]
-    tracking.end_run(mlflow_uri, parent, "FAILED" if errors else "FINISHED")
+    tracking.close_parent(mlflow_uri, parent, "FAILED" if errors else "FINISHED")
     rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
              "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric)} for r in grid]
     return {"parent_run_id": parent, "trials": rows, "errors": len(errors), "tracking_uri": mlflow_uri,

@@ -69,10 +69,68 @@ def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str], artif
     return run.info.run_id
 
 
-def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+def reopen_parent(tracking_uri: str, run_id: str) -> bool:
+    """Continue an interrupted study's parent run (``--resume``): RUNNING again, and every child
+    still RUNNING belonged to an attempt that died with the old driver, so it is marked FAILED.
+    False when the run no longer exists (then a new parent is started)."""
     import mlflow
 
-    mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        parent = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    if parent.info.lifecycle_stage != "active":
+        return False
+    client.update_run(run_id, status="RUNNING")
+    for child in children(client, parent.info.experiment_id, run_id, status="RUNNING"):
+        fail_stale(client, child.info.run_id, "its driver died (found RUNNING on --resume)")
+    return True
+
+
+def children(client, experiment_id: str, parent_id: str, status: str | None = None, trial_key: str | None = None):
+    where = [f"tags.`mlflow.parentRunId` = '{parent_id}'"]
+    if status:
+        where.append(f"attributes.status = '{status}'")
+    if trial_key:
+        where.append(f"tags.`ptmdd.trial_key` = '{trial_key}'")
+    return client.search_runs([experiment_id], " and ".join(where), max_results=50000)
+
+
+def fail_stale(client, run_id: str, reason: str) -> None:
+    client.set_tag(run_id, "ptmdd.failure", reason)
+    client.set_terminated(run_id, "FAILED")
+
+
+def claim_trial(tracking_uri: str, parent_id: str, trial_key: str) -> dict[str, float] | None:
+    """Before a trial attempt runs: the metrics of an earlier FINISHED run of the same trial (then
+    the attempt reports them instead of running again: a resumed study never repeats finished
+    work), else None. Runs of this trial still RUNNING are dead attempts (Tune runs one attempt of
+    a trial at a time) and are marked FAILED, so a trial ends with exactly one FINISHED run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp_id = client.get_run(parent_id).info.experiment_id
+    runs = children(client, exp_id, parent_id, trial_key=trial_key)
+    for r in runs:
+        if r.info.status == "FINISHED":
+            return dict(r.data.metrics)
+    for r in runs:
+        if r.info.status == "RUNNING":
+            fail_stale(client, r.info.run_id, "its worker died mid-trial (found RUNNING by the retry)")
+    return None
+
+
+def close_parent(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """End the study's parent run; a child still RUNNING now was stopped by Tune (or its attempt
+    died with no retry left) and is marked FAILED, so no run stays RUNNING forever."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp_id = client.get_run(run_id).info.experiment_id
+    for child in children(client, exp_id, run_id, status="RUNNING"):
+        fail_stale(client, child.info.run_id, "stopped before it finished")
+    client.set_terminated(run_id, status)
 
 
 def log_trial(tracking_uri: str, parent_id: str, cfg: Config, tags: dict[str, str]):
@@ -92,11 +150,15 @@ def log_trial(tracking_uri: str, parent_id: str, cfg: Config, tags: dict[str, st
     return client, run.info.run_id
 
 
-def log_result(client, run_id: str, result: dict[str, Any], out_dir: Path) -> None:
+def log_result(client, run_id: str, result: dict[str, Any], out_dir: Path,
+               extra: dict[str, float] | None = None) -> None:
     import mlflow
 
-    metrics = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics_of(result).items()]
+    values = {**metrics_of(result), **(extra or {})}
+    metrics = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in values.items()]
     metrics += [mlflow.entities.Metric("distill.loss", float(v), 0, int(step)) for step, v in result["loss_history"]]
+    metrics += [mlflow.entities.Metric("acc.intermediate", float(v), 0, int(step))
+                for step, v in result.get("eval_history", [])]
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i:i + 500])
     (out_dir / "pool.json").write_text(json.dumps(result["pool"], indent=1))

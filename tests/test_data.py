@@ -247,3 +247,17 @@ def test_check_dataset_config_ok(tmp_path):
     p = _write_parquet(tmp_path / "ok.parquet")
     data.check_dataset_config(DatasetConfig(name=f"parquet:{p}"), "dataset")
     assert data.DOMAINS == ("none", "grayscale", "lowres", "invert")
+
+
+def test_arrays_round_trip_without_copying_read_only_buffers():
+    from ptmdd_ray.config import DatasetConfig
+    from ptmdd_ray.data import ImageData, load_data
+
+    data = load_data(DatasetConfig(name="digits"), 0)
+    arrays = data.to_arrays()
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        arrays[k].setflags(write=False)  # as the Ray object store hands them out
+    back = ImageData.from_arrays(arrays)
+    assert back.classes == data.classes and back.mean == data.mean and back.num_classes == data.num_classes
+    assert torch.equal(back.x_train, data.x_train) and torch.equal(back.y_test, data.y_test)
+    assert back.x_train.data_ptr() == arrays["x_train"].ctypes.data  # a view, not a copy

@@ -1,6 +1,9 @@
 """`ptmdd study` end to end on a real local Ray, with a real MLflow SQLite store read back."""
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -18,6 +21,7 @@ STUDY = {
     "search": {"loss.clom": {"loguniform": [1.0, 100.0]}, "loss.cclom": {"uniform": [0.0, 1.0]}},
     "samples": 1,
     "max_concurrent": 2,
+    "matrix": "loss.clom",
 }
 
 
@@ -41,6 +45,8 @@ def test_study_grid_is_validated_before_anything_runs(tmp_path):
         load_study(_write(tmp_path, {**STUDY, "search": {"loss.clom": {"uniform": [5.0, 1.0]}}}))
     with pytest.raises(ConfigError, match="search.loss.clom"):
         load_study(_write(tmp_path, {**STUDY, "search": {"loss.clom": {"uniform": [-1.0, 1.0]}}}))
+    with pytest.raises(ConfigError, match="matrix: 'distill.ipc' is not a swept key"):
+        load_study(_write(tmp_path, {**STUDY, "matrix": "distill.ipc"}))
     with pytest.raises(ConfigError, match="search.nope"):
         load_study(_write(tmp_path, {**STUDY, "search": {"nope": {"uniform": [0.0, 1.0]}}}))
 
@@ -90,8 +96,9 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     assert "## loss.clom" in md and "| 0.0 |" in md and "| 30.0 |" in md and "random real" in md
     png = (tmp_path / "report" / "acc_vs_loss.clom.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Matrix: loss.clom" in md and (tmp_path / "report" / "matrix_loss.clom.png").exists()
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert {"report/report.md", "report/acc_vs_loss.clom.png"} <= logged
+    assert {"report/report.md", "report/acc_vs_loss.clom.png", "report/matrix_loss.clom.png"} <= logged
 
     # a second run of the same study trains no PTM: all hits
     before = CheckpointStore(tmp_path / "store").stats()
@@ -117,3 +124,129 @@ def test_search_runs_optuna_trials_and_a_second_call_continues_the_study(tmp_pat
     assert len(done) == 4
     assert all(1.0 <= t.params["loss.clom"] <= 100.0 and 0.0 <= t.params["loss.cclom"] <= 1.0 for t in done)
     assert all(0.0 <= t.value <= 1.0 for t in done)
+
+
+def _children(tracking_uri, name="tiny"):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return [], []
+    runs = client.search_runs([exp.experiment_id])
+    return ([r for r in runs if r.data.tags.get("ptmdd.role") == "study"],
+            [r for r in runs if r.data.tags.get("ptmdd.role") == "trial"])
+
+
+def _study_cmd(path, tmp_path, *extra):
+    return [sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results", str(tmp_path / "results"),
+            "--store", str(tmp_path / "store"), *extra]
+
+
+def _wait_for(cond, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, "the study ended before the fault could be injected"
+        assert time.monotonic() < deadline, "timed out waiting for the study"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    """SIGKILL the driver (and the local Ray it started) after some trials finished; ``--resume``
+    completes the study: one FINISHED run per trial, finished ones not re-run, the killed attempt
+    FAILED, the parent run continued and closed, the PTM trained once."""
+    from ptmdd_ray.store import CheckpointStore
+
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [0.0, 10.0, 30.0, 100.0]}}, "max_concurrent": 1}
+    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 60}}
+    path = _write(tmp_path, study)
+    uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: sum(r.info.status == "FINISHED" for r in _children(uri)[1]) >= 2, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    parents, before = _children(uri)
+    finished_before = {r.info.run_id for r in before if r.info.status == "FINISHED"}
+    assert 2 <= len(finished_before) < 4 and parents[0].info.status == "RUNNING"
+
+    done = subprocess.run(_study_cmd(path, tmp_path, "--resume"), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 trials, 0 failed" in done.stdout
+    parents, children = _children(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, closed
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.data.params["loss.clom"] for r in finished) == ["0.0", "10.0", "100.0", "30.0"]
+    assert len({r.data.tags["ptmdd.trial_key"] for r in finished}) == 4
+    assert finished_before <= {r.info.run_id for r in finished}  # finished trials were not re-run
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in children)  # nothing left RUNNING
+    for r in children:
+        if r.info.status == "FAILED":
+            assert "driver died" in r.data.tags["ptmdd.failure"]
+    assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1
+
+
+def _trial_workers() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.slow
+def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
+    """SIGKILL the Ray worker running a trial mid-distillation: Tune retries it, the study
+    completes, MLflow holds one FINISHED run for the trial and a FAILED one for the killed attempt."""
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [30.0]}}, "max_failures": 1}
+    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 400}}
+    path = _write(tmp_path, study)
+    uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any(r.info.status == "RUNNING" for r in _children(uri)[1]) and _trial_workers(), proc)
+        for pid in _trial_workers():
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "1 trials, 0 failed" in out
+    parents, children = _children(uri)
+    assert parents[0].info.status == "FINISHED"
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+    assert len({r.data.tags["ptmdd.trial_key"] for r in children}) == 1
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "worker died" in failed.data.tags["ptmdd.failure"]
+
+
+@pytest.mark.slow
+def test_study_survives_its_store_actor_being_killed(tmp_path):
+    """SIGKILL the checkpoint-store actor mid-study: Ray restarts it, it recovers its index from
+    storage (the PTM is not trained again) and the study completes."""
+    from ptmdd_ray.store import CheckpointStore
+
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [10.0, 30.0, 100.0]}}, "max_concurrent": 1}
+    path = _write(tmp_path, study)
+    uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any(r.info.status == "FINISHED" for r in _children(uri)[1]), proc)
+        actors = subprocess.run(["pgrep", "-f", "ray::StoreActor"], capture_output=True, text=True).stdout.split()
+        assert actors, "no store actor process found"
+        for pid in actors:
+            os.kill(int(pid), signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "3 trials, 0 failed" in out
+    _, children = _children(uri)
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 3
+    stats = CheckpointStore(tmp_path / "store").stats()
+    assert stats["trainings"] == 1 and stats["hits"] >= 2

@@ -1,0 +1,56 @@
+"""Tracking on a real MLflow SQLite store: parent/child runs, exactly-once claims, resume."""
+import pytest
+
+from ptmdd_ray import tracking
+from ptmdd_ray.config import build_config
+
+
+@pytest.fixture
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _trial(uri, parent, key):
+    cfg = build_config({"dataset": {"name": "digits"}})
+    return tracking.log_trial(uri, parent, cfg, {"ptmdd.trial_id": "t", "ptmdd.trial_key": key})
+
+
+def test_claim_reuses_a_finished_run_and_fails_dead_attempts(uri):
+    parent = tracking.start_parent(uri, "exp", {"ptmdd.study": "exp"})
+    assert tracking.claim_trial(uri, parent, "k1") is None  # never run
+    client, dead = _trial(uri, parent, "k1")  # an attempt whose worker died: left RUNNING
+    assert tracking.claim_trial(uri, parent, "k1") is None
+    assert client.get_run(dead).info.status == "FAILED"
+    assert "worker died" in client.get_run(dead).data.tags["ptmdd.failure"]
+    _, ok = _trial(uri, parent, "k1")
+    client.log_metric(ok, "acc.mean", 0.75)
+    client.set_terminated(ok, "FINISHED")
+    assert tracking.claim_trial(uri, parent, "k1") == {"acc.mean": 0.75}
+    assert tracking.claim_trial(uri, parent, "k2") is None  # another trial is not confused with it
+    assert client.get_run(ok).data.params["dataset.name"] == "digits"
+
+
+def test_reopen_continues_the_parent_and_close_leaves_nothing_running(uri):
+    import mlflow
+
+    parent = tracking.start_parent(uri, "exp", {"ptmdd.study": "exp"})
+    client, orphan = _trial(uri, parent, "k")  # the driver died with this trial RUNNING
+    assert tracking.reopen_parent(uri, parent)
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert "driver died" in client.get_run(orphan).data.tags["ptmdd.failure"]
+    _, stopped = _trial(uri, parent, "k2")
+    tracking.close_parent(uri, parent, "FINISHED")
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(stopped).info.status == "FAILED"
+    assert not tracking.reopen_parent(uri, "0" * 32)  # unknown run: the caller starts a new parent
+    mlflow.MlflowClient(uri).delete_run(parent)
+    assert not tracking.reopen_parent(uri, parent)
+
+
+def test_metrics_of_flattens_a_result():
+    result = {"accuracy": {"A": {"mean": 0.6, "std": 0.1}, "B": {"mean": 0.8, "std": 0.0}},
+              "baseline_random": {"A": {"mean": 0.5, "std": 0.0}},
+              "timing": {"seconds_per_iteration": 0.1, "distill_seconds": 1.0, "eval_seconds": 2.0}}
+    m = tracking.metrics_of(result)
+    assert m["acc.mean"] == pytest.approx(0.7) and m["acc.A.std"] == 0.1
+    assert m["baseline.random.mean"] == 0.5 and m["distill.seconds_per_iteration"] == 0.1
