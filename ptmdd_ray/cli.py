@@ -112,11 +112,14 @@ def cmd_study(args) -> int:
                         results=args.results, resume=getattr(args, "resume", False), search_trials=trials,
                         optuna_storage=getattr(args, "optuna_storage", None), prune=getattr(args, "prune", False))
     metric = study.spec.metric
-    print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed; "
+    pruned = sum(bool(r.get("pruned")) for r in summary["trials"])
+    print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed, {pruned} pruned; "
           f"MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
     for row in sorted(summary["trials"], key=lambda r: (str(r["overrides"]), r["sample"])):
         value = row[metric]
         shown = f"{100 * value:.2f} %" if isinstance(value, float) and metric.startswith("acc") else value
+        if row.get("pruned"):
+            shown = f"pruned ({shown} at its last intermediate evaluation)"
         print(f"  {row['overrides'] or '(base)'}  sample {row['sample']}  {metric} {shown}")
     return 1 if summary["errors"] else 0
 

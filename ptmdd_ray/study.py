@@ -281,6 +281,10 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
             metrics = {**tracking.metrics_of(result), **memory_mb(), "trial.final": 1.0}
             tracking.log_result(client, run_id, result, out, extra=memory_mb())
             client.set_terminated(run_id, "FINISHED")
+        except SystemExit:  # how Tune ends a trial its scheduler stopped (pruning)
+            client.set_tag(run_id, "ptmdd.stopped", "pruned by the scheduler on its intermediate evaluations")
+            client.set_terminated(run_id, "KILLED")
+            raise
         except BaseException as e:
             tracking.fail_stale(client, run_id, f"{type(e).__name__}: {e}"[:1000])
             raise
@@ -291,8 +295,13 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         import optuna
 
         storage = optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
+        rdb = optuna.storages.RDBStorage(storage)
+        try:  # seeded by the trials already told: a search is reproducible and a second call continues it
+            told = len(optuna.load_study(study_name=spec.name, storage=rdb).trials)
+        except KeyError:
+            told = 0
         searcher = _PruningAwareOptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
-                                             study_name=spec.name, storage=optuna.storages.RDBStorage(storage))
+                                             study_name=spec.name, storage=rdb, seed=first.seed + told)
         param_space, num_samples = {}, search_trials
     else:
         searcher, storage, num_samples = None, None, 1
@@ -318,6 +327,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     errors = [r for r in grid if r.error is not None]
     tracking.close_parent(mlflow_uri, parent, "FAILED" if errors else "FINISHED")
     rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
-             "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric)} for r in grid]
+             "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric),
+             "pruned": r.error is None and not (r.metrics or {}).get("trial.final")} for r in grid]
     return {"parent_run_id": parent, "trials": rows, "errors": len(errors), "tracking_uri": mlflow_uri,
             "results": str(exp_path), "optuna_storage": storage}

@@ -250,3 +250,35 @@ def test_study_survives_its_store_actor_being_killed(tmp_path):
     assert sorted(r.info.status for r in children) == ["FINISHED"] * 3
     stats = CheckpointStore(tmp_path / "store").stats()
     assert stats["trainings"] == 1 and stats["hits"] >= 2
+
+
+@pytest.mark.slow
+def test_search_prunes_trailing_trials_on_intermediate_evaluations(tmp_path):
+    """``--prune``: ASHA stops trials that trail at the same intermediate evaluation; Optuna records
+    them PRUNED (not COMPLETE with a partial score) and their MLflow runs end KILLED, tagged."""
+    import mlflow
+    import optuna
+
+    study = {**STUDY, "max_concurrent": 1, "matrix": None,
+             "search": {"distill.init": {"choice": ["real", "noise"]}, "distill.lr_img": {"loguniform": [0.1, 10.0]}}}
+    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 30},
+                     "eval": {"runs": 1, "epochs": 100, "every": 10}, "loss": {"clom": 0.0}}
+    path = _write(tmp_path, study)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "search", str(path), "--trials", "6", "--prune",
+                           "--optuna-storage", storage, "--results", str(tmp_path / "results"),
+                           "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    states = [t.state for t in trials]
+    pruned = states.count(optuna.trial.TrialState.PRUNED)
+    assert states.count(optuna.trial.TrialState.COMPLETE) + pruned == 6 and pruned >= 1
+    assert f"6 trials, 0 failed, {pruned} pruned" in proc.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    _, children = _children(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert len(killed) == pruned and all("pruned" in r.data.tags["ptmdd.stopped"] for r in killed)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == 6 - pruned
+    assert all(len(client.get_metric_history(r.info.run_id, "acc.intermediate")) == 2 for r in finished)
