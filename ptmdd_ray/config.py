@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -323,6 +324,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         key, value = parse_override(text)
         set_dotted(data, key, value)
     return build_config(data)
+
+
+PATH_PREFIXES = ("parquet:", "imagefolder:")
+
+
+def anchor_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """Make the relative paths of a config mapping (dataset files, roots and caches, a PTM
+    source's, the store) absolute against ``base``, in place. A study's trials run in working
+    directories of their own, so the paths are anchored where the study was launched."""
+    def path(p: str) -> str:
+        return p if "://" in p or os.path.isabs(os.path.expanduser(p)) else os.path.join(base, p)
+
+    def dataset(ds: Any, defaults: bool) -> Any:
+        if isinstance(ds, str):
+            for prefix in PATH_PREFIXES:
+                if ds.startswith(prefix):
+                    return prefix + path(ds[len(prefix):])
+            return ds
+        if isinstance(ds, dict):
+            if defaults:
+                ds.setdefault("root", DatasetConfig.root)
+            if isinstance(ds.get("name"), str):
+                ds["name"] = dataset(ds["name"], False)
+            for key in ("root", "cache_dir"):
+                if isinstance(ds.get(key), str):
+                    ds[key] = path(ds[key])
+        return ds
+
+    if isinstance(data.get("dataset"), dict):
+        dataset(data["dataset"], True)
+    if isinstance(data.get("pool"), dict) and data["pool"].get("source") is not None:
+        data["pool"]["source"] = dataset(data["pool"]["source"], False)
+    if isinstance(data.get("store"), str):
+        data["store"] = path(data["store"])
+    return data
 
 
 def build_config(data: dict[str, Any]) -> Config:

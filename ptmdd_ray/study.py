@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import write_json
-from .config import ConfigError, build_config, flatten, from_dict, load_yaml, parse_override, set_dotted
+from .config import ConfigError, anchor_paths, build_config, flatten, from_dict, load_yaml, parse_override, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,14 @@ class Study:
     spec: StudyConfig
     base: dict[str, Any]  # the core config mapping (validated)
     grid: list[dict[str, Any]]  # one dict of dotted overrides per grid point
+    cwd: str = field(default_factory=os.getcwd)  # where relative paths point (trials run elsewhere)
 
     def trial_config(self, overrides: dict[str, Any], sample: int):
         data = copy.deepcopy(self.base)
         for k, v in overrides.items():
             set_dotted(data, k, v)
         data["seed"] = int(data.get("seed", 0)) + sample
-        return build_config(data)
+        return build_config(anchor_paths(data, self.cwd))
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
@@ -171,9 +172,9 @@ def trial_key(config: dict[str, Any]) -> str:
 
 
 def memory_mb() -> dict[str, float]:
-    """This process's peak resident set and current private memory (MiB), from /proc (Linux):
-    pages mapped from the object store are shared, so ``mem.private_mb`` shows what a trial holds
-    of its own."""
+    """This process's peak resident set and current private memory (MiB), from /proc (Linux).
+    Pages mapped from the object store are shared, so ``mem.private_mb`` (a trial keeps its largest
+    value seen during distillation) shows what a trial holds of its own."""
     out = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -276,10 +277,17 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
             def on_eval(it: int, acc: float) -> None:
                 tune.report({spec.metric: acc, "distill.iteration": it, "trial.final": 0.0})
 
-            result = run_distill(cfg, out, progress=False, repo=RayRepository(store_uri), data=data,
+            memory: dict[str, float] = {}
+
+            def on_log(it: int, loss: float) -> None:  # sample memory while the data set is held
+                for k, v in memory_mb().items():
+                    memory[k] = max(v, memory.get(k, 0.0))
+
+            result = run_distill(cfg, out, progress=False, on_log=on_log, repo=RayRepository(store_uri), data=data,
                                  on_eval=on_eval if spec.metric.startswith("acc.") else None)
-            metrics = {**tracking.metrics_of(result), **memory_mb(), "trial.final": 1.0}
-            tracking.log_result(client, run_id, result, out, extra=memory_mb())
+            on_log(-1, 0.0)
+            metrics = {**tracking.metrics_of(result), **memory, "trial.final": 1.0}
+            tracking.log_result(client, run_id, result, out, extra=memory)
             client.set_terminated(run_id, "FINISHED")
         except SystemExit:  # how Tune ends a trial its scheduler stopped (pruning)
             client.set_tag(run_id, "ptmdd.stopped", "pruned by the scheduler on its intermediate evaluations")

@@ -297,3 +297,16 @@ def test_pool_source_mapping_inherits_the_target_but_not_its_domain():
                             "pool": {"archs": ["MLP"], "source": "digits"}})
     s2 = source_dataset(by_name)
     assert (s2.im_size, s2.classes, s2.domain) == (8, None, "none")
+
+
+def test_anchor_paths_makes_relative_paths_absolute_and_leaves_the_rest():
+    from ptmdd_ray.config import anchor_paths
+
+    data = {"dataset": {"name": "parquet:d/x.parquet", "cache_dir": "c"}, "store": "s3://bucket/store",
+            "pool": {"source": {"name": "imagefolder:/abs/imgs"}}}
+    anchor_paths(data, "/base")
+    assert data["dataset"] == {"name": "parquet:/base/d/x.parquet", "cache_dir": "/base/c", "root": "/base/data"}
+    assert data["store"] == "s3://bucket/store" and data["pool"]["source"] == {"name": "imagefolder:/abs/imgs"}
+    other = anchor_paths({"dataset": {"name": "cifar10"}, "pool": {"source": "parquet:p.parquet"}, "store": "st"}, "/b")
+    assert other == {"dataset": {"name": "cifar10", "root": "/b/data"}, "pool": {"source": "parquet:/b/p.parquet"},
+                     "store": "/b/st"}
