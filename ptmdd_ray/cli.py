@@ -4,7 +4,7 @@
     ptmdd pretrain [CONFIG.yaml] [--set key=value ...]
     ptmdd evaluate SYNTHETIC.parquet [--config CONFIG.yaml] [--set key=value ...] [--out FILE]
     ptmdd store ls|stats|gc [--store URI] [--json]
-    ptmdd report STUDY [--mlflow-uri URI] --out DIR
+    ptmdd report STUDY [--mlflow-uri URI] [--results R] [--sync] --out DIR
     ptmdd study STUDY.yaml [--set key=value ...] [--address A] [--mlflow-uri U] [--store S] [--results R] [--resume]
     ptmdd search STUDY.yaml --trials N [--prune] [--optuna-storage URL] [--address A] [--mlflow-uri U] [--store S]
 
@@ -133,7 +133,13 @@ def cmd_report(args) -> int:
         from .study import load_study
 
         name = load_study(name).spec.name
-    md = write_report(args.mlflow_uri or default_tracking_uri(args.results), name, args.out)
+    uri = args.mlflow_uri or default_tracking_uri(args.results)
+    if args.sync:
+        from .tracking import check_reachable, sync_pending
+
+        check_reachable(uri)
+        print(f"synced {sync_pending(uri, Path(args.results).resolve())} trial run(s) logged while MLflow was away")
+    md = write_report(uri, name, args.out)
     print(f"wrote {md} (and plots beside it); logged to the study's parent run")
     return 0
 
@@ -213,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
     r.add_argument("--results", default="runs/studies", help="results directory of the study")
     r.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
+    r.add_argument("--sync", action="store_true", help="first log the trials that finished while the MLflow "
+                   "server was unreachable (from their result.json under --results)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     r.set_defaults(func=cmd_report)
 

@@ -24,7 +24,7 @@ from . import losses
 from .config import Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, weight_for
 from .data import ImageData
 from .methods import embed_chunked
-from .store import Checkpoint, CheckpointStore
+from .store import Checkpoint, CheckpointStore, IntegrityError
 from .train import accuracy, new_model, train_classifier
 
 log = logging.getLogger(__name__)
@@ -121,28 +121,52 @@ class PTMRepository:
     def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
             load_source: Callable[[], ImageData]) -> Checkpoint:
         key = spec.key(epoch)
-        if self.store.has(key):
-            self.hits += 1
-            self.store.count(hits=1)
-            return self.store.load(key)
-        self.trainings += 1
-        train_run(self.store, spec, epochs_to_save, load_source(), self.progress)
-        return self.store.load(key)
+        while True:
+            ckpt = load_checked(self.store, key)
+            if ckpt is not None:
+                self.hits += 1
+                self.store.count(hits=1)
+                return ckpt
+            if train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress):
+                self.trainings += 1
+                return self.store.load(key)
+            # another process trained it while we waited for the run's lock: load it as a hit
 
 
-def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int], data: ImageData,
-              progress: bool = False) -> list[str]:
-    """Pretrain ``spec`` on ``data`` and save every requested epoch; returns the keys written."""
-    log.info("training PTM %s (epochs %s)", spec.key(max(epochs_to_save)), epochs_to_save)
-    keys = []
-    for e, (state, acc) in pretrain(spec, epochs_to_save, data, progress).items():
-        meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc,
-                "run_id": spec.run_id, "spec": spec.identity(),
-                "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
-        store.save(spec.key(e), state, meta)
-        keys.append(spec.key(e))
-    store.count(trainings=1)
-    return keys
+def load_checked(store: CheckpointStore, key: str) -> Checkpoint | None:
+    """The checkpoint if the store has it intact; None if it is missing or fails its sha256
+    check, in which case it is quarantined (never loaded) so that it is trained again."""
+    if not store.has(key):
+        return None
+    try:
+        return store.load(key)
+    except IntegrityError as e:
+        log.warning("%s", e)
+        store.quarantine(key)
+        return None
+
+
+def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
+              data: ImageData | Callable[[], ImageData], progress: bool = False) -> list[str]:
+    """Pretrain ``spec`` and save every requested epoch the store does not have yet; returns the
+    keys written. Under the run's store lock, so that processes sharing a local store (two
+    studies, each with its own Ray) train a run once: the second finds the epochs written and
+    returns [] without training. ``data`` may be a callable, called only when training."""
+    with store.lock(f"train-{spec.run_id}"):
+        missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
+        if not missing:
+            return []
+        data = data() if callable(data) else data
+        log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
+        keys = []
+        for e, (state, acc) in pretrain(spec, missing, data, progress).items():
+            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc,
+                    "run_id": spec.run_id, "spec": spec.identity(),
+                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
+            store.save(spec.key(e), state, meta)
+            keys.append(spec.key(e))
+        store.count(trainings=1)
+        return keys
 
 
 def load_ptm(ckpt: Checkpoint, device) -> PTM:

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 import torch
 
+from .pool import load_checked
 from .store import Checkpoint, CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ def _train_run(uri: str, spec, epochs: list[int]) -> list[str]:
     from .pipeline import pick_device
     from .pool import PTM_DATA_SEED, train_run
 
-    data = load_data(spec.source, PTM_DATA_SEED).to(pick_device("auto"))
+    def data():
+        return load_data(spec.source, PTM_DATA_SEED).to(pick_device("auto"))
+
     return train_run(CheckpointStore(uri), spec, epochs, data, progress=False)
 
 
@@ -66,30 +69,32 @@ class StoreActor:
 
     async def fetch(self, spec, epoch: int, epochs_to_save: list[int]) -> tuple[dict, ray.ObjectRef, str]:
         """(metadata, ref to {name: ndarray}, outcome) for epoch ``epoch`` of run ``spec``;
-        outcome is ``hit``, ``trained`` (this call started the training) or ``shared``."""
+        outcome is ``hit``, ``trained`` (this call started the training) or ``shared``. A stored
+        checkpoint that fails its sha256 check is quarantined and trained again, never served."""
         key = spec.key(epoch)
+        epochs_to_save = sorted({*epochs_to_save, epoch})
         outcome = "hit"
-        while not self.store.has(key):
+        while (ckpt := load_checked(self.store, key)) is None:
             run = self.inflight.get(spec.run_id)
             if run is None or epoch not in run[1]:
                 if run is not None:  # a run under way that will not save this epoch: let it finish
                     await asyncio.wait([asyncio.ensure_future(_await(run[0]))])
                     continue
                 ref = _train_run.options(**self.train_options, scheduling_strategy=_outside_placement_groups()
-                                         ).remote(self.uri, spec, sorted(set(epochs_to_save)))
+                                         ).remote(self.uri, spec, epochs_to_save)
                 self.inflight[spec.run_id] = (ref, set(epochs_to_save))
-                outcome = "trained"
+                starter = True
             else:
-                ref = run[0]
-                outcome = "shared" if outcome == "hit" else outcome
+                ref, starter = run[0], False
             try:
-                await ref
+                written = await ref  # [] when another process had trained it (the store's lock)
             finally:
                 if self.inflight.get(spec.run_id, (None,))[0] is ref:
                     del self.inflight[spec.run_id]
+            if outcome == "hit" and written:
+                outcome = "trained" if starter else "shared"
         if outcome != "trained":
             self.store.count(hits=1)
-        ckpt = self.store.load(key)  # sha256-checked
         arrays = {k: v.numpy() for k, v in ckpt.tensors.items()}
         return ckpt.meta, ray.put(arrays), outcome
 

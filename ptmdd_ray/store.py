@@ -13,11 +13,14 @@ place (local) or committed on close (object stores), so a crash never leaves a h
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +71,8 @@ class CheckpointStore:
         except Exception as e:  # pyarrow raises several types for bad URIs
             raise StoreError(f"store: cannot open {uri!r}: {e}") from None
         self.uri = uri
-        self.root = root.rstrip("/") + "/ptm"
+        self.base = root.rstrip("/")
+        self.root = self.base + "/ptm"
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # -- paths
@@ -99,8 +103,34 @@ class CheckpointStore:
             raise StoreError(f"store: cannot write {path}: {e.strerror or e}") from None
 
     def _read(self, path: str) -> bytes:
+        if self._local:  # a file planted as a symlink must not make the store read outside itself
+            real, base = os.path.realpath(path), os.path.realpath(self.base)
+            if not real.startswith(base + os.sep):
+                raise IntegrityError(f"store: {path} resolves to {real}, outside the store root {base}")
         with self.fs.open_input_stream(path) as f:
             return f.read()
+
+    @contextlib.contextmanager
+    def lock(self, name: str):
+        """Exclusive lock on ``name`` across the processes of this machine (flock on
+        ``<root>/locks/<name>.lock``; the kernel drops it if its holder dies, so a crash never
+        leaves a stale lock). Two studies with their own local Ray share a local store safely
+        this way. Object stores have no such lock: share one through one Ray cluster, whose
+        store actor is the single flight."""
+        if not self._local:
+            yield
+            return
+        locks = f"{self.base}/locks"
+        try:
+            os.makedirs(locks, exist_ok=True)
+            fd = os.open(f"{locks}/{check_key(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"store: cannot lock {name} under {locks}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # -- API
     def has(self, key: str) -> bool:
@@ -132,6 +162,19 @@ class CheckpointStore:
             raise IntegrityError(f"checkpoint {key}: sha256 mismatch for {path} (file altered or truncated)")
         return Checkpoint(key, st_load(payload), meta)
 
+    def quarantine(self, key: str) -> str:
+        """Move a checkpoint that failed its check out of the way (marker first, so it is absent
+        at once) into ``<root>/quarantine/`` for inspection; returns where it went."""
+        dest = f"{self.base}/quarantine"
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{uuid.uuid4().hex[:6]}"
+        self.fs.create_dir(dest, recursive=True)
+        for ext in ("json", "safetensors"):
+            p = self._path(key, ext)
+            if self.fs.get_file_info(p).type != pafs.FileType.NotFound:
+                self.fs.move(p, f"{dest}/{key}.{stamp}.{ext}")
+        log.warning("checkpoint %s failed its integrity check; moved to %s", key, dest)
+        return dest
+
     def delete(self, key: str) -> None:
         for ext in ("json", "safetensors"):  # marker first: a half-deleted checkpoint is absent
             p = self._path(key, ext)
@@ -151,7 +194,7 @@ class CheckpointStore:
 
     # -- life-time counters (trainings run, checkpoints served from the store), in counters.json
     def _counters_path(self) -> str:
-        return self.root.rsplit("/", 1)[0] + "/counters.json"
+        return self.base + "/counters.json"
 
     def counters(self) -> dict[str, int]:
         try:
@@ -163,10 +206,11 @@ class CheckpointStore:
     def count(self, trainings: int = 0, hits: int = 0) -> None:
         """Add to the life-time counters (read-modify-write; the store actor is the one writer
         when the store is shared through Ray)."""
-        c = self.counters()
-        c["trainings"] += trainings
-        c["hits"] += hits
-        self._write_atomic(self._counters_path(), json.dumps(c).encode(), create=self.root.rsplit("/", 1)[0])
+        with self.lock("counters"):
+            c = self.counters()
+            c["trainings"] += trainings
+            c["hits"] += hits
+            self._write_atomic(self._counters_path(), json.dumps(c).encode(), create=self.base)
 
     def stats(self) -> dict[str, int]:
         metas = self.ls()

@@ -149,6 +149,10 @@ def optuna_space(search: dict[str, dict[str, list[Any]]]) -> dict:
     return space
 
 
+class TrialFailed(RuntimeError):
+    """A trial that failed deterministically in an earlier attempt (its reason repeated)."""
+
+
 def _PruningAwareOptunaSearch(**kwargs):
     """Ray's OptunaSearch, except that a trial stopped by the scheduler before its final
     evaluation is told to Optuna as PRUNED (Ray would record its last intermediate accuracy as the
@@ -206,6 +210,21 @@ def _open_parent(tracking, mlflow_uri: str, spec: StudyConfig, swept: list[str],
     return parent
 
 
+def _close(tracking, mlflow_uri: str, parent: str, status: str, results_dir: Path, exp_path: Path) -> None:
+    """Log what trials could not (MLflow away mid-study) and close the parent run; if MLflow is
+    still away, leave both to ``ptmdd report --sync`` (the parent record says how to close it)."""
+    try:
+        synced = tracking.sync_pending(mlflow_uri, results_dir)
+        if synced:
+            log.info("logged %d trial(s) that finished while MLflow was unreachable", synced)
+        tracking.close_parent(mlflow_uri, parent, status)
+    except Exception as e:  # noqa: BLE001 - the tracking server is away; nothing is lost
+        record = exp_path / "mlflow_parent.json"
+        write_json(record, {**json.loads(record.read_text()), "close": status})
+        log.warning("MLflow unreachable at the end of the study (%s); results are in %s: run "
+                    "`ptmdd report %s --sync --mlflow-uri %s` once it is back", e, exp_path, exp_path.name, mlflow_uri)
+
+
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
               results: str = "runs/studies", resume: bool = False, search_trials: int = 0,
               optuna_storage: str | None = None, share_data: bool = True, prune: bool = False) -> dict[str, Any]:
@@ -225,6 +244,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
 
     from . import tracking
     from .data import ImageData, load_data
+    from .methods import DivergenceError
     from .pipeline import run_distill
     from .service import RayRepository
 
@@ -232,12 +252,15 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     first = study.trial_config(study.grid[0], 0)
     if prune and not (search_trials and first.eval.every > 0):
         raise ConfigError("prune: needs `ptmdd search` and base.eval.every > 0 (the evaluations to prune on)")
+    if mlflow_uri:
+        tracking.check_reachable(mlflow_uri)  # before anything is started or written
     results_dir = Path(results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
     # whatever directory the driver happens to run in); a server decides for itself.
     artifacts_uri = None if mlflow_uri else (results_dir / "mlartifacts").as_uri()
     mlflow_uri = mlflow_uri or tracking.default_tracking_uri(results_dir)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # an outage is handled, not waited out
     store_uri = store or str(Path(study.trial_config(study.grid[0], 0).store).resolve())
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
@@ -258,45 +281,43 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
 
     def trial(config: dict) -> None:
         ctx = tune.get_context()
-        key = trial_key(config)
-        done = tracking.claim_trial(mlflow_uri, parent, key)
+        run = tracking.TrialRun(mlflow_uri, parent, trial_key(config))
+        done, failed = run.claim()
         if done is not None:  # finished before a driver crash: report it, do not run it again
             tune.report({**done, "trial.reused": 1.0})
             return
+        if failed is not None:  # it would fail the same way again
+            raise TrialFailed(f"{failed} (an earlier attempt of this trial; not run again)")
         sample = config.get("sample", 0)
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
         cfg = replace(study.trial_config(overrides, sample), store=store_uri)
         out = Path(ctx.get_trial_dir()) / "out"
-        tags = {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.trial_key": key,
-                "ptmdd.swept": ",".join(swept), "ptmdd.sample": str(sample),
-                "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str)}
-        client, run_id = tracking.log_trial(mlflow_uri, parent, cfg, tags)
+        run.start(cfg, {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
+                        "ptmdd.sample": str(sample), "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str)})
+        memory: dict[str, float] = {}
+
+        def on_log(it: int, loss: float) -> None:  # sample memory while the data set is held
+            for k, v in memory_mb().items():
+                memory[k] = max(v, memory.get(k, 0.0))
+
+        def on_eval(it: int, acc: float) -> None:
+            tune.report({spec.metric: acc, "distill.iteration": it, "trial.final": 0.0})
+
         try:
             data = ImageData.from_arrays(ray.get(data_ref)) if data_ref is not None else None
-
-            def on_eval(it: int, acc: float) -> None:
-                tune.report({spec.metric: acc, "distill.iteration": it, "trial.final": 0.0})
-
-            memory: dict[str, float] = {}
-
-            def on_log(it: int, loss: float) -> None:  # sample memory while the data set is held
-                for k, v in memory_mb().items():
-                    memory[k] = max(v, memory.get(k, 0.0))
-
             result = run_distill(cfg, out, progress=False, on_log=on_log, repo=RayRepository(store_uri), data=data,
                                  on_eval=on_eval if spec.metric.startswith("acc.") else None)
             on_log(-1, 0.0)
-            metrics = {**tracking.metrics_of(result), **memory, "trial.final": 1.0}
-            tracking.log_result(client, run_id, result, out, extra=memory)
-            client.set_terminated(run_id, "FINISHED")
+            run.finish(result, out, memory)
         except SystemExit:  # how Tune ends a trial its scheduler stopped (pruning)
-            client.set_tag(run_id, "ptmdd.stopped", "pruned by the scheduler on its intermediate evaluations")
-            client.set_terminated(run_id, "KILLED")
+            run.end("KILLED", {"ptmdd.stopped": "pruned by the scheduler on its intermediate evaluations"})
             raise
         except BaseException as e:
-            tracking.fail_stale(client, run_id, f"{type(e).__name__}: {e}"[:1000])
+            run.end("FAILED", {"ptmdd.failure": f"{type(e).__name__}: {e}"[:1000],
+                               **({"ptmdd.deterministic": "true"} if isinstance(e, (DivergenceError, ConfigError))
+                                  else {})})
             raise
-        tune.report(metrics)
+        tune.report({**tracking.metrics_of(result), **memory, "trial.final": 1.0, "mlflow.logged": float(run.online)})
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if search_trials:
@@ -330,10 +351,10 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                           verbose=1))
         grid = tuner.fit()
     except BaseException:
-        tracking.close_parent(mlflow_uri, parent, "FAILED")
+        _close(tracking, mlflow_uri, parent, "FAILED", results_dir, exp_path)
         raise
     errors = [r for r in grid if r.error is not None]
-    tracking.close_parent(mlflow_uri, parent, "FAILED" if errors else "FINISHED")
+    _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results_dir, exp_path)
     rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
              "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric),
              "pruned": r.error is None and not (r.metrics or {}).get("trial.final")} for r in grid]

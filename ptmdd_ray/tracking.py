@@ -8,16 +8,38 @@ results (``<results>/mlflow.db``); ``--mlflow-uri`` points at a server.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, flatten
+from .config import Config, ConfigError, flatten
+
+log = logging.getLogger(__name__)
+
+PENDING = "mlflow_pending.json"  # beside a trial's result.json: finished while MLflow was away
 
 
 def default_tracking_uri(results: str | Path) -> str:
     return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
+
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail before any trial runs when a tracking server does not answer (a ConfigError naming
+    the URI). Any HTTP answer counts, 401 from an auth proxy included."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"mlflow-uri: cannot reach the MLflow server at {tracking_uri} ({reason})") from None
 
 
 def git_commit() -> str:
@@ -97,16 +119,21 @@ def children(client, experiment_id: str, parent_id: str, status: str | None = No
     return client.search_runs([experiment_id], " and ".join(where), max_results=50000)
 
 
-def fail_stale(client, run_id: str, reason: str) -> None:
+def fail_stale(client, run_id: str, reason: str, deterministic: bool = False) -> None:
+    """Mark a run FAILED with its reason; ``deterministic`` failures (a diverging distillation, an
+    invalid config) would fail again the same way, so retries of the trial do not re-run them."""
     client.set_tag(run_id, "ptmdd.failure", reason)
+    if deterministic:
+        client.set_tag(run_id, "ptmdd.deterministic", "true")
     client.set_terminated(run_id, "FAILED")
 
 
-def claim_trial(tracking_uri: str, parent_id: str, trial_key: str) -> dict[str, float] | None:
-    """Before a trial attempt runs: the metrics of an earlier FINISHED run of the same trial (then
-    the attempt reports them instead of running again: a resumed study never repeats finished
-    work), else None. Runs of this trial still RUNNING are dead attempts (Tune runs one attempt of
-    a trial at a time) and are marked FAILED, so a trial ends with exactly one FINISHED run."""
+def claim_trial(tracking_uri: str, parent_id: str, trial_key: str) -> tuple[dict[str, float] | None, str | None]:
+    """Before a trial attempt runs: (metrics of an earlier FINISHED run of the same trial, reason
+    of an earlier deterministic failure of it). With metrics the attempt reports them instead of
+    running again (a resumed study never repeats finished work); with a reason it fails at once.
+    Runs of this trial still RUNNING are dead attempts (Tune runs one attempt of a trial at a time)
+    and are marked FAILED, so a trial ends with exactly one FINISHED run."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -114,11 +141,13 @@ def claim_trial(tracking_uri: str, parent_id: str, trial_key: str) -> dict[str, 
     runs = children(client, exp_id, parent_id, trial_key=trial_key)
     for r in runs:
         if r.info.status == "FINISHED":
-            return dict(r.data.metrics)
+            return dict(r.data.metrics), None
     for r in runs:
         if r.info.status == "RUNNING":
             fail_stale(client, r.info.run_id, "its worker died mid-trial (found RUNNING by the retry)")
-    return None
+        elif r.info.status == "FAILED" and r.data.tags.get("ptmdd.deterministic") == "true":
+            return None, r.data.tags.get("ptmdd.failure", "failed")
+    return None, None
 
 
 def close_parent(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -165,3 +194,87 @@ def log_result(client, run_id: str, result: dict[str, Any], out_dir: Path,
     for name in ("synthetic.parquet", "synthetic.png", "result.json", "pool.json"):
         if (out_dir / name).exists():
             client.log_artifact(run_id, str(out_dir / name))
+
+
+class TrialRun:
+    """A trial's child run that survives an MLflow outage: when a call fails (server away), the
+    run goes offline and the trial carries on; its result stays in ``result.json`` (and in Tune's
+    results) with a ``mlflow_pending.json`` beside it, which :func:`sync_pending` (run by the
+    study's driver at its end and by ``ptmdd report --sync``) logs once MLflow is back."""
+
+    def __init__(self, tracking_uri: str, parent_id: str, trial_key: str):
+        # an outage should cost a trial seconds, not MLflow's default minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        self.uri, self.parent, self.key = tracking_uri, parent_id, trial_key
+        self.client, self.run_id, self.online = None, None, True
+
+    def _try(self, what: str, fn, *args, **kwargs):
+        if not self.online:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of the tracking server
+            log.warning("MLflow unreachable (%s: %s); the trial goes on, its result will be synced", what, e)
+            self.online = False
+            return None
+
+    def claim(self) -> tuple[dict[str, float] | None, str | None]:
+        return self._try("claim", claim_trial, self.uri, self.parent, self.key) or (None, None)
+
+    def start(self, cfg: Config | dict, tags: dict[str, str]) -> None:
+        self.tags = {**tags, "ptmdd.trial_key": self.key}
+        opened = self._try("start", log_trial, self.uri, self.parent, cfg, self.tags)
+        if opened:
+            self.client, self.run_id = opened
+
+    def finish(self, result: dict[str, Any], out: Path, extra: dict[str, float]) -> None:
+        if self.run_id:
+            self._try("log", log_result, self.client, self.run_id, result, out, extra)
+            self._try("finish", self.client.set_terminated, self.run_id, "FINISHED")
+        if not self.online:
+            from .artifacts import write_json
+
+            write_json(out / PENDING, {"parent": self.parent, "run_id": self.run_id, "tags": self.tags,
+                                       "extra": extra})
+
+    def end(self, status: str, tags: dict[str, str]) -> None:
+        if self.run_id:
+            for k, v in tags.items():
+                self._try("tag", self.client.set_tag, self.run_id, k, v)
+            self._try("end", self.client.set_terminated, self.run_id, status)
+
+
+def sync_pending(tracking_uri: str, results: str | Path) -> int:
+    """Log the trials that finished while MLflow was unreachable (their ``mlflow_pending.json``
+    under ``results``), each as the FINISHED child run of its parent unless one already exists;
+    then close a parent run its driver could not close. Returns the number of runs logged."""
+    import mlflow
+
+    from .artifacts import write_json
+
+    client = mlflow.MlflowClient(tracking_uri)
+    logged = 0
+    for marker in sorted(Path(results).glob(f"*/*/out/{PENDING}")):
+        pending = json.loads(marker.read_text())
+        out = marker.parent
+        result = json.loads((out / "result.json").read_text())
+        parent = client.get_run(pending["parent"])
+        key = pending["tags"]["ptmdd.trial_key"]
+        if not children(client, parent.info.experiment_id, parent.info.run_id, status="FINISHED", trial_key=key):
+            run_id = pending.get("run_id")
+            if run_id is None:
+                _, run_id = log_trial(tracking_uri, parent.info.run_id, result["config"], pending["tags"])
+            log_result(client, run_id, result, out, pending.get("extra"))
+            client.set_tag(run_id, "ptmdd.synced", "true")
+            client.set_terminated(run_id, "FINISHED")
+            logged += 1
+        elif pending.get("run_id"):  # the trial's retry logged it meanwhile; this attempt's run is spare
+            fail_stale(client, pending["run_id"], "superseded by another attempt of the trial")
+        marker.unlink()
+    for record in Path(results).glob("*/mlflow_parent.json"):
+        saved = json.loads(record.read_text())
+        if saved.get("close") and saved.get("tracking_uri") == tracking_uri:
+            close_parent(tracking_uri, saved["run_id"], saved.pop("close"))
+            write_json(record, saved)
+    return logged

@@ -74,7 +74,40 @@ def test_tampered_pool_checkpoint_is_not_loaded(tmp_path):
     raw[-3] ^= 0x01
     path.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError, match=key):
-        resolve_pool(cfg, data, DEVICE, progress=False)
+        CheckpointStore(cfg.store).load(key)
+    pool = resolve_pool(cfg, data, DEVICE, progress=False)  # quarantined, never loaded, trained again
+    assert pool.trainings == 1 and pool.hits == 0
+    CheckpointStore(cfg.store).load(key)  # intact again
+    quarantined = sorted(p.name for p in (tmp_path / "store" / "quarantine").iterdir())
+    assert len(quarantined) == 2 and all(n.startswith(key) for n in quarantined)
+    assert bytes(raw) in [(tmp_path / "store" / "quarantine" / n).read_bytes() for n in quarantined]
+
+
+def _train_in_process(store_root, spec, epochs, out):
+    from ptmdd_ray.pool import train_run
+
+    data = load_data(spec.source)
+    written = train_run(CheckpointStore(store_root), spec, epochs, data)
+    out.put(len(written))
+
+
+def test_processes_sharing_a_local_store_train_a_run_once(tmp_path):
+    """Two processes (say two studies, each with its own Ray) ask for the same missing run at
+    once: the store's lock lets one train it; the other finds it written and trains nothing."""
+    import multiprocessing as mp
+
+    cfg = _cfg(tmp_path, seeds=1)
+    spec = pool_specs(cfg)[0]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_train_in_process, args=(cfg.store, spec, [1, 3], out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(out.get() for _ in procs) == [0, 2]
+    assert CheckpointStore(cfg.store).stats()["trainings"] == 1
 
 
 def test_clom_needs_the_target_label_space(tmp_path):

@@ -125,3 +125,28 @@ def test_gc_removes_temporaries_orphans_and_corrupt_checkpoints(tmp_path):
     assert store.gc() == {"temporary": 1, "orphaned": 1, "corrupt": 1}
     assert sorted(p.name for p in ptm.iterdir()) == ["good.json", "good.safetensors"]
     assert store.load("good").tensors["w"].shape == (2, 3)
+
+
+def test_a_symlink_planted_in_the_store_is_not_followed_outside(tmp_path):
+    store = CheckpointStore(tmp_path / "store")
+    store.save("k1", _tensors(), {})
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"sha256": "x"}')
+    link = tmp_path / "store" / "ptm" / "k2.json"
+    link.symlink_to(secret)
+    with pytest.raises(IntegrityError, match="outside the store root"):
+        store.load("k2")
+    store.load("k1")  # real files still load
+
+
+def test_counters_are_not_lost_under_concurrent_writers(tmp_path):
+    import threading
+
+    store = CheckpointStore(tmp_path / "store")
+    threads = [threading.Thread(target=lambda: [CheckpointStore(tmp_path / "store").count(hits=1)
+                                                for _ in range(20)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.counters()["hits"] == 80

@@ -4,6 +4,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -291,3 +293,99 @@ def test_search_prunes_trailing_trials_on_intermediate_evaluations(tmp_path):
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) == 6 - pruned
     assert all(len(client.get_metric_history(r.info.run_id, "acc.intermediate")) == 2 for r in finished)
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
+    study = {**STUDY, "sweep": {"distill.lr_img": {"grid": [1.0, 1e30]}}, "matrix": None, "max_failures": 2}
+    study["base"] = {**STUDY["base"], "loss": {"clom": 0.0}}
+    path = _write(tmp_path, study)
+    proc = subprocess.run(_study_cmd(path, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "2 trials, 1 failed" in proc.stdout, proc.stderr[-3000:]
+    parents, children = _children(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    assert parents[0].info.status == "FAILED"
+    assert [r.data.params["distill.lr_img"] for r in children if r.info.status == "FINISHED"] == ["1.0"]
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 1  # the retries saw the deterministic failure and did not run it again
+    assert failed[0].data.tags["ptmdd.failure"].startswith("DivergenceError: distillation diverged")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_mlflow_server_is_a_clear_error_before_anything_runs(tmp_path):
+    path = _write(tmp_path, STUDY)
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.run(_study_cmd(path, tmp_path, "--mlflow-uri", url), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"mlflow-uri: cannot reach the MLflow server at {url}" in lines[0]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "store").exists()
+
+
+def _mlflow_server(tmp_path, port):
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return proc
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_mlflow_going_away_mid_study_loses_no_result(tmp_path):
+    """The MLflow server dies after the first trial: the study completes, the other trials keep
+    their results (Tune, result.json), and `ptmdd report --sync` logs them once it is back: one
+    FINISHED run per trial, the parent closed."""
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [0.0, 10.0, 30.0]}}, "max_concurrent": 1}
+    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 60}}
+    path = _write(tmp_path, study)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    try:
+        proc = subprocess.Popen(_study_cmd(path, tmp_path, "--mlflow-uri", url), cwd=tmp_path,
+                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(lambda: any(r.info.status == "FINISHED" for r in _children(url)[1]), proc)
+            _stop(server)
+            out, err = proc.communicate(timeout=600)
+        finally:
+            _stop(proc)
+        assert proc.returncode == 0 and "3 trials, 0 failed" in out, err[-3000:]
+        assert "report" in err and "--sync" in err  # the driver says how to log what is pending
+        pending = list((tmp_path / "results").glob("tiny/*/out/mlflow_pending.json"))
+        assert 1 <= len(pending) <= 2
+        server = _mlflow_server(tmp_path, port)
+        rep = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "report", "tiny", "--sync", "--mlflow-uri", url,
+                              "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")],
+                             capture_output=True, text=True, timeout=300)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert f"synced {len(pending)} trial run(s)" in rep.stdout
+        parents, children = _children(url)
+        finished = [r for r in children if r.info.status == "FINISHED"]
+        assert sorted(r.data.params["loss.clom"] for r in finished) == ["0.0", "10.0", "30.0"]
+        assert len({r.data.tags["ptmdd.trial_key"] for r in finished}) == 3
+        assert all("acc.mean" in r.data.metrics for r in finished)
+        assert parents[0].info.status == "FINISHED"
+        assert not list((tmp_path / "results").glob("tiny/*/out/mlflow_pending.json"))
+    finally:
+        _stop(server)

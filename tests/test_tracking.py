@@ -17,16 +17,19 @@ def _trial(uri, parent, key):
 
 def test_claim_reuses_a_finished_run_and_fails_dead_attempts(uri):
     parent = tracking.start_parent(uri, "exp", {"ptmdd.study": "exp"})
-    assert tracking.claim_trial(uri, parent, "k1") is None  # never run
+    assert tracking.claim_trial(uri, parent, "k1") == (None, None)  # never run
     client, dead = _trial(uri, parent, "k1")  # an attempt whose worker died: left RUNNING
-    assert tracking.claim_trial(uri, parent, "k1") is None
+    assert tracking.claim_trial(uri, parent, "k1") == (None, None)
     assert client.get_run(dead).info.status == "FAILED"
     assert "worker died" in client.get_run(dead).data.tags["ptmdd.failure"]
     _, ok = _trial(uri, parent, "k1")
     client.log_metric(ok, "acc.mean", 0.75)
     client.set_terminated(ok, "FINISHED")
-    assert tracking.claim_trial(uri, parent, "k1") == {"acc.mean": 0.75}
-    assert tracking.claim_trial(uri, parent, "k2") is None  # another trial is not confused with it
+    assert tracking.claim_trial(uri, parent, "k1") == ({"acc.mean": 0.75}, None)
+    assert tracking.claim_trial(uri, parent, "k2") == (None, None)  # another trial is not confused with it
+    _, diverged = _trial(uri, parent, "k2")
+    tracking.fail_stale(client, diverged, "DivergenceError: diverged at iteration 3", deterministic=True)
+    assert tracking.claim_trial(uri, parent, "k2") == (None, "DivergenceError: diverged at iteration 3")
     assert client.get_run(ok).data.params["dataset.name"] == "digits"
 
 
