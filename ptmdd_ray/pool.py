@@ -152,6 +152,7 @@ def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
     keys written. Under the run's store lock, so that processes sharing a local store (two
     studies, each with its own Ray) train a run once: the second finds the epochs written and
     returns [] without training. ``data`` may be a callable, called only when training."""
+    store.check_writable()
     with store.lock(f"train-{spec.run_id}"):
         missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
         if not missing:

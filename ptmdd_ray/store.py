@@ -110,6 +110,17 @@ class CheckpointStore:
         with self.fs.open_input_stream(path) as f:
             return f.read()
 
+    def check_writable(self) -> None:
+        """Fail early, with the store named, when checkpoints could not be written (a read-only or
+        missing location, no permission) rather than after a training."""
+        probe = f"{self.root}/.probe-{uuid.uuid4().hex}"
+        try:
+            self._write_atomic(probe, b"")
+            self.fs.delete_file(probe)
+        except (StoreError, OSError) as e:
+            reason = str(e).split(": ")[-1] if isinstance(e, StoreError) else (e.strerror or e)
+            raise StoreError(f"store: {self.uri} is not writable ({reason})") from None
+
     @contextlib.contextmanager
     def lock(self, name: str):
         """Exclusive lock on ``name`` across the processes of this machine (flock on

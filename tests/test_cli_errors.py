@@ -118,3 +118,41 @@ def test_evaluate_not_parquet(tmp_path):
     path = tmp_path / "junk.parquet"
     path.write_bytes(b"not a parquet file at all")
     assert_one_line_error(ptmdd(tmp_path, "evaluate", str(path)), "junk.parquet")
+
+
+PRETRAIN = ["pretrain", "--set", "dataset.name=digits", "--set", "dataset.im_size=8", "--set", "pool.archs=[ConvNetW32]",
+            "--set", "pool.seeds=1", "--set", "pool.epoch=1"]
+
+
+def _store_files(store: Path) -> list[str]:
+    return sorted(p.name for p in (store / "ptm").iterdir()) if (store / "ptm").exists() else []
+
+
+def test_a_read_only_store_is_named_before_any_training(tmp_path):
+    (tmp_path / "ro").write_text("a file where the store directory should be")  # fails for root too
+    proc = ptmdd(tmp_path, *PRETRAIN, "--set", f"store={tmp_path / 'ro'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ptmdd: error:")]
+    assert len(lines) == 1 and f"store: {tmp_path / 'ro'} is not writable" in lines[0]
+    assert "training PTM" not in proc.stderr
+
+
+def test_disk_full_mid_checkpoint_leaves_nothing_half_written(tmp_path):
+    """The file-size limit makes the checkpoint's write fail part-way, as a full disk does: one
+    error line naming the file, exit 1, and no checkpoint or temporary file left in the store."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    store = tmp_path / "store"
+    proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", *PRETRAIN, "--set", f"store={store}"], cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ptmdd: error:")]
+    assert len(lines) == 1 and "store: cannot write" in lines[0] and ".safetensors" in lines[0]
+    assert _store_files(store) == []
+    assert ptmdd(tmp_path, *PRETRAIN, "--set", f"store={store}").returncode == 0  # space back: it trains
+    assert len(_store_files(store)) == 2

@@ -71,3 +71,28 @@ def test_pipeline_resolves_a_pool_through_the_actor(local_ray, tmp_path):
         sa, sb = a.model.state_dict(), b.model.state_dict()
         assert all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa)
     ray.kill(repo.actor)
+
+
+def test_the_actor_never_serves_a_corrupt_checkpoint(local_ray, tmp_path):
+    cfg = _cfg(tmp_path)
+    spec = pool_specs(cfg)[0]
+    actor = get_store_actor(cfg.store)
+    ray.get(actor.fetch.remote(spec, 1, [1]))
+    path = tmp_path / "store" / "ptm" / f"{spec.key(1)}.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # truncated on disk
+    meta, ref, outcome = ray.get(actor.fetch.remote(spec, 1, [1]))
+    assert outcome == "trained"  # quarantined and trained again, not served
+    CheckpointStore(cfg.store).load(spec.key(1))  # intact again
+    assert len(list((tmp_path / "store" / "quarantine").iterdir())) == 2
+    ray.kill(actor)
+
+
+def test_fifty_concurrent_pool_requests_are_served(local_ray, tmp_path):
+    cfg = _cfg(tmp_path, seeds=2)
+    specs = pool_specs(cfg)
+    actor = get_store_actor(cfg.store)
+    results = ray.get([actor.fetch.remote(specs[i % 2], 1, [1]) for i in range(50)])
+    assert sorted(r[2] for r in results).count("trained") == 2
+    assert all(r[0]["key"] in (specs[0].key(1), specs[1].key(1)) for r in results)
+    assert CheckpointStore(cfg.store).stats()["trainings"] == 2
+    ray.kill(actor)
