@@ -389,3 +389,27 @@ def test_mlflow_going_away_mid_study_loses_no_result(tmp_path):
         assert not list((tmp_path / "results").glob("tiny/*/out/mlflow_pending.json"))
     finally:
         _stop(server)
+
+
+@pytest.mark.slow
+def test_two_studies_at_once_share_a_store_without_training_twice(tmp_path):
+    """Two drivers, each with its own local Ray (so two store actors), on one store: the store's
+    lock makes each PTM run train once; both studies complete and the counters add up."""
+    from ptmdd_ray.store import CheckpointStore
+
+    study = {**STUDY, "base": {**STUDY["base"], "pool": {"archs": ["ConvNetW32"], "seeds": 2, "epoch": 2}}}
+    path = _write(tmp_path, study)
+    procs = [subprocess.Popen([sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results",
+                               str(tmp_path / f"results{i}"), "--store", str(tmp_path / "store")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            _stop(p)
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "2 trials, 0 failed" in out, err[-3000:]
+    stats = CheckpointStore(tmp_path / "store").stats()
+    assert stats["trainings"] == 2 and stats["checkpoints"] == 2  # two seeds, each trained once
+    assert stats["hits"] == 2 * 2 - 2  # two pool trials x two PTMs, less the two trainings

@@ -1,0 +1,24 @@
+"""Load (slow, ~5 min): a 100-trial study on the local Ray records every trial exactly once in
+MLflow and the store serves 50 concurrent pool requests; the figures come from the same script,
+``bench/bench_load.py``, which prints them."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_hundred_trial_study_and_fifty_concurrent_pool_requests(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_load.py"), "--trials", "100", "--requests", "50",
+                           "--out", str(tmp_path / "load")], capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    study = report["study"]
+    assert study["trials"] == study["finished_runs"] == study["distinct_trials"] == 100 and study["errors"] == 0
+    assert study["ptm_trainings"] == 2 and study["ptm_hits"] == 198  # 100 trials x 2 PTMs, 2 trained
+    requests = report["store_requests"]
+    assert requests["trainings"] == 2 and requests["warm"]["max_ms"] > 0
