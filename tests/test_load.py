@@ -16,7 +16,7 @@ def test_a_hundred_trial_study_and_fifty_concurrent_pool_requests(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_load.py"), "--trials", "100", "--requests", "50",
                            "--out", str(tmp_path / "load")], capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:])  # the JSON the script prints last
     study = report["study"]
     assert study["trials"] == study["finished_runs"] == study["distinct_trials"] == 100 and study["errors"] == 0
     assert study["ptm_trainings"] == 2 and study["ptm_hits"] == 198  # 100 trials x 2 PTMs, 2 trained
