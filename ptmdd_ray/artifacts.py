@@ -72,11 +72,16 @@ def read_synthetic(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[s
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None or not {"label", "pixels"} <= set(table.column_names):
         raise ConfigError(f"synthetic: {path} is not a ptmdd synthetic set (needs label, pixels and metadata)")
-    meta = json.loads(raw)
-    shape = [int(s) for s in meta["shape"]]
-    pixels = table.column("pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    images = torch.from_numpy(np.asarray(pixels, np.float32).copy()).reshape(-1, *shape)
-    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+    try:  # the metadata is JSON and the columns plain numbers: nothing here can run code
+        meta = json.loads(raw)
+        shape = [int(s) for s in meta["shape"]]
+        pixels = table.column("pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        images = torch.from_numpy(np.asarray(pixels, np.float32).copy()).reshape(-1, *shape)
+        labels = torch.from_numpy(np.array(table.column("label").to_numpy(zero_copy_only=False), np.int64))
+    except Exception as e:  # noqa: BLE001 - any malformed content is the same bad input
+        raise ConfigError(f"synthetic: {path} has malformed content ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if len(labels) != len(images):
+        raise ConfigError(f"synthetic: {path} has {len(labels)} labels for {len(images)} images")
     return images, labels, meta
 
 
