@@ -33,3 +33,20 @@ def test_rayjob_runs_a_study_on_the_pinned_ray_with_token_auth():
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0-py311-gpu" in dockerfile
+
+
+def test_servers_bind_to_loopback_unless_a_comment_says_why():
+    """README commands start servers on 127.0.0.1; a 0.0.0.0 bind in docker/ (inside a container
+    network) always comes with the comment that says where it is published and how it is guarded."""
+    readme = (ROOT / "README.md").read_text()
+    for line in readme.splitlines():
+        if "mlflow server" in line and "--host" in line:
+            assert "--host 127.0.0.1" in line, line
+        if "ray start --head" in line:
+            assert "--dashboard-host=127.0.0.1" in line, line
+    for f in sorted((ROOT / "docker").glob("*.yaml")):
+        lines = f.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "0.0.0.0" in line and not line.lstrip().startswith("#"):
+                context = "\n".join(lines[max(0, i - 4):i])
+                assert "127.0.0.1" in context or "ClusterIP" in context or "port-forward" in context, (f.name, line)
