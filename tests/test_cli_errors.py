@@ -59,6 +59,17 @@ def test_unknown_nested_key_in_yaml_file(tmp_path):
     ("dataset.name=parquet:/does/not/exist.parquet", "dataset.name"),
     ("pool.archs=[ConvNet", "pool.archs"),
     ("noequals", "noequals"),
+    ("distill.iterations=-1", "distill.iterations"),  # 0 is allowed: the initial set, undistilled
+    ("eval.epochs=-3", "eval.epochs"),
+    ("eval.runs=0", "eval.runs"),
+    ("pretrain.epochs=0", "pretrain.epochs"),
+    ("distill.ipc=two", "distill.ipc"),
+    ("dataset.domain=sepia", "dataset.domain"),
+    ("dataset.name=imagenet", "dataset.name"),
+    ("dataset.name=imagefolder:/does/not/exist", "dataset.name"),
+    ("pool.archs=[NoSuchNet]", "pool.archs"),
+    ("loss.cclom=.inf", "loss.cclom"),
+    ("eval.every=-1", "eval.every"),
 ])
 def test_bad_override(tmp_path, override, key):
     distill_fails(tmp_path, key, "--set", override)
@@ -156,3 +167,42 @@ def test_disk_full_mid_checkpoint_leaves_nothing_half_written(tmp_path):
     assert _store_files(store) == []
     assert ptmdd(tmp_path, *PRETRAIN, "--set", f"store={store}").returncode == 0  # space back: it trains
     assert len(_store_files(store)) == 2
+
+
+STUDY = {"name": "s", "base": {"dataset": {"name": "digits"}, "distill": {"ipc": 1, "iterations": 2},
+                                "pool": {"archs": ["ConvNetW32"]}},
+         "sweep": {"loss.clom": {"grid": [0.0, 1.0]}}}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"resources": {"cpu": -1}}, "resources"),
+    ({"resources": {"gpu": -0.5}}, "resources"),
+    ({"samples": 0}, "samples"),
+    ({"max_concurrent": 0}, "max_concurrent"),
+    ({"sweep": {"distill.nope": {"grid": [1]}}}, "sweep.distill.nope"),
+    ({"sweep": {"distill.ipc": {"grid": [1, -1]}}}, "distill.ipc"),
+    ({"search": {"loss.clom": {"uniform": [2.0, 1.0]}}}, "search.loss.clom"),
+    ({"search": {"loss.clom": {"loguniform": [0.0, 1.0]}}}, "search.loss.clom"),
+    ({"mode": "maximize"}, "mode"),
+    ({"matrix": "distill.ipc"}, "matrix"),
+    ({"unknown": 1}, "unknown"),
+    ({"base": {"distill": {"ipcc": 1}}}, "distill.ipcc"),
+])
+def test_bad_study_file(tmp_path, edit, needle):
+    import yaml
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**STUDY, **edit}))
+    results = tmp_path / "results"
+    assert_one_line_error(ptmdd(tmp_path, "study", "s.yaml", "--results", str(results)), needle)
+    assert not results.exists()
+
+
+def test_search_without_a_space_and_prune_without_evaluations(tmp_path):
+    import yaml
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(STUDY))
+    assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--results", "r"), "search")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**STUDY, "search": {"loss.clom": {"uniform": [0.0, 1.0]}}}))
+    assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--prune", "--results", "r"),
+                          "prune")
+    assert not (tmp_path / "r").exists()
