@@ -96,3 +96,20 @@ def test_fifty_concurrent_pool_requests_are_served(local_ray, tmp_path):
     assert all(r[0]["key"] in (specs[0].key(1), specs[1].key(1)) for r in results)
     assert CheckpointStore(cfg.store).stats()["trainings"] == 2
     ray.kill(actor)
+
+
+def test_a_request_in_flight_when_the_actor_dies_is_retried_and_completes(local_ray, tmp_path):
+    """Kill the actor while a request waits on a training: Ray restarts the actor and retries the
+    call (max_task_retries); the store's lock keeps the training from happening twice."""
+    import time
+
+    cfg = _cfg(tmp_path)
+    spec = pool_specs(cfg)[0]
+    actor = get_store_actor(cfg.store)
+    pending = actor.fetch.remote(spec, 3, [3])
+    time.sleep(1.0)  # the training task is under way
+    ray.kill(actor, no_restart=False)
+    meta, ref, outcome = ray.get(pending, timeout=300)
+    assert meta["epoch"] == 3 and ray.get(ref)
+    assert CheckpointStore(cfg.store).stats()["trainings"] == 1
+    ray.kill(get_store_actor(cfg.store))
