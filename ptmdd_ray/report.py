@@ -59,8 +59,89 @@ def collect(tracking_uri: str, study: str) -> tuple[Any, list[str], list[dict[st
     for c in children:
         point = json.loads(c.data.tags.get("ptmdd.point", "{}"))
         values = {k: label(point[k]) if k in point else c.data.params.get(k, "-") for k in swept}
-        rows.append({"values": values, "params": c.data.params, "metrics": c.data.metrics})
+        rows.append({"values": values, "params": c.data.params, "metrics": c.data.metrics, "point": point,
+                     "sample": c.data.tags.get("ptmdd.sample", "0")})
     return parent, swept, rows
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t confidence interval of the mean (None for fewer than 2 values)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return None
+    m, s = statistics.fmean(values), statistics.stdev(values)
+    h = stats.t.ppf(0.5 + level / 2, len(values) - 1) * s / len(values) ** 0.5
+    return m - h, m + h
+
+
+def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
+    """Paired comparison of a vs b over the samples (seeds) both have: mean difference, its 95%
+    interval and the two-sided paired t-test p-value. None with fewer than 2 pairs."""
+    from scipy import stats
+
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    d = [a[k] - b[k] for k in common]
+    mean = statistics.fmean(d)
+    sd = statistics.stdev(d)
+    if sd == 0:
+        p = 0.0 if mean != 0 else 1.0
+    else:
+        p = float(2 * stats.t.sf(abs(mean / (sd / len(d) ** 0.5)), len(d) - 1))
+    return {"n": len(d), "diff": mean, "ci": t_interval(d), "p": p}
+
+
+def verdict(test: dict[str, Any] | None, alpha: float = 0.05) -> str:
+    """holds (significantly better), does not hold (significantly worse) or inconclusive."""
+    if test is None:
+        return "inconclusive (fewer than 2 paired samples)"
+    if test["p"] < alpha:
+        return "holds" if test["diff"] > 0 else "does not hold (the opposite is significant)"
+    return "inconclusive at this scale"
+
+
+def per_sample(rows: list[dict[str, Any]], metric: str = "acc.mean") -> dict[str, float]:
+    """{sample: mean of ``metric`` over the rows of that sample}."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if metric in r["metrics"]:
+            by[r["sample"]].append(r["metrics"][metric])
+    return {k: statistics.fmean(v) for k, v in by.items()}
+
+
+def _fmt_test(t: dict[str, Any] | None) -> str:
+    if t is None:
+        return "-"
+    lo, hi = t["ci"] if t["ci"] else (float("nan"), float("nan"))
+    return f"{100 * t['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p={t['p']:.3g}"
+
+
+def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each claim of the study (parent tag ``ptmdd.claims``) tested on the finished trials."""
+    from .study import matches
+
+    claims = json.loads(parent.data.tags.get("ptmdd.claims") or "[]")
+    control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
+    out = []
+    for c in claims:
+        better = [r for r in rows if matches(r["point"], c["better"])]
+        if c["than"] == "random":
+            a, b = per_sample(better), per_sample(better, "baseline.random.mean")
+            than = "random real images"
+        else:
+            sel = control if c["than"] == "control" else c["than"]
+            a, b = per_sample(better), per_sample([r for r in rows if sel is not None and matches(r["point"], sel)
+                                                   and (c["than"] != "control" or r["point"] == control)])
+            than = "the plain method" if c["than"] == "control" else label(c["than"])
+        test = paired(a, b)
+        out.append({"claim": c["claim"], "better": label(c["better"]), "than": than, "test": test,
+                    "verdict": verdict(test), "acc": list(a.values()), "base": list(b.values())})
+    return out
 
 
 Group = tuple[str, str, list[float], list[float]]  # (value, other swept values, accs, baselines)
@@ -157,13 +238,34 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
-             "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed).", ""]
+             "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed); "
+             "95% t-intervals; differences are paired by sample (same seed) with a two-sided paired t-test.", ""]
     files = []
+    findings = claim_results(parent, rows)
+    if findings:
+        lines += ["## Findings", "", "| claim | better | than | n | acc. | than acc. | difference [95% CI], p | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {f['claim']} | {f['better']} | {f['than']} | {f['test']['n'] if f['test'] else len(f['acc'])} | "
+                  f"{_pm(f['acc'])} | {_pm(f['base'])} | {_fmt_test(f['test'])} | **{f['verdict']}** |" for f in findings]
+        lines.append("")
+    control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
+    plain = per_sample([r for r in rows if control is not None and r["point"] == control])
+    if parent.data.tags.get("ptmdd.control_added") == "true":
+        rows = [r for r in rows if r["point"] != control]
+        lines += [f"Plain method ({label(control)}): {_pm(list(plain.values()))} over {len(plain)} samples.", ""]
     by_axis = tables(swept, rows)
     for axis, groups in by_axis.items():
-        lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | synthetic acc. | random real |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {v} | {o or '-'} | {len(a)} | {_pm(a)} | {_pm(b)} |" for v, o, a, b in groups]
+        lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | synthetic acc. | 95% CI | random real | "
+                  "vs random real | vs plain method |", "|---|---|---|---|---|---|---|---|"]
+        for v, o, a, b in groups:
+            members = [r for r in rows if r["values"].get(axis, "-") == v and
+                       ", ".join(f"{k}={r['values'][k]}" for k in swept if k != axis) == o]
+            mine = per_sample(members)
+            ci = t_interval(a)
+            lines.append(f"| {v} | {o or '-'} | {len(a)} | {_pm(a)} | "
+                         f"{f'{100 * ci[0]:.2f}–{100 * ci[1]:.2f}' if ci else '-'} | {_pm(b)} | "
+                         f"{_fmt_test(paired(mine, per_sample(members, 'baseline.random.mean')))} | "
+                         f"{_fmt_test(paired(mine, plain)) if plain else '-'} |")
         lines.append("")
         png = out / f"acc_vs_{_safe(axis)}.png"
         _axis_plot(plt, study, axis, groups, png)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import write_json
-from .config import ConfigError, anchor_paths, build_config, flatten, from_dict, load_yaml, parse_override, set_dotted
+from .config import (ConfigError, anchor_paths, build_config, flatten, from_dict, load_yaml, parse_override,
+                     set_dotted, to_dict)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 class Resources:
     cpu: float = 1.0
     gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A finding the study tests: trials matching ``better`` (a subset of a grid point's
+    overrides) beat those matching ``than`` (overrides, ``control`` or ``random`` for the
+    random-real baseline), paired by sample. ``ptmdd report`` gives the verdict."""
+
+    claim: str = ""
+    better: dict[str, Any] = field(default_factory=dict)
+    than: dict[str, Any] | str = "control"
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,8 @@ class StudyConfig:
     max_concurrent: int = 2
     max_failures: int = 2
     matrix: str | None = None  # a swept key: `ptmdd report` draws it against the other swept keys
+    control: dict[str, Any] | None = None  # the plain method, run once per sample beside the grid
+    claims: list[Claim] = field(default_factory=list)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -57,11 +71,12 @@ class Study:
     spec: StudyConfig
     base: dict[str, Any]  # the core config mapping (validated)
     grid: list[dict[str, Any]]  # one dict of dotted overrides per grid point
+    control_added: bool = False  # the control is the last grid point, not one of the sweep's own
     cwd: str = field(default_factory=os.getcwd)  # where relative paths point (trials run elsewhere)
 
     def trial_config(self, overrides: dict[str, Any], sample: int):
         data = copy.deepcopy(self.base)
-        for k, v in overrides.items():
+        for k, v in copy.deepcopy(overrides).items():  # anchor_paths edits in place: not the grid's own
             set_dotted(data, k, v)
         data["seed"] = int(data.get("seed", 0)) + sample
         return build_config(anchor_paths(data, self.cwd))
@@ -99,7 +114,13 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
             _check(key in known, f"cases[{i}].{key}", "not a config key")
     grid = [dict(zip(axes, combo)) for combo in product(*axes.values())] if axes else [{}]
     grid = [{**case, **point} for case in (spec.cases or [{}]) for point in grid]
-    study = Study(spec, base, grid)
+    if spec.control is not None:
+        for key in spec.control:
+            _check(key in known, f"control.{key}", "not a config key")
+        added = spec.control not in grid
+        if added:
+            grid.append(dict(spec.control))
+    study = Study(spec, base, grid, control_added=spec.control is not None and added)
     for point in grid:
         try:
             study.trial_config(point, 0)
@@ -107,6 +128,16 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
             raise ConfigError(f"sweep point {point}: {e}") from None
     varied = set(axes) | {k for case in spec.cases for k in case}
     _check(spec.matrix is None or spec.matrix in varied, "matrix", f"{spec.matrix!r} is not a swept key")
+    for i, c in enumerate(spec.claims):
+        _check(bool(c.claim), f"claims[{i}].claim", "needs the finding in words")
+        for side in ("better", "than"):
+            sel = getattr(c, side)
+            if isinstance(sel, str):
+                _check(side == "than" and sel in ("control", "random"), f"claims[{i}].{side}",
+                       "expected overrides, control or random")
+                _check(sel != "control" or spec.control is not None, f"claims[{i}].than", "the study has no control")
+            else:
+                _check(any(matches(p, sel) for p in grid), f"claims[{i}].{side}", f"{sel} matches no grid point")
     for key, dist in spec.search.items():
         _check(key in known, f"search.{key}", "not a config key")
         _check(len(dist) == 1 and next(iter(dist)) in SEARCH_KINDS, f"search.{key}",
@@ -128,6 +159,16 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
             except ConfigError as e:
                 raise ConfigError(f"search.{key}: {v!r} gives an invalid config ({e})") from None
     return study
+
+
+def matches(point: dict[str, Any], selector: dict[str, Any]) -> bool:
+    """Whether a grid point has every override of ``selector`` (numbers compared as numbers)."""
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return float(a) == float(b)
+        return a == b
+
+    return all(k in point and same(point[k], v) for k, v in selector.items())
 
 
 SEARCH_KINDS = ("uniform", "loguniform", "int", "choice")
@@ -204,8 +245,11 @@ def _open_parent(tracking, mlflow_uri: str, spec: StudyConfig, swept: list[str],
         if saved.get("tracking_uri") == mlflow_uri and tracking.reopen_parent(mlflow_uri, saved["run_id"]):
             log.info("continuing MLflow parent run %s", saved["run_id"])
             return saved["run_id"]
-    parent = tracking.start_parent(mlflow_uri, spec.name, {"ptmdd.study": spec.name, "ptmdd.swept": ",".join(swept),
-                                                           "ptmdd.matrix": spec.matrix or ""}, artifacts_uri)
+    parent = tracking.start_parent(mlflow_uri, spec.name, {
+        "ptmdd.study": spec.name, "ptmdd.swept": ",".join(swept), "ptmdd.matrix": spec.matrix or "",
+        "ptmdd.control": json.dumps(spec.control, sort_keys=True) if spec.control is not None else "",
+        "ptmdd.control_added": str(study.control_added).lower(),
+        "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims])}, artifacts_uri)
     write_json(record, {"run_id": parent, "tracking_uri": mlflow_uri})
     return parent
 
@@ -267,7 +311,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                  **({} if (address or os.environ.get("RAY_ADDRESS")) else
                     {"_node_ip_address": "127.0.0.1", "include_dashboard": False}),
                  log_to_driver=False, configure_logging=False)
-    swept = sorted(spec.search) if search_trials else sorted({k for p in study.grid for k in p})
+    points = study.grid[:-1] if study.control_added else study.grid
+    swept = sorted(spec.search) if search_trials else sorted({k for p in points for k in p})
     exp_name = f"{spec.name}-search" if search_trials else spec.name
     exp_path = results_dir / exp_name
     parent = _open_parent(tracking, mlflow_uri, spec, swept, exp_path, resume, artifacts_uri)

@@ -29,3 +29,44 @@ def test_tables_group_by_value_within_the_other_swept_values():
 def test_numeric_values_sort_as_numbers():
     rows = [_row({"pool.epoch": e}, 0.5) for e in ("10", "2", "150")]
     assert [v for v, *_ in tables(["pool.epoch"], rows)["pool.epoch"]] == ["2", "10", "150"]
+
+
+def test_paired_test_and_verdicts():
+    import pytest
+
+    from ptmdd_ray.report import paired, t_interval, verdict
+
+    lo, hi = t_interval([0.5, 0.6, 0.7])
+    assert lo < 0.6 < hi and hi - 0.6 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
+    a = {"0": 0.70, "1": 0.72, "2": 0.71}
+    b = {"0": 0.60, "1": 0.63, "2": 0.61, "3": 0.9}  # sample 3 has no partner: left out
+    t = paired(a, b)
+    assert t["n"] == 3 and t["diff"] == pytest.approx(0.0967, abs=1e-3) and t["p"] < 0.01
+    assert verdict(t) == "holds" and verdict(paired(b, a)).startswith("does not hold")
+    assert verdict(paired({"0": 0.5, "1": 0.7}, {"0": 0.6, "1": 0.6})).startswith("inconclusive")
+    assert paired({"0": 1.0}, {"0": 0.0}) is None and verdict(None).startswith("inconclusive")
+
+
+def test_claims_pair_trials_with_the_control_and_the_random_baseline():
+    import json
+    from types import SimpleNamespace
+
+    from ptmdd_ray.report import claim_results
+
+    def row(point, sample, acc, base):
+        return {"point": point, "sample": str(sample), "values": {},
+                "metrics": {"acc.mean": acc, "baseline.random.mean": base}}
+
+    control = {"loss.clom": 0.0}
+    rows = [row({"pool.seeds": 4}, s, 0.80 + 0.01 * s, 0.5) for s in range(3)]
+    rows += [row({"pool.seeds": 1}, s, 0.78 + 0.01 * s, 0.5) for s in range(3)]
+    rows += [row(control, s, 0.70 + 0.012 * s, 0.5) for s in range(3)]
+    claims = [{"claim": "PTMs help", "better": {"pool.seeds": 4}, "than": "control"},
+              {"claim": "beats random", "better": {"pool.seeds": 1}, "than": "random"},
+              {"claim": "more seeds help", "better": {"pool.seeds": 4}, "than": {"pool.seeds": 1}}]
+    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.claims": json.dumps(claims),
+                                                        "ptmdd.control": json.dumps(control)}))
+    found = {f["claim"]: f for f in claim_results(parent, rows)}
+    assert found["PTMs help"]["verdict"] == "holds" and found["PTMs help"]["than"] == "the plain method"
+    assert found["beats random"]["verdict"] == "holds"
+    assert found["more seeds help"]["test"]["diff"] == 0.02 or abs(found["more seeds help"]["test"]["diff"] - 0.02) < 1e-9

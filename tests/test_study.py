@@ -24,6 +24,8 @@ STUDY = {
     "samples": 1,
     "max_concurrent": 2,
     "matrix": "loss.clom",
+    "control": {"loss.clom": 0.0},
+    "claims": [{"claim": "CLoM helps", "better": {"loss.clom": 30.0}, "than": "control"}],
 }
 
 
@@ -49,6 +51,15 @@ def test_study_grid_is_validated_before_anything_runs(tmp_path):
         load_study(_write(tmp_path, {**STUDY, "search": {"loss.clom": {"uniform": [-1.0, 1.0]}}}))
     with pytest.raises(ConfigError, match="matrix: 'distill.ipc' is not a swept key"):
         load_study(_write(tmp_path, {**STUDY, "matrix": "distill.ipc"}))
+    with pytest.raises(ConfigError, match=r"claims\[0\].better: \{'loss.clom': 5.0\} matches no grid point"):
+        load_study(_write(tmp_path, {**STUDY, "claims": [{"claim": "x", "better": {"loss.clom": 5.0}}]}))
+    with pytest.raises(ConfigError, match=r"claims\[0\].than: the study has no control"):
+        load_study(_write(tmp_path, {**STUDY, "control": None, "claims": [{"claim": "x", "better": {"loss.clom": 30}}]}))
+    with pytest.raises(ConfigError, match="control.loss.nope"):
+        load_study(_write(tmp_path, {**STUDY, "control": {"loss.nope": 1}}))
+    added = load_study(_write(tmp_path, {**STUDY, "control": {"loss.clom": 1.0}}))
+    assert added.control_added and added.grid[-1] == {"loss.clom": 1.0} and len(added.grid) == 3
+    assert not load_study(_write(tmp_path, STUDY)).control_added  # the control is already a grid point
     with pytest.raises(ConfigError, match="search.nope"):
         load_study(_write(tmp_path, {**STUDY, "search": {"nope": {"uniform": [0.0, 1.0]}}}))
 
@@ -60,6 +71,9 @@ def test_trial_paths_point_where_the_study_was_loaded(tmp_path, monkeypatch):
     monkeypatch.chdir("/")  # a trial worker runs in a directory of its own
     cfg = study.trial_config(study.grid[0], 0)
     assert cfg.dataset.cache_dir == str(tmp_path / "cache") and cfg.store == str(tmp_path / "ptms")
+    sourced = load_study(_write(tmp_path, {**STUDY, "cases": [{"pool.source": {"name": "digits", "cache_dir": "c"}}]}))
+    sourced.trial_config(sourced.grid[0], 0)
+    assert sourced.grid[0]["pool.source"] == {"name": "digits", "cache_dir": "c"}  # the grid is not edited
 
 
 @pytest.mark.slow
@@ -108,6 +122,8 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     png = (tmp_path / "report" / "acc_vs_loss.clom.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Matrix: loss.clom" in md and (tmp_path / "report" / "matrix_loss.clom.png").exists()
+    assert "## Findings" in md and "| CLoM helps | loss.clom=30.0 | the plain method |" in md
+    assert "inconclusive (fewer than 2 paired samples)" in md  # one sample: no verdict claimed
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/report.md", "report/acc_vs_loss.clom.png", "report/matrix_loss.clom.png"} <= logged
 
