@@ -235,7 +235,7 @@ def memory_mb() -> dict[str, float]:
     return out
 
 
-def _open_parent(tracking, mlflow_uri: str, spec: StudyConfig, swept: list[str], exp_path: Path, resume: bool,
+def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_path: Path, resume: bool,
                  artifacts_uri: str | None) -> str:
     """The study's MLflow parent run: the interrupted one again on ``--resume`` (its id is kept in
     the Tune experiment directory), else a new one."""
@@ -245,6 +245,7 @@ def _open_parent(tracking, mlflow_uri: str, spec: StudyConfig, swept: list[str],
         if saved.get("tracking_uri") == mlflow_uri and tracking.reopen_parent(mlflow_uri, saved["run_id"]):
             log.info("continuing MLflow parent run %s", saved["run_id"])
             return saved["run_id"]
+    spec = study.spec
     parent = tracking.start_parent(mlflow_uri, spec.name, {
         "ptmdd.study": spec.name, "ptmdd.swept": ",".join(swept), "ptmdd.matrix": spec.matrix or "",
         "ptmdd.control": json.dumps(spec.control, sort_keys=True) if spec.control is not None else "",
@@ -315,7 +316,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     swept = sorted(spec.search) if search_trials else sorted({k for p in points for k in p})
     exp_name = f"{spec.name}-search" if search_trials else spec.name
     exp_path = results_dir / exp_name
-    parent = _open_parent(tracking, mlflow_uri, spec, swept, exp_path, resume, artifacts_uri)
+    parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri)
 
     # The target data go into the object store once, as numpy buffers that every trial on a node
     # maps read-only (zero-copy), unless trials would load different data (a swept dataset key, or
