@@ -79,7 +79,8 @@ def read_synthetic(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[s
         images = torch.from_numpy(np.asarray(pixels, np.float32).copy()).reshape(-1, *shape)
         labels = torch.from_numpy(np.array(table.column("label").to_numpy(zero_copy_only=False), np.int64))
     except Exception as e:  # noqa: BLE001 - any malformed content is the same bad input
-        raise ConfigError(f"synthetic: {path} has malformed content ({type(e).__name__}: {e})".splitlines()[0]) from None
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise ConfigError(f"synthetic: {path} has malformed content ({reason})") from None
     if len(labels) != len(images):
         raise ConfigError(f"synthetic: {path} has {len(labels)} labels for {len(images)} images")
     return images, labels, meta

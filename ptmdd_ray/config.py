@@ -458,7 +458,8 @@ def resolve(cfg: Config) -> Config:
         _check(models.is_known(a), f"pool.archs[{i}]", f"unknown architecture {a!r}")
     _check(len(set(p.archs)) == len(p.archs), "pool.archs", "duplicate architecture")
     seeds = list(range(p.seeds)) if isinstance(p.seeds, int) else list(p.seeds)
-    _check(len(seeds) >= 1 and (not isinstance(p.seeds, int) or p.seeds >= 1), "pool.seeds", f"must be >= 1, got {p.seeds}")
+    _check(len(seeds) >= 1 and (not isinstance(p.seeds, int) or p.seeds >= 1), "pool.seeds",
+           f"must be >= 1, got {p.seeds}")
     _check(len(set(seeds)) == len(seeds), "pool.seeds", "duplicate seed")
     _check(p.epoch >= 1, "pool.epoch", f"must be >= 1, got {p.epoch}")
     pool = replace(p, seeds=seeds)

@@ -243,10 +243,13 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
     files = []
     findings = claim_results(parent, rows)
     if findings:
-        lines += ["## Findings", "", "| claim | better | than | n | acc. | than acc. | difference [95% CI], p | verdict |",
+        lines += ["## Findings", "",
+                  "| claim | better | than | n | acc. | than acc. | difference [95% CI], p | verdict |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {f['claim']} | {f['better']} | {f['than']} | {f['test']['n'] if f['test'] else len(f['acc'])} | "
-                  f"{_pm(f['acc'])} | {_pm(f['base'])} | {_fmt_test(f['test'])} | **{f['verdict']}** |" for f in findings]
+        for f in findings:
+            n = f["test"]["n"] if f["test"] else len(f["acc"])
+            lines.append(f"| {f['claim']} | {f['better']} | {f['than']} | {n} | {_pm(f['acc'])} | {_pm(f['base'])} | "
+                         f"{_fmt_test(f['test'])} | **{f['verdict']}** |")
         lines.append("")
     control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
     plain = per_sample([r for r in rows if control is not None and r["point"] == control])
