@@ -28,3 +28,16 @@ def test_shipped_config_validates(path, monkeypatch):
 def test_the_main_job_uses_the_embedded_data():
     cfg = load_config(ROOT / "studies" / "digits.yaml")
     assert cfg.dataset.name == "digits" and cfg.pool.archs
+
+
+@pytest.mark.slow
+def test_the_readme_main_job_runs(tmp_path):
+    """`ptmdd study studies/quickstart.yaml` (results and store redirected): every case finishes."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "study", str(ROOT / "studies" / "quickstart.yaml"),
+                           "--results", str(tmp_path / "results"), "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "7 trials, 0 failed" in proc.stdout
