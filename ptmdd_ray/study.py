@@ -266,8 +266,9 @@ def _close(tracking, mlflow_uri: str, parent: str, status: str, results_dir: Pat
     except Exception as e:  # noqa: BLE001 - the tracking server is away; nothing is lost
         record = exp_path / "mlflow_parent.json"
         write_json(record, {**json.loads(record.read_text()), "close": status})
-        log.warning("MLflow unreachable at the end of the study (%s); results are in %s: run "
-                    "`ptmdd report %s --sync --mlflow-uri %s` once it is back", e, exp_path, exp_path.name, mlflow_uri)
+        log.warning("MLflow unreachable at the end of the study (%s); results are in %s: run `ptmdd report "
+                    "%s --sync --mlflow-uri %s --results %s --out DIR` once it is back", e, exp_path,
+                    exp_path.name, mlflow_uri, results_dir)
 
 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
