@@ -226,7 +226,7 @@ def _trial_workers() -> list[int]:
 def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
     """SIGKILL the Ray worker running a trial mid-distillation: Tune retries it, the study
     completes, MLflow holds one FINISHED run for the trial and a FAILED one for the killed attempt."""
-    study = {**STUDY, "sweep": {"loss.clom": {"grid": [30.0]}}, "max_failures": 1}
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [30.0]}}, "max_failures": 1, "control": None, "claims": []}
     study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 400}}
     path = _write(tmp_path, study)
     uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
@@ -256,7 +256,8 @@ def test_study_survives_its_store_actor_being_killed(tmp_path):
     storage (the PTM is not trained again) and the study completes."""
     from ptmdd_ray.store import CheckpointStore
 
-    study = {**STUDY, "sweep": {"loss.clom": {"grid": [10.0, 30.0, 100.0]}}, "max_concurrent": 1}
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [10.0, 30.0, 100.0]}}, "max_concurrent": 1, "control": None,
+             "claims": []}
     path = _write(tmp_path, study)
     uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
     proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
@@ -313,7 +314,8 @@ def test_search_prunes_trailing_trials_on_intermediate_evaluations(tmp_path):
 
 @pytest.mark.slow
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
-    study = {**STUDY, "sweep": {"distill.lr_img": {"grid": [1.0, 1e30]}}, "matrix": None, "max_failures": 2}
+    study = {**STUDY, "sweep": {"distill.lr_img": {"grid": [1.0, 1e30]}}, "matrix": None, "max_failures": 2,
+             "control": None, "claims": []}
     study["base"] = {**STUDY["base"], "loss": {"clom": 0.0}}
     path = _write(tmp_path, study)
     proc = subprocess.run(_study_cmd(path, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
