@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import yaml
 
 from ptmdd_ray.config import ConfigError
 from ptmdd_ray.study import load_study
+from test_cluster import free_port, wait_http  # the same helpers as the cluster test
 
 STUDY = {
     "name": "tiny",
@@ -194,8 +194,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     try:
         _wait_for(lambda: sum(r.info.status == "FINISHED" for r in _children(uri)[1]) >= 2, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _stop(proc)
     parents, before = _children(uri)
     finished_before = {r.info.run_id for r in before if r.info.status == "FINISHED"}
     assert 2 <= len(finished_before) < 4 and parents[0].info.status == "RUNNING"
@@ -238,8 +237,7 @@ def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
             os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "1 trials, 0 failed" in out
     parents, children = _children(uri)
@@ -270,8 +268,7 @@ def test_study_survives_its_store_actor_being_killed(tmp_path):
             os.kill(int(pid), signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "3 trials, 0 failed" in out
     _, children = _children(uri)
@@ -328,17 +325,9 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path)
     assert failed[0].data.tags["ptmdd.failure"].startswith("DivergenceError: distillation diverged")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_mlflow_server_is_a_clear_error_before_anything_runs(tmp_path):
     path = _write(tmp_path, STUDY)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.run(_study_cmd(path, tmp_path, "--mlflow-uri", url), cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
@@ -352,14 +341,8 @@ def _mlflow_server(tmp_path, port):
                              "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--artifacts-destination", str(tmp_path / "server-artifacts")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return proc
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "mlflow server did not start"
-            time.sleep(0.5)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return proc
 
 
 def _stop(proc):
@@ -376,7 +359,7 @@ def test_mlflow_going_away_mid_study_loses_no_result(tmp_path):
     study = {**STUDY, "sweep": {"loss.clom": {"grid": [0.0, 10.0, 30.0]}}, "max_concurrent": 1}
     study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 60}}
     path = _write(tmp_path, study)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _mlflow_server(tmp_path, port)
     try:
