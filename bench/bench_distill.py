@@ -85,8 +85,9 @@ def run_case(args, method: str, variant: str) -> dict:
            "device": str(device), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if method == "dm" and variant in ("plain", "clom") and device.type == "cpu":
-        ours, ref = interleaved_times(cfg, data, guide, pool.ptms if variant == "clom" else None)
+    if variant in ("plain", "clom") and device.type == "cpu":
+        blocks, per_block = (6, 5) if method == "dm" else (2, 1)
+        ours, ref = interleaved_times(cfg, data, guide, pool.ptms if variant == "clom" else None, blocks, per_block)
         row["seconds_per_iteration"], row["reference_seconds_per_iteration"] = ours, ref
     return row
 
@@ -114,6 +115,7 @@ def reference_iteration(cfg, data, ptms):
 
     from ptmdd_ray.methods import init_synthetic
     from ptmdd_ray.train import new_model
+    from reference_dc import reference_dc_iteration
     from reference_dm import reference_dm_iteration
 
     np.random.seed(0)
@@ -124,13 +126,18 @@ def reference_iteration(cfg, data, ptms):
     indices = [i.numpy() for i in data.class_indices()]
     shape = (data.channels, data.num_classes, data.im_size)
     ptm = ptms[0].model if ptms else None
+    alpha = cfg.loss.clom if ptm is not None else 0.0
 
     def it(k):
         net = new_model(cfg.model, shape, seed=k)  # the original's default (NCHW) layout
-        reference_dm_iteration(net, syn, syn_y, data.x_train, indices, opt, d.ipc, d.batch_real, d.dsa_strategy,
-                               ptm, cfg.loss.clom if ptm is not None else 0.0)
+        if d.method == "dm":
+            reference_dm_iteration(net, syn, syn_y, data.x_train, indices, opt, d.ipc, d.batch_real, d.dsa_strategy,
+                                   ptm, alpha)
+        else:
+            reference_dc_iteration(net, syn, syn_y, data.x_train, indices, opt, d.ipc, d.batch_real, d.dsa_strategy,
+                                   d.outer_loop, d.inner_loop, d.lr_net, d.batch_train, ptm, alpha)
 
-    for k in range(WARMUP["dm"]):
+    for k in range(WARMUP[d.method]):
         it(k)
     return it
 

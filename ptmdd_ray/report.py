@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,23 +145,33 @@ def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-Group = tuple[str, str, list[float], list[float]]  # (value, other swept values, accs, baselines)
+@dataclass
+class Group:
+    """The trials sharing one value of an axis and one combination of the other swept keys."""
+
+    value: str
+    others: str  # "k=v, ..." of the other swept keys
+    members: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def accs(self) -> list[float]:
+        return [r["metrics"]["acc.mean"] for r in self.members]
+
+    @property
+    def bases(self) -> list[float]:
+        return [r["metrics"]["baseline.random.mean"] for r in self.members if "baseline.random.mean" in r["metrics"]]
 
 
 def tables(swept: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Group]]:
-    """{axis: [(axis value, other swept values, accs, baselines)]} sorted by the other values."""
+    """{axis: [Group]} for every swept axis, sorted by the other values, then the axis value."""
     out = {}
     for axis in swept or ["(none)"]:
-        groups: dict[tuple[str, str], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+        groups: dict[tuple[str, str], Group] = {}
         for r in rows:
             value = r["values"].get(axis, "-")
             others = ", ".join(f"{k}={r['values'][k]}" for k in swept if k != axis)
-            accs, bases = groups[(others, value)]
-            accs.append(r["metrics"]["acc.mean"])
-            if "baseline.random.mean" in r["metrics"]:
-                bases.append(r["metrics"]["baseline.random.mean"])
-        out[axis] = [(value, others, accs, bases) for (others, value), (accs, bases) in sorted(groups.items(),
-                     key=lambda kv: (kv[0][0], _sort_key(kv[0][1])))]
+            groups.setdefault((others, value), Group(value, others)).members.append(r)
+        out[axis] = [groups[k] for k in sorted(groups, key=lambda k: (k[0], _sort_key(k[1])))]
     return out
 
 
@@ -173,9 +184,9 @@ def _sort_key(value: str):
 
 def matrix(groups: list[Group]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
     """(row values, column labels, {(row, column): accs}) from one axis's groups."""
-    rows = sorted({g[0] for g in groups}, key=_sort_key)
-    cols = sorted({g[1] for g in groups})
-    return rows, cols, {(v, o): a for v, o, a, _ in groups}
+    rows = sorted({g.value for g in groups}, key=_sort_key)
+    cols = sorted({g.others for g in groups})
+    return rows, cols, {(g.value, g.others): g.accs for g in groups}
 
 
 def _safe(name: str) -> str:
@@ -185,8 +196,8 @@ def _safe(name: str) -> str:
 def _axis_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     by_other: dict[str, list] = defaultdict(list)
-    for v, o, a, b in groups:
-        by_other[o].append((v, a, b))
+    for g in groups:
+        by_other[g.others].append((g.value, g.accs, g.bases))
     for o, pts in by_other.items():
         xs = [p[0] for p in pts]
         ax.errorbar(xs, [100 * statistics.fmean(p[1]) for p in pts],
@@ -260,14 +271,12 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
     for axis, groups in by_axis.items():
         lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | synthetic acc. | 95% CI | random real | "
                   "vs random real | vs plain method |", "|---|---|---|---|---|---|---|---|"]
-        for v, o, a, b in groups:
-            members = [r for r in rows if r["values"].get(axis, "-") == v and
-                       ", ".join(f"{k}={r['values'][k]}" for k in swept if k != axis) == o]
-            mine = per_sample(members)
-            ci = t_interval(a)
-            lines.append(f"| {v} | {o or '-'} | {len(a)} | {_pm(a)} | "
-                         f"{f'{100 * ci[0]:.2f}–{100 * ci[1]:.2f}' if ci else '-'} | {_pm(b)} | "
-                         f"{_fmt_test(paired(mine, per_sample(members, 'baseline.random.mean')))} | "
+        for g in groups:
+            mine = per_sample(g.members)
+            ci = t_interval(g.accs)
+            lines.append(f"| {g.value} | {g.others or '-'} | {len(g.members)} | {_pm(g.accs)} | "
+                         f"{f'{100 * ci[0]:.2f}–{100 * ci[1]:.2f}' if ci else '-'} | {_pm(g.bases)} | "
+                         f"{_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
                          f"{_fmt_test(paired(mine, plain)) if plain else '-'} |")
         lines.append("")
         png = out / f"acc_vs_{_safe(axis)}.png"

@@ -18,9 +18,10 @@ def test_tables_group_by_value_within_the_other_swept_values():
             _row({"pool.seeds": "2", "pool.archs": "A"}, 0.9), _row({"pool.seeds": "1", "pool.archs": "A+B"}, 0.7)]
     t = tables(["pool.archs", "pool.seeds"], rows)
     seeds = t["pool.seeds"]
-    assert [(v, o, sorted(a)) for v, o, a, _ in seeds] == [
+    assert [(g.value, g.others, sorted(g.accs)) for g in seeds] == [
         ("1", "pool.archs=A", [0.6, 0.8]), ("2", "pool.archs=A", [0.9]), ("1", "pool.archs=A+B", [0.7])]
-    assert all(b == [0.5] * len(a) for _, _, a, b in seeds)
+    assert all(g.bases == [0.5] * len(g.accs) for g in seeds)
+    assert all(r["values"]["pool.seeds"] == g.value for g in seeds for r in g.members)
     rws, cols, cells = matrix(seeds)
     assert rws == ["1", "2"] and cols == ["pool.archs=A", "pool.archs=A+B"]
     assert cells[("2", "pool.archs=A")] == [0.9] and ("2", "pool.archs=A+B") not in cells
@@ -28,7 +29,7 @@ def test_tables_group_by_value_within_the_other_swept_values():
 
 def test_numeric_values_sort_as_numbers():
     rows = [_row({"pool.epoch": e}, 0.5) for e in ("10", "2", "150")]
-    assert [v for v, *_ in tables(["pool.epoch"], rows)["pool.epoch"]] == ["2", "10", "150"]
+    assert [g.value for g in tables(["pool.epoch"], rows)["pool.epoch"]] == ["2", "10", "150"]
 
 
 def test_paired_test_and_verdicts():
