@@ -1,0 +1,52 @@
+"""Where one DC/DSA iteration's time goes: the inner loop's network training vs the matching.
+
+    .venv/bin/python bench/profile_dc.py [--method dsa] [--data parquet:../shared/data/cifar10-jpeg.parquet]
+
+CIFAR-10, ConvNetW32, IPC 10 (10 outer steps, 9 x 50 inner epochs), batch_real 64; one warm-up
+iteration, then one timed one with the inner training timed separately.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="dc", choices=["dc", "dsa"])
+    ap.add_argument("--data", default=f"parquet:{ROOT.parent / 'shared/data/cifar10-jpeg.parquet'}")
+    args = ap.parse_args()
+
+    from ptmdd_ray import methods
+    from ptmdd_ray.config import build_config
+    from ptmdd_ray.data import load_data
+
+    cfg = build_config({"dataset": {"name": args.data}, "model": "ConvNetW32",
+                        "distill": {"method": args.method, "ipc": 10, "iterations": 1, "batch_real": 64}})
+    data = load_data(cfg.dataset, 0)
+    inner = [0.0]
+    train = methods.train_classifier
+
+    def timed_train(*a, **k):
+        t0 = time.perf_counter()
+        out = train(*a, **k)
+        inner[0] += time.perf_counter() - t0
+        return out
+
+    methods.train_classifier = timed_train  # this script's own process only
+    methods.distill(cfg.distill, cfg.model, data, 0, progress=False)
+    inner[0] = 0.0
+    t0 = time.perf_counter()
+    methods.distill(cfg.distill, cfg.model, data, 1, progress=False)
+    total = time.perf_counter() - t0
+    print(f"{args.method}: {total:.2f} s/iter; inner-loop training {inner[0]:.2f} s ({100 * inner[0] / total:.0f} %), "
+          f"matching {total - inner[0]:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
