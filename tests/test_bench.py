@@ -1,0 +1,72 @@
+"""The yardsticks in bench/ compute what the package computes, so the speed ratios in
+BENCHMARKS.md compare like with like (same loss, different loop structure)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptmdd_ray import losses
+from ptmdd_ray.config import build_config
+from ptmdd_ray.data import load_data
+from ptmdd_ray.train import new_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from reference_dc import _match_loss, reference_dc_iteration  # noqa: E402
+from reference_dm import reference_dm_iteration  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(build_config({"dataset": {"name": "digits", "im_size": 8, "train_per_class": 12}}).dataset)
+
+
+def _syn(data, ipc):
+    syn = torch.cat([data.x_train[data.y_train == c][:ipc] for c in range(data.num_classes)]).clone()
+    return syn.requires_grad_(True), torch.arange(data.num_classes).repeat_interleave(ipc)
+
+
+def test_reference_match_loss_is_the_package_gradient_distance(digits):
+    net = new_model("ConvNetW32", (1, 10, 8), seed=0)
+    params = list(net.parameters())
+    x, y = digits.x_train, digits.y_train
+    g_a = torch.autograd.grad(F.cross_entropy(net(x[:20]), y[:20]), params)
+    g_b = torch.autograd.grad(F.cross_entropy(net(x[20:50]), y[20:50]), params)
+    assert {g.dim() for g in g_a} == {1, 2, 4}  # conv, linear and bias gradients all compared
+    assert float(_match_loss(g_a, g_b)) == pytest.approx(float(losses.gradient_distance(g_a, g_b)), rel=1e-5)
+    assert float(_match_loss(g_a, g_b)) > 0
+
+
+def test_reference_dm_loss_is_the_package_distribution_distance(digits):
+    ipc, classes = 2, digits.num_classes
+    syn, syn_y = _syn(digits, ipc)
+    indices = [i.numpy() for i in digits.class_indices()]
+    net = new_model("ConvNetW32", (1, classes, 8), seed=3)
+    with torch.no_grad():  # every real image of its class (batch_real >= class size): no sampling noise
+        real_mean = torch.stack([net.embed(digits.x_train[i]).mean(0) for i in digits.class_indices()])
+        syn_mean = net.embed(syn).view(classes, ipc, -1).mean(1)
+    expected = float(losses.distribution_distance(syn_mean, real_mean))
+    opt = torch.optim.SGD([syn], lr=0.0)
+    got = reference_dm_iteration(net, syn, syn_y, digits.x_train, indices, opt, ipc, 100, "none")
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_reference_dc_iteration_matches_per_class_gradients_and_updates_the_set(digits):
+    ipc, classes = 2, digits.num_classes
+    syn, syn_y = _syn(digits, ipc)
+    indices = [i.numpy() for i in digits.class_indices()]
+    net = new_model("ConvNetW32", (1, classes, 8), seed=5)
+    params = list(net.parameters())
+    expected = 0.0
+    for c, idx in enumerate(digits.class_indices()):
+        g_real = torch.autograd.grad(F.cross_entropy(net(digits.x_train[idx]), digits.y_train[idx]), params)
+        g_syn = torch.autograd.grad(F.cross_entropy(net(syn[c * ipc:(c + 1) * ipc]), syn_y[c * ipc:(c + 1) * ipc]),
+                                    params)
+        expected += float(losses.gradient_distance(g_syn, g_real))
+    before = syn.detach().clone()
+    opt = torch.optim.SGD([syn], lr=0.1)
+    got = reference_dc_iteration(net, syn, syn_y, digits.x_train, indices, opt, ipc, 100, "none",
+                                 outer_loop=1, inner_loop=1, lr_net=0.01, batch_train=256)
+    assert got * classes == pytest.approx(expected, rel=1e-4)  # it returns the per-class mean
+    assert not torch.allclose(before, syn.detach())
