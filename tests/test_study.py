@@ -216,8 +216,11 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1
 
 
-def _trial_workers() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True)
+def _ray_processes(session: int, name: str) -> list[int]:
+    """PIDs of the Ray processes called ``name`` in this test's session only: the study driver was
+    started in a session of its own, which its local Ray and every worker inherit (Ray gives workers
+    their own process group, not their own session). Other Ray jobs on the machine are left alone."""
+    out = subprocess.run(["pgrep", "-s", str(session), "-f", name], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 
@@ -232,8 +235,9 @@ def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
     proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: any(r.info.status == "RUNNING" for r in _children(uri)[1]) and _trial_workers(), proc)
-        for pid in _trial_workers():
+        _wait_for(lambda: any(r.info.status == "RUNNING" for r in _children(uri)[1])
+                  and _ray_processes(proc.pid, "ray::ImplicitFunc"), proc)
+        for pid in _ray_processes(proc.pid, "ray::ImplicitFunc"):
             os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
@@ -262,10 +266,10 @@ def test_study_survives_its_store_actor_being_killed(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: any(r.info.status == "FINISHED" for r in _children(uri)[1]), proc)
-        actors = subprocess.run(["pgrep", "-f", "ray::StoreActor"], capture_output=True, text=True).stdout.split()
+        actors = _ray_processes(proc.pid, "ray::StoreActor")
         assert actors, "no store actor process found"
         for pid in actors:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
         _stop(proc)
