@@ -4,6 +4,7 @@
 # 3 eval models x 300 epochs, 3 samples = 3 seeds per point), then `ptmdd report` with the paired
 # tests and verdicts. Results, MLflow store and reports under $OUT (default runs/repro).
 #   bash bench/reproduce.sh [epochs diversity domain loss_weights cross_arch]
+#   RESUME=1 bash bench/reproduce.sh domain    # finish an interrupted study (finished trials kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-parquet:../shared/data/cifar10-jpeg.parquet}
@@ -29,6 +30,6 @@ for s in $STUDIES; do
         {claim: PTMs of another label space help through CCLoM, better: {pool.source: {name: $DATA, train_per_class: 1000, classes: [0, 1, 2, 3, 4]}}, than: control}]") ;;
     *) extra=(--set "base.pool.source=$SRC") ;;
   esac
-  .venv/bin/ptmdd study "studies/$s.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" || true
+  .venv/bin/ptmdd study "studies/$s.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" ${RESUME:+--resume} || true
   .venv/bin/ptmdd report "$s" --results "$OUT/results" --out "$OUT/report/$s"
 done
