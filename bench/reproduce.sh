@@ -3,7 +3,7 @@
 # CIFAR-10 settings (ConvNetW32, IPC 10, 200 DM iterations, PTMs trained on 500 images per class,
 # 3 eval models x 300 epochs, 3 samples = 3 seeds per point), then `ptmdd report` with the paired
 # tests and verdicts. Results, MLflow store and reports under $OUT (default runs/repro).
-#   bash bench/reproduce.sh [epochs diversity domain loss_weights cross_arch]
+#   bash bench/reproduce.sh [epochs diversity domain loss_weights cross_arch loss_weights_ipc1]
 #   RESUME=1 bash bench/reproduce.sh domain    # finish an interrupted study (finished trials kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +28,11 @@ for s in $STUDIES; do
         {claim: 'domain match matters: target domain beats an inverted domain', better: {loss.clom: 30.0, pool.source: $SRC}, than: {pool.source: {name: $DATA, train_per_class: 500, domain: invert}}},
         {claim: 'domain match matters: target domain beats a low-resolution domain', better: {loss.clom: 30.0, pool.source: $SRC}, than: {pool.source: {name: $DATA, train_per_class: 500, domain: lowres}}},
         {claim: PTMs of another label space help through CCLoM, better: {pool.source: {name: $DATA, train_per_class: 1000, classes: [0, 1, 2, 3, 4]}}, than: control}]") ;;
+    loss_weights_ipc1)  # the CLoM / CCLoM claims again at IPC 1 (alpha 0/30 x beta 0/1)
+      extra=(--set "base.pool.source=$SRC" --set name=$s --set base.distill.ipc=1
+             --set "sweep={loss.clom: {grid: [0.0, 30.0]}, loss.cclom: {grid: [0.0, 1.0]}}") ;;
     *) extra=(--set "base.pool.source=$SRC") ;;
   esac
-  .venv/bin/ptmdd study "studies/$s.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" ${RESUME:+--resume} || true
+  .venv/bin/ptmdd study "studies/${s%_ipc1}.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" ${RESUME:+--resume} || true
   .venv/bin/ptmdd report "$s" --results "$OUT/results" --out "$OUT/report/$s"
 done
