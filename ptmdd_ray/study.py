@@ -307,7 +307,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     artifacts_uri = None if mlflow_uri else (results_dir / "mlartifacts").as_uri()
     mlflow_uri = mlflow_uri or tracking.default_tracking_uri(results_dir)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # an outage is handled, not waited out
-    store_uri = store or str(Path(study.trial_config(study.grid[0], 0).store).resolve())
+    store_uri = store or study.trial_config(study.grid[0], 0).store
+    if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
+        store_uri = str(Path(store_uri).expanduser().resolve())
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
                  **({} if (address or os.environ.get("RAY_ADDRESS")) else

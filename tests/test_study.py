@@ -87,8 +87,7 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
 
     def run(out):
         proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results", str(out),
-                               "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=600,
-                              cwd=tmp_path)
+                               "--store", "store"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "2 trials, 0 failed" in proc.stdout
 
@@ -107,6 +106,8 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     assert sorted(r.data.params["loss.clom"] for r in children) == ["0.0", "30.0"]
     for r in children:
         assert r.data.params["distill.method"] == "dm" and r.data.params["dataset.name"] == "digits"
+        # a relative --store means one store (and one store actor) for every trial, whatever its cwd
+        assert r.data.params["store"] == str(tmp_path / "store")
         assert 0.0 <= r.data.metrics["acc.mean"] <= 1.0 and "baseline.random.mean" in r.data.metrics
         assert r.data.tags["ptmdd.swept"] == "loss.clom"
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
