@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import warnings
 
 import numpy as np
@@ -25,6 +26,20 @@ from .store import Checkpoint, CheckpointStore
 log = logging.getLogger(__name__)
 
 NAMESPACE = "ptmdd"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_local_ray(**kwargs) -> None:
+    """Start a single-machine Ray whose servers all listen on 127.0.0.1 only.
+
+    On Linux, Ray replaces a node address of 127.0.0.1 with the machine's routable one, so the GCS,
+    raylet, workers and agents of a "local" Ray listen on every interface. With the flag below set
+    to 0 (Ray's switch for single-machine platforms, read when ``ray`` is imported, and inherited
+    by every process Ray starts) the node keeps to the loopback: nothing is reachable from the
+    network, and a multi-node cluster cannot be joined to it, which a local Ray never is."""
+    os.environ[LOOPBACK_ENV] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # already imported: the flag was read then
+    ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
 
 
 def _outside_placement_groups():
@@ -136,4 +151,4 @@ class RayRepository:
         return Checkpoint(meta["key"], tensors, meta)
 
 
-__all__ = ["NAMESPACE", "RayRepository", "StoreActor", "actor_name", "get_store_actor"]
+__all__ = ["NAMESPACE", "RayRepository", "StoreActor", "actor_name", "get_store_actor", "init_local_ray"]

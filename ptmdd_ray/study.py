@@ -292,7 +292,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     from .data import ImageData, load_data
     from .methods import DivergenceError
     from .pipeline import run_distill
-    from .service import RayRepository
+    from .service import RayRepository, init_local_ray
 
     spec = study.spec
     first = study.trial_config(study.grid[0], 0)
@@ -311,10 +311,10 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
         store_uri = str(Path(store_uri).expanduser().resolve())
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
-                 **({} if (address or os.environ.get("RAY_ADDRESS")) else
-                    {"_node_ip_address": "127.0.0.1", "include_dashboard": False}),
-                 log_to_driver=False, configure_logging=False)
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False, configure_logging=False)
+        else:
+            init_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     points = study.grid[:-1] if study.control_added else study.grid
     swept = sorted(spec.search) if search_trials else sorted({k for p in points for k in p})
     exp_name = f"{spec.name}-search" if search_trials else spec.name

@@ -1,5 +1,6 @@
 """`ray job submit` of a small study to a real Ray head (token auth, 127.0.0.1), tracked by a real
 `mlflow server` (SQLite backend, 127.0.0.1); the runs are read back over MLflow's REST API."""
+import ipaddress
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ptmdd_ray.service import LOOPBACK_ENV
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -36,6 +39,39 @@ def wait_http(url: str, timeout: float = 90) -> None:
     raise TimeoutError(url)
 
 
+def listening(session: int) -> dict[str, str]:
+    """{address:port: process name} of every TCP socket listened on by a process of ``session``
+    (from /proc: the sockets each process holds, looked up in /proc/net/tcp and tcp6)."""
+    addrs = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            host, port = f[1].split(":")
+            raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+            addrs[f[9]] = (ipaddress.ip_address(raw), int(port, 16))
+    out = {}
+    pids = subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # it ended meanwhile
+            continue
+        for link in links:
+            if link.startswith("socket:[") and link[8:-1] in addrs:
+                ip, port = addrs[link[8:-1]]
+                out[f"{ip}:{port}"] = name
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 def rest(base: str, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Content-Type": "application/json"})
@@ -45,13 +81,21 @@ def rest(base: str, path: str, body: dict | None = None) -> dict:
 
 @pytest.fixture()
 def cluster(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONWARNINGS": "ignore"}
+    # Ray on Linux swaps --node-ip-address=127.0.0.1 for the routable address unless told that
+    # this is a single-machine cluster (LOOPBACK_ENV=0): then everything listens on 127.0.0.1.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONWARNINGS": "ignore", LOOPBACK_ENV: "0"}
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
-    head = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                           "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
-    assert head.returncode == 0, head.stderr[-2000:]
+    # `ray start` in a session of its own: its daemons stay in it, so the teardown stops this head
+    # and nothing else (`ray stop` would stop every Ray on the machine)
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                             # fixed defaults another Ray on the machine may hold
+                             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    _, err = head.communicate(timeout=180)
+    assert head.returncode == 0, err[-2000:]
     mlflow = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                                "--artifacts-destination", str(tmp_path / "artifacts")],
@@ -59,18 +103,30 @@ def cluster(tmp_path):
     try:
         wait_http(f"http://127.0.0.1:{mlflow_port}/health")
         wait_http(f"http://127.0.0.1:{dash}/api/version")
-        yield env, f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow_port}"
+        yield env, f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow_port}", head.pid, mlflow.pid
     finally:
         mlflow.terminate()
         try:
             mlflow.wait(timeout=20)
         except subprocess.TimeoutExpired:
             mlflow.kill()
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_session(head.pid)
+
+
+def stop_session(session: int, grace: float = 10) -> None:
+    """SIGTERM every process of ``session``, SIGKILL what is left after ``grace`` seconds."""
+    subprocess.run(["pkill", "-TERM", "-s", str(session)], capture_output=True)
+    end = time.time() + grace
+    while time.time() < end and subprocess.run(["pgrep", "-s", str(session)], capture_output=True).returncode == 0:
+        time.sleep(0.5)
+    subprocess.run(["pkill", "-KILL", "-s", str(session)], capture_output=True)
 
 
 def test_ray_job_submit_runs_a_study_recorded_in_an_mlflow_server(cluster, tmp_path):
-    env, dashboard, mlflow_url = cluster
+    env, dashboard, mlflow_url, head_session, mlflow_session = cluster
+    servers = {**listening(head_session), **listening(mlflow_session)}
+    assert any(name == "gcs_server" for name in servers.values()) and len(servers) >= 5, servers
+    assert all(is_loopback(a) for a in servers), {a: n for a, n in servers.items() if not is_loopback(a)}
     work = tmp_path / "job"
     work.mkdir()
     (work / "study.yaml").write_text(yaml.safe_dump({

@@ -12,7 +12,7 @@ from ptmdd_ray.config import build_config  # noqa: E402
 from ptmdd_ray.data import load_data  # noqa: E402
 from ptmdd_ray.pipeline import resolve_pool  # noqa: E402
 from ptmdd_ray.pool import pool_specs  # noqa: E402
-from ptmdd_ray.service import RayRepository, get_store_actor  # noqa: E402
+from ptmdd_ray.service import RayRepository, get_store_actor, init_local_ray  # noqa: E402
 from ptmdd_ray.store import CheckpointStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -20,8 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -11,7 +11,7 @@ import yaml
 
 from ptmdd_ray.config import ConfigError
 from ptmdd_ray.study import load_study
-from test_cluster import free_port, wait_http  # the same helpers as the cluster test
+from test_cluster import free_port, is_loopback, listening, wait_http  # the cluster test's helpers
 
 STUDY = {
     "name": "tiny",
@@ -267,6 +267,9 @@ def test_study_survives_its_store_actor_being_killed(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: any(r.info.status == "FINISHED" for r in _children(uri)[1]), proc)
+        servers = listening(proc.pid)  # the study's local Ray: every server on the loopback only
+        assert "gcs_server" in servers.values() and "raylet" in servers.values(), servers
+        assert all(is_loopback(a) for a in servers), {a: n for a, n in servers.items() if not is_loopback(a)}
         actors = _ray_processes(proc.pid, "ray::StoreActor")
         assert actors, "no store actor process found"
         for pid in actors:
