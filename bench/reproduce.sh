@@ -28,9 +28,12 @@ for s in $STUDIES; do
         {claim: 'domain match matters: target domain beats an inverted domain', better: {loss.clom: 30.0, pool.source: $SRC}, than: {pool.source: {name: $DATA, train_per_class: 500, domain: invert}}},
         {claim: 'domain match matters: target domain beats a low-resolution domain', better: {loss.clom: 30.0, pool.source: $SRC}, than: {pool.source: {name: $DATA, train_per_class: 500, domain: lowres}}},
         {claim: PTMs of another label space help through CCLoM, better: {pool.source: {name: $DATA, train_per_class: 1000, classes: [0, 1, 2, 3, 4]}}, than: control}]") ;;
-    loss_weights_ipc1)  # the CLoM / CCLoM claims again at IPC 1 (alpha 0/30 x beta 0/1)
-      extra=(--set "base.pool.source=$SRC" --set name=$s --set base.distill.ipc=1
-             --set "sweep={loss.clom: {grid: [0.0, 30.0]}, loss.cclom: {grid: [0.0, 1.0]}}") ;;
+    loss_weights|loss_weights_ipc1)  # the claims' points, alpha 0/30 x beta 0/1 (alpha curve: BENCHMARKS.md)
+      extra=(--set "base.pool.source=$SRC" --set name=$s
+             --set "sweep={loss.clom: {grid: [0.0, 30.0]}, loss.cclom: {grid: [0.0, 1.0]}}")
+      [[ $s == *_ipc1 ]] && extra+=(--set base.distill.ipc=1) ;;
+    cross_arch)  # ResNet18 evaluation (~10 min per set on 2 cores) is left to GPU scale
+      extra=(--set "base.pool.source=$SRC" --set "base.eval.archs=[ConvNetW32, AlexNet, VGG11]") ;;
     *) extra=(--set "base.pool.source=$SRC") ;;
   esac
   .venv/bin/ptmdd study "studies/${s%_ipc1}.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" ${RESUME:+--resume} || true
