@@ -145,6 +145,42 @@ def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def eval_archs(rows: list[dict[str, Any]]) -> list[str]:
+    """The architectures the trials' sets were evaluated on (metrics ``acc.<arch>.mean``)."""
+    seen: list[str] = []
+    for r in rows:
+        for k in r["metrics"]:
+            if k.startswith("acc.") and k.endswith(".mean") and k.count(".") == 2 and k != "acc.mean":
+                if k[4:-5] not in seen:
+                    seen.append(k[4:-5])
+    return seen
+
+
+def arch_lines(swept: list[str], rows: list[dict[str, Any]], plain_rows: list[dict[str, Any]]) -> list[str]:
+    """A table of every grid point's accuracy per evaluation architecture, each with its paired
+    difference from the plain method on the same architecture (cross-architecture claims)."""
+    archs = eval_archs(rows)
+    if len(archs) < 2:
+        return []
+    points: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        points[", ".join(f"{k}={r['values'][k]}" for k in swept) or "-"].append(r)
+    lines = ["## Per evaluation architecture", "",
+             "Accuracy (%) of each architecture trained from scratch on the sets, mean ± std over samples; "
+             "below it the paired difference from the plain method on that architecture [95% CI], p.", "",
+             "| point | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+    for name, members in sorted(points.items()):
+        cells = []
+        for a in archs:
+            m = f"acc.{a}.mean"
+            cell = _pm([r["metrics"][m] for r in members if m in r["metrics"]])
+            if plain_rows and members[0] not in plain_rows:
+                cell += "<br>" + _fmt_test(paired(per_sample(members, m), per_sample(plain_rows, m)))
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 @dataclass
 class Group:
     """The trials sharing one value of an axis and one combination of the other swept keys."""
@@ -263,7 +299,9 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
                          f"{_fmt_test(f['test'])} | **{f['verdict']}** |")
         lines.append("")
     control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
-    plain = per_sample([r for r in rows if control is not None and r["point"] == control])
+    plain_rows = [r for r in rows if control is not None and r["point"] == control]
+    plain = per_sample(plain_rows)
+    lines += arch_lines(swept, rows, plain_rows)
     if parent.data.tags.get("ptmdd.control_added") == "true":
         rows = [r for r in rows if r["point"] != control]
         lines += [f"Plain method ({label(control)}): {_pm(list(plain.values()))} over {len(plain)} samples.", ""]

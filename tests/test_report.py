@@ -71,3 +71,24 @@ def test_claims_pair_trials_with_the_control_and_the_random_baseline():
     assert found["PTMs help"]["verdict"] == "holds" and found["PTMs help"]["than"] == "the plain method"
     assert found["beats random"]["verdict"] == "holds"
     assert found["more seeds help"]["test"]["diff"] == 0.02 or abs(found["more seeds help"]["test"]["diff"] - 0.02) < 1e-9
+
+
+def test_cross_architecture_table_pairs_each_arch_with_the_plain_method():
+    from ptmdd_ray.report import arch_lines, eval_archs
+
+    def row(clom, sample, a, b):
+        return {"values": {"loss.clom": clom}, "sample": sample, "point": {"loss.clom": float(clom)},
+                "metrics": {"acc.mean": (a + b) / 2, "acc.ConvNet.mean": a, "acc.VGG11.mean": b}}
+
+    plain = [row("0.0", s, 0.40 + d, 0.30 + d) for s, d in (("0", 0.0), ("1", 0.01), ("2", 0.02))]
+    clom = [row("30.0", s, 0.45 + d, 0.30 + d + e) for (s, d), e in zip((("0", 0.0), ("1", 0.01), ("2", 0.02)),
+                                                                        (0.001, -0.001, 0.0))]
+    assert eval_archs(plain) == ["ConvNet", "VGG11"]
+    lines = arch_lines(["loss.clom"], plain + clom, plain)
+    assert lines[4] == "| point | ConvNet | VGG11 |"
+    plain_line, clom_line = lines[6], lines[7]
+    assert plain_line.startswith("| loss.clom=0.0 | 41.00 ± 0.82 | 31.00 ± 0.82 |") and "<br>" not in plain_line
+    assert "46.00 ± 0.82<br>+5.00 [+5.00, +5.00], p=0" in clom_line  # the same +5 on every seed
+    assert "+0.00 [" in clom_line.split("|")[3]  # VGG11: no difference, not significant
+    assert arch_lines(["loss.clom"], [{**r, "metrics": {"acc.mean": 0.4, "acc.ConvNet.mean": 0.4}} for r in plain],
+                      plain) == []  # one architecture: nothing to add
