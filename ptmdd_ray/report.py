@@ -145,6 +145,11 @@ def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _assignments(values: dict[str, str], keys: list[str]) -> str:
+    """"k=v, ..." of ``keys``: how a table names a grid point or the other swept keys of a group."""
+    return ", ".join(f"{k}={values[k]}" for k in keys)
+
+
 def eval_archs(rows: list[dict[str, Any]]) -> list[str]:
     """The architectures the trials' sets were evaluated on (metrics ``acc.<arch>.mean``)."""
     seen: list[str] = []
@@ -164,7 +169,7 @@ def arch_lines(swept: list[str], rows: list[dict[str, Any]], plain_rows: list[di
         return []
     points: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        points[", ".join(f"{k}={r['values'][k]}" for k in swept) or "-"].append(r)
+        points[_assignments(r["values"], swept) or "-"].append(r)
     lines = ["## Per evaluation architecture", "",
              "Accuracy (%) of each architecture trained from scratch on the sets, mean ± std over samples; "
              "below it the paired difference from the plain method on that architecture [95% CI], p.", "",
@@ -205,7 +210,7 @@ def tables(swept: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Group
         groups: dict[tuple[str, str], Group] = {}
         for r in rows:
             value = r["values"].get(axis, "-")
-            others = ", ".join(f"{k}={r['values'][k]}" for k in swept if k != axis)
+            others = _assignments(r["values"], [k for k in swept if k != axis])
             groups.setdefault((others, value), Group(value, others)).members.append(r)
         out[axis] = [groups[k] for k in sorted(groups, key=lambda k: (k[0], _sort_key(k[1])))]
     return out
