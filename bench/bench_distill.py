@@ -72,7 +72,7 @@ def run_case(args, method: str, variant: str) -> dict:
     device = pick_device(cfg.device)
     data = load_data(cfg.dataset, 0).to(device)
     pool = resolve_pool(cfg, data, device, progress=False)
-    guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, 0) or None
+    guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, 0) or None
     warm = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": WARMUP[method]})
     distill(warm, cfg.model, data, 0, guide, progress=False)
     if device.type == "cuda":

@@ -46,7 +46,7 @@ def main() -> None:
             "loss": {"clom": 30.0 if ptms else 0.0}, "store": args.store, "device": "cpu"})
         data = full if classes == 10 else load_data(cfg.dataset, 0)
         pool = resolve_pool(cfg, data, torch.device("cpu"), progress=False)
-        guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, 0) or None
+        guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, 0) or None
         distill(cfg.distill, cfg.model, data, 0, guide, progress=False)  # warm-up
         return lambda seed: distill(cfg.distill, cfg.model, data, seed, guide, progress=False).seconds / args.iters
 

@@ -100,8 +100,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     t0 = time.perf_counter()
     pool = resolve_pool(cfg, data, device, progress, repo=repo)
     pool_seconds = time.perf_counter() - t0
-    guide = PTMGuide(pool.ptms, cfg.loss.clom, cfg.loss.cclom, data, cfg.loss.cclom_batch, cfg.seed,
-                     cfg.loss.augmented)
+    guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, cfg.seed)
 
     eval_history: list[tuple[int, float]] = []
     quick = replace(cfg.eval, runs=1)

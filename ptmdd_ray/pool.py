@@ -213,6 +213,11 @@ class PTMGuide:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
 
+    @classmethod
+    def from_config(cls, loss, ptms: list[PTM], real: ImageData, seed: int) -> PTMGuide:
+        """The guide a config's ``loss`` section describes (weights, CCLoM batch, input)."""
+        return cls(ptms, loss.clom, loss.cclom, real, loss.cclom_batch, seed, loss.augmented)
+
     def __bool__(self) -> bool:
         return bool(self.archs)
 
