@@ -79,6 +79,14 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] 
     return m - h, m + h
 
 
+def _vs_plain(group, mine: dict[str, float], plain: dict[str, float], control: dict | None) -> str:
+    """The group's paired difference from the plain method; the plain method's own row says so
+    rather than testing it against itself."""
+    if control is not None and all(r["point"] == control for r in group.members):
+        return "the plain method"
+    return _fmt_test(paired(mine, plain)) if plain else "-"
+
+
 def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
     """Paired comparison of a vs b over the samples (seeds) both have: mean difference, its 95%
     interval and the two-sided paired t-test p-value. None with fewer than 2 pairs."""
@@ -320,7 +328,7 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
             lines.append(f"| {g.value} | {g.others or '-'} | {len(g.members)} | {_pm(g.accs)} | "
                          f"{f'{100 * ci[0]:.2f}–{100 * ci[1]:.2f}' if ci else '-'} | {_pm(g.bases)} | "
                          f"{_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
-                         f"{_fmt_test(paired(mine, plain)) if plain else '-'} |")
+                         f"{_vs_plain(g, mine, plain, control)} |")
         lines.append("")
         png = out / f"acc_vs_{_safe(axis)}.png"
         _axis_plot(plt, study, axis, groups, png)

@@ -39,6 +39,14 @@ def wait_http(url: str, timeout: float = 90) -> None:
     raise TimeoutError(url)
 
 
+def session_pids(session: int, name: str | None = None) -> list[int]:
+    """PIDs of the processes of ``session`` (whose command line contains ``name``, if given): the
+    servers a test starts run in a session of their own, which Ray's daemons and workers inherit, so
+    a test finds and stops its own processes and leaves any other Ray on the machine alone."""
+    cmd = ["pgrep", "-s", str(session)] + (["-f", name] if name else [])
+    return [int(p) for p in subprocess.run(cmd, capture_output=True, text=True).stdout.split()]
+
+
 def listening(session: int) -> dict[str, str]:
     """{address:port: process name} of every TCP socket listened on by a process of ``session``
     (from /proc: the sockets each process holds, looked up in /proc/net/tcp and tcp6)."""
@@ -52,8 +60,7 @@ def listening(session: int) -> dict[str, str]:
             raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
             addrs[f[9]] = (ipaddress.ip_address(raw), int(port, 16))
     out = {}
-    pids = subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
-    for pid in pids:
+    for pid in session_pids(session):
         try:
             name = Path(f"/proc/{pid}/comm").read_text().strip()
             links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
@@ -117,7 +124,7 @@ def stop_session(session: int, grace: float = 10) -> None:
     """SIGTERM every process of ``session``, SIGKILL what is left after ``grace`` seconds."""
     subprocess.run(["pkill", "-TERM", "-s", str(session)], capture_output=True)
     end = time.time() + grace
-    while time.time() < end and subprocess.run(["pgrep", "-s", str(session)], capture_output=True).returncode == 0:
+    while time.time() < end and session_pids(session):
         time.sleep(0.5)
     subprocess.run(["pkill", "-KILL", "-s", str(session)], capture_output=True)
 

@@ -1,5 +1,6 @@
 """`ptmdd study` end to end on a real local Ray, with a real MLflow SQLite store read back."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import yaml
 
 from ptmdd_ray.config import ConfigError
 from ptmdd_ray.study import load_study
-from test_cluster import free_port, is_loopback, listening, wait_http  # the cluster test's helpers
+from test_cluster import free_port, is_loopback, listening, session_pids, stop_session, wait_http  # the cluster test's helpers
 
 STUDY = {
     "name": "tiny",
@@ -124,6 +125,7 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Matrix: loss.clom" in md and (tmp_path / "report" / "matrix_loss.clom.png").exists()
     assert "## Findings" in md and "| CLoM helps | loss.clom=30.0 | the plain method |" in md
+    assert re.search(r"^\| 0\.0 \|.*\| the plain method \|$", md, re.M), md  # its own row, not a self-test
     assert "inconclusive (fewer than 2 paired samples)" in md  # one sample: no verdict claimed
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/report.md", "report/acc_vs_loss.clom.png", "report/matrix_loss.clom.png"} <= logged
@@ -217,14 +219,6 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1
 
 
-def _ray_processes(session: int, name: str) -> list[int]:
-    """PIDs of the Ray processes called ``name`` in this test's session only: the study driver was
-    started in a session of its own, which its local Ray and every worker inherit (Ray gives workers
-    their own process group, not their own session). Other Ray jobs on the machine are left alone."""
-    out = subprocess.run(["pgrep", "-s", str(session), "-f", name], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
 @pytest.mark.slow
 def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
     """SIGKILL the Ray worker running a trial mid-distillation: Tune retries it, the study
@@ -237,8 +231,8 @@ def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: any(r.info.status == "RUNNING" for r in _children(uri)[1])
-                  and _ray_processes(proc.pid, "ray::ImplicitFunc"), proc)
-        for pid in _ray_processes(proc.pid, "ray::ImplicitFunc"):
+                  and session_pids(proc.pid, "ray::ImplicitFunc"), proc)
+        for pid in session_pids(proc.pid, "ray::ImplicitFunc"):
             os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
@@ -270,7 +264,7 @@ def test_study_survives_its_store_actor_being_killed(tmp_path):
         servers = listening(proc.pid)  # the study's local Ray: every server on the loopback only
         assert "gcs_server" in servers.values() and "raylet" in servers.values(), servers
         assert all(is_loopback(a) for a in servers), {a: n for a, n in servers.items() if not is_loopback(a)}
-        actors = _ray_processes(proc.pid, "ray::StoreActor")
+        actors = session_pids(proc.pid, "ray::StoreActor")
         assert actors, "no store actor process found"
         for pid in actors:
             os.kill(pid, signal.SIGKILL)
@@ -354,9 +348,12 @@ def _mlflow_server(tmp_path, port):
 
 
 def _stop(proc):
+    """Crash ``proc`` (SIGKILL its process group), then stop what is left of its session: Ray gives
+    each worker a process group of its own, so the driver's group alone would leave them running."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    stop_session(proc.pid)
 
 
 @pytest.mark.slow
