@@ -341,6 +341,17 @@ def load_uint8(ds: DatasetConfig, *, key: str = "dataset") -> Arrays:
     return _load_uint8_cached(kind, src, sig, bool(ds.download), ds.cache_dir)
 
 
+def source_id(ds: DatasetConfig, *, key: str = "dataset") -> str:
+    """A short digest of what ``ds`` reads: its kind, absolute location and the size and mtime of
+    its files. Results computed from the data (a cached baseline) are keyed on it, so that a
+    relative path read from another directory, or a rewritten file, is a different source."""
+    kind, path = _parse_name(ds.name, key)
+    if kind == "digits":
+        return "digits"
+    src = os.path.abspath(os.path.expanduser(path if path is not None else ds.root))
+    return hashlib.sha256(repr((kind, src, _signature(kind, src))).encode()).hexdigest()[:20]
+
+
 # --------------------------------------------------------------------------- tensors
 
 @dataclass

@@ -7,6 +7,8 @@ written, and the output directory is only populated at the very end, file by ato
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -17,11 +19,11 @@ import torch
 
 from . import __version__, artifacts
 from .config import Config, ConfigError, source_dataset, to_dict, uses_ptms, weight_for
-from .data import ImageData, load_data
+from .data import ImageData, load_data, source_id
 from .evaluate import evaluate_set, random_real_subset
 from .methods import distill
 from .pool import PTM_DATA_SEED, PTM, PTMGuide, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs
-from .store import CheckpointStore
+from .store import CheckpointStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +119,8 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
 
     t1 = time.perf_counter()
     acc = evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic")
-    baseline = None
-    if cfg.eval.baseline:
-        real_x, real_y = random_real_subset(data, cfg.distill.ipc, cfg.seed)
-        baseline = evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real")
+    baseline, baseline_cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress) if cfg.eval.baseline \
+        else (None, False)
     eval_seconds = time.perf_counter() - t1
 
     result = {
@@ -131,7 +131,8 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
         "pool": pool.manifest(),
         "pool_stats": {"trainings": pool.trainings, "hits": pool.hits, "seconds": pool_seconds},
         "timing": {"distill_seconds": syn.seconds, "iterations": syn.iterations,
-                   "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": eval_seconds},
+                   "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": eval_seconds,
+                   "baseline_cached": baseline_cached},
         "loss_history": syn.loss_history,
         "eval_history": eval_history,
         "device": str(device),
@@ -180,6 +181,39 @@ def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, progre
     out = {"config": to_dict(cfg), "accuracy": acc, "baseline_random": None, "ipc": ipc}
     if cfg.eval.baseline:
         check_ipc(data, ipc, "synthetic")
-        real_x, real_y = random_real_subset(data, ipc, cfg.seed)
-        out["baseline_random"] = evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real")
+        out["baseline_random"], _ = random_real_baseline(cfg, data, ipc, progress, reuse=False)
     return out
+
+
+def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool = True,
+                         reuse: bool = True) -> tuple[dict, bool]:
+    """The random-real baseline of ``ipc`` images per class, evaluated with ``cfg.eval``; returns
+    (baseline, whether it came from the store). It depends only on the data, ``ipc``, the seed, the
+    evaluation protocol and the device kind (runs are deterministic given these), not on how the set
+    it is compared with was made: every grid point of a study that shares a seed would evaluate the
+    same subset the same way. So it is evaluated once, under a store lock (concurrent trials of one
+    seed wait for it rather than repeat it), and kept as a record in the store for later trials and
+    studies. An unwritable store only costs the reuse; ``reuse=False`` leaves the store alone."""
+    def evaluate() -> dict:
+        real_x, real_y = random_real_subset(data, ipc, cfg.seed)
+        return evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real")
+
+    if not reuse:
+        return evaluate(), False
+    try:
+        store = CheckpointStore(cfg.store)
+        store.check_writable()
+    except StoreError as e:
+        log.warning("%s; the random-real baseline is evaluated without reuse", e)
+        return evaluate(), False
+    ident = {"data": source_id(cfg.dataset), "dataset": to_dict(cfg.dataset), "ipc": ipc, "seed": cfg.seed,
+             "eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("baseline", "every")},
+             "device": data.x_train.device.type, "version": __version__}
+    name = "baseline-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+    with store.lock(name):
+        rec = store.record(name)
+        if rec is not None and rec.get("ident") == ident:
+            return rec["baseline"], True
+        baseline = evaluate()
+        store.put_record(name, {"ident": ident, "baseline": baseline})
+    return baseline, False

@@ -203,6 +203,21 @@ class CheckpointStore:
     def ls(self) -> list[dict[str, Any]]:
         return [self.meta(k) for k in self.keys()]
 
+    # -- small JSON records beside the checkpoints (results worth computing once), in records/
+    def _record_path(self, name: str) -> str:
+        return f"{self.base}/records/{check_key(name)}.json"
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        """The record ``name``, or None if it is missing or unreadable (then it is recomputed)."""
+        try:
+            return json.loads(self._read(self._record_path(name)))
+        except (OSError, ValueError):
+            return None
+
+    def put_record(self, name: str, data: dict[str, Any]) -> None:
+        self._write_atomic(self._record_path(name), json.dumps(data, sort_keys=True).encode(),
+                           create=f"{self.base}/records")
+
     # -- life-time counters (trainings run, checkpoints served from the store), in counters.json
     def _counters_path(self) -> str:
         return self.base + "/counters.json"

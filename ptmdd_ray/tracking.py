@@ -75,6 +75,8 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     m["distill.seconds_per_iteration"] = t["seconds_per_iteration"]
     m["distill.seconds"] = t["distill_seconds"]
     m["eval.seconds"] = t["eval_seconds"]
+    if base:  # 1: the baseline was read back from the store (eval.seconds then covers the set alone)
+        m["baseline.random.cached"] = float(bool(t.get("baseline_cached")))
     return m
 
 

@@ -57,3 +57,7 @@ def test_metrics_of_flattens_a_result():
     m = tracking.metrics_of(result)
     assert m["acc.mean"] == pytest.approx(0.7) and m["acc.A.std"] == 0.1
     assert m["baseline.random.mean"] == 0.5 and m["distill.seconds_per_iteration"] == 0.1
+    assert m["baseline.random.cached"] == 0.0  # evaluated by this run
+    cached = tracking.metrics_of({**result, "timing": {**result["timing"], "baseline_cached": True}})
+    assert cached["baseline.random.cached"] == 1.0
+    assert "baseline.random.cached" not in tracking.metrics_of({**result, "baseline_random": None})

@@ -1,0 +1,77 @@
+"""The pipeline's reuse of the random-real baseline: evaluated once per (data, ipc, seed, eval
+protocol), read back by every later run that shares them, never by one that does not."""
+import threading
+
+from ptmdd_ray.config import load_config
+from ptmdd_ray.data import load_data
+from ptmdd_ray.pipeline import random_real_baseline, run_distill
+from ptmdd_ray.store import CheckpointStore
+
+TINY = ["dataset.name=digits", "model=ConvNetW32", "distill.ipc=1", "distill.iterations=3", "distill.batch_real=16",
+        "eval.runs=1", "eval.epochs=3", "loss.clom=0.0", "loss.cclom=0.0"]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(overrides=[*TINY, f"store={tmp_path / 'store'}", *extra])
+
+
+def _records(tmp_path):
+    return sorted(p.name for p in (tmp_path / "store" / "records").glob("*.json"))
+
+
+def test_runs_sharing_a_seed_evaluate_the_random_real_baseline_once(tmp_path):
+    first = run_distill(_cfg(tmp_path), progress=False)
+    assert first["timing"]["baseline_cached"] is False and len(_records(tmp_path)) == 1
+    # another grid point of the same seed (more iterations, another lr_img): the baseline is read back
+    other = run_distill(_cfg(tmp_path, "distill.iterations=5", "distill.lr_img=0.5"), progress=False)
+    assert other["timing"]["baseline_cached"] is True
+    assert other["baseline_random"] == first["baseline_random"]
+    assert len(_records(tmp_path)) == 1
+    # what changes the baseline makes a record of its own: the seed, the IPC, the evaluation protocol
+    for change in ("seed=1", "distill.ipc=2", "eval.epochs=4"):
+        again = run_distill(_cfg(tmp_path, change), progress=False)
+        assert again["timing"]["baseline_cached"] is False, change
+    assert len(_records(tmp_path)) == 4
+
+
+def test_a_cached_baseline_equals_a_fresh_evaluation(tmp_path):
+    """Reuse is only sound because the baseline is a function of what the key holds: evaluate it
+    without the store and compare."""
+    cfg = _cfg(tmp_path)
+    data = load_data(cfg.dataset, cfg.seed)
+    fresh, cached = random_real_baseline(cfg, data, 1, progress=False, reuse=False)
+    assert cached is False and not (tmp_path / "store").exists()  # reuse=False leaves the store alone
+    stored, _ = random_real_baseline(cfg, data, 1, progress=False)
+    read, cached = random_real_baseline(cfg, data, 1, progress=False)
+    assert cached is True and fresh == stored == read
+
+
+def test_concurrent_runs_of_one_seed_evaluate_the_baseline_once(tmp_path):
+    cfg = _cfg(tmp_path)
+    data = load_data(cfg.dataset, cfg.seed)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(random_real_baseline(cfg, data, 1, progress=False)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(cached for _, cached in out) == [False, True]  # the second waited on the lock
+    assert out[0][0] == out[1][0]
+
+
+def test_a_damaged_record_is_evaluated_again_and_an_unusable_store_only_costs_the_reuse(tmp_path, caplog):
+    cfg = _cfg(tmp_path)
+    data = load_data(cfg.dataset, cfg.seed)
+    good, _ = random_real_baseline(cfg, data, 1, progress=False)
+    (record,) = (tmp_path / "store" / "records").glob("*.json")
+    record.write_text('{"ident": ')  # truncated by hand
+    again, cached = random_real_baseline(cfg, data, 1, progress=False)
+    assert cached is False and again == good
+    assert CheckpointStore(tmp_path / "store").record(record.stem)["baseline"] == good  # rewritten whole
+
+    (tmp_path / "not_a_dir").write_text("")
+    blocked = _cfg(tmp_path, f"store={tmp_path / 'not_a_dir' / 'store'}")
+    base, cached = random_real_baseline(blocked, data, 1, progress=False)
+    assert cached is False and base == good
+    assert "not writable" in caplog.text and "without reuse" in caplog.text
