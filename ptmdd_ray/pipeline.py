@@ -118,9 +118,17 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
                   cfg.eval.every, intermediate)
 
     t1 = time.perf_counter()
-    acc = evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic")
-    baseline, baseline_cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress) if cfg.eval.baseline \
-        else (None, False)
+    acc: dict[str, dict] = {}
+
+    def evaluate_synthetic() -> None:
+        acc.update(evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic"))
+
+    # the baseline first: if a concurrent trial of the same seed is evaluating it, this one
+    # evaluates its own set meanwhile and then reads the baseline back instead of idling
+    baseline, baseline_cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress, evaluate_synthetic) \
+        if cfg.eval.baseline else (None, False)
+    if not acc:
+        evaluate_synthetic()
     eval_seconds = time.perf_counter() - t1
 
     result = {
@@ -185,15 +193,26 @@ def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, progre
     return out
 
 
+def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[str, Any]]:
+    """The store record name of a random-real baseline and what it identifies: everything the
+    evaluation depends on (the source's files, the subset, ipc, seed, protocol, device kind)."""
+    ident = {"data": source_id(cfg.dataset), "dataset": to_dict(cfg.dataset), "ipc": ipc, "seed": cfg.seed,
+             "eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("baseline", "every")},
+             "device": data.x_train.device.type, "version": __version__}
+    return "baseline-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24], ident
+
+
 def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool = True,
-                         reuse: bool = True) -> tuple[dict, bool]:
+                         while_busy: Callable[[], None] | None = None, reuse: bool = True) -> tuple[dict, bool]:
     """The random-real baseline of ``ipc`` images per class, evaluated with ``cfg.eval``; returns
     (baseline, whether it came from the store). It depends only on the data, ``ipc``, the seed, the
     evaluation protocol and the device kind (runs are deterministic given these), not on how the set
     it is compared with was made: every grid point of a study that shares a seed would evaluate the
     same subset the same way. So it is evaluated once, under a store lock (concurrent trials of one
     seed wait for it rather than repeat it), and kept as a record in the store for later trials and
-    studies. An unwritable store only costs the reuse; ``reuse=False`` leaves the store alone."""
+    studies. If another process is evaluating it, ``while_busy`` (the caller's other work) runs
+    before waiting for it. An unwritable store only costs the reuse; ``reuse=False`` leaves the
+    store alone."""
     def evaluate() -> dict:
         real_x, real_y = random_real_subset(data, ipc, cfg.seed)
         return evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real")
@@ -206,10 +225,12 @@ def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool 
     except StoreError as e:
         log.warning("%s; the random-real baseline is evaluated without reuse", e)
         return evaluate(), False
-    ident = {"data": source_id(cfg.dataset), "dataset": to_dict(cfg.dataset), "ipc": ipc, "seed": cfg.seed,
-             "eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("baseline", "every")},
-             "device": data.x_train.device.type, "version": __version__}
-    name = "baseline-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+    name, ident = baseline_record(cfg, data, ipc)
+    if while_busy is not None:
+        with store.lock(name, wait=False) as free:
+            pass
+        if not free:
+            while_busy()
     with store.lock(name):
         rec = store.record(name)
         if rec is not None and rec.get("ident") == ident:

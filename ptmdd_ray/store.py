@@ -122,14 +122,15 @@ class CheckpointStore:
             raise StoreError(f"store: {self.uri} is not writable ({reason})") from None
 
     @contextlib.contextmanager
-    def lock(self, name: str):
+    def lock(self, name: str, wait: bool = True):
         """Exclusive lock on ``name`` across the processes of this machine (flock on
         ``<root>/locks/<name>.lock``; the kernel drops it if its holder dies, so a crash never
         leaves a stale lock). Two studies with their own local Ray share a local store safely
         this way. Object stores have no such lock: share one through one Ray cluster, whose
-        store actor is the single flight."""
+        store actor is the single flight. Yields whether the lock is held: with ``wait=False``
+        a lock held elsewhere yields False at once instead of blocking."""
         if not self._local:
-            yield
+            yield True
             return
         locks = f"{self.base}/locks"
         try:
@@ -138,8 +139,12 @@ class CheckpointStore:
         except OSError as e:
             raise StoreError(f"store: cannot lock {name} under {locks}: {e.strerror or e}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)  # releases the lock
 

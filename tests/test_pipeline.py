@@ -1,10 +1,11 @@
 """The pipeline's reuse of the random-real baseline: evaluated once per (data, ipc, seed, eval
 protocol), read back by every later run that shares them, never by one that does not."""
 import threading
+import time
 
 from ptmdd_ray.config import load_config
 from ptmdd_ray.data import load_data
-from ptmdd_ray.pipeline import random_real_baseline, run_distill
+from ptmdd_ray.pipeline import baseline_record, random_real_baseline, run_distill
 from ptmdd_ray.store import CheckpointStore
 
 TINY = ["dataset.name=digits", "model=ConvNetW32", "distill.ipc=1", "distill.iterations=3", "distill.batch_real=16",
@@ -75,3 +76,32 @@ def test_a_damaged_record_is_evaluated_again_and_an_unusable_store_only_costs_th
     base, cached = random_real_baseline(blocked, data, 1, progress=False)
     assert cached is False and base == good
     assert "not writable" in caplog.text and "without reuse" in caplog.text
+
+
+def test_a_run_whose_baseline_is_being_evaluated_elsewhere_does_its_own_work_meanwhile(tmp_path):
+    cfg = _cfg(tmp_path)
+    data = load_data(cfg.dataset, cfg.seed)
+    name, _ = baseline_record(cfg, data, 1)
+    calls, out = [], []
+    with CheckpointStore(tmp_path / "store").lock(name):  # another trial of this seed is on it
+        t = threading.Thread(target=lambda: out.append(
+            random_real_baseline(cfg, data, 1, False, while_busy=lambda: calls.append("own set"))))
+        t.start()
+        end = time.time() + 60
+        while not calls and time.time() < end:
+            time.sleep(0.05)
+        assert calls == ["own set"] and t.is_alive() and not out  # its own work done, now it waits
+    t.join(120)
+    assert out and out[0][1] is False  # the holder wrote nothing: it evaluated the baseline itself
+    random_real_baseline(cfg, data, 1, False, while_busy=lambda: calls.append("again"))
+    assert calls == ["own set"]  # a free record: nothing to do meanwhile
+
+
+def test_the_order_of_evaluation_does_not_change_the_synthetic_sets_accuracy(tmp_path):
+    """run_distill evaluates the baseline first (or the set first while another run holds the
+    baseline): the set's accuracy is the same with the baseline, without it, and read back."""
+    with_base = run_distill(_cfg(tmp_path), progress=False)
+    without = run_distill(_cfg(tmp_path, "eval.baseline=false"), progress=False)
+    read_back = run_distill(_cfg(tmp_path), progress=False)
+    assert read_back["timing"]["baseline_cached"] is True and without["baseline_random"] is None
+    assert with_base["accuracy"] == without["accuracy"] == read_back["accuracy"]

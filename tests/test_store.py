@@ -150,3 +150,15 @@ def test_counters_are_not_lost_under_concurrent_writers(tmp_path):
     for t in threads:
         t.join()
     assert store.counters()["hits"] == 80
+
+
+def test_a_lock_held_elsewhere_is_reported_without_waiting(tmp_path):
+    store = CheckpointStore(tmp_path / "s")
+    with store.lock("x") as held:
+        assert held is True
+        with store.lock("x", wait=False) as free:
+            assert free is False  # held by the outer block (another open file: flock excludes it)
+        with store.lock("y", wait=False) as other:
+            assert other is True  # locks are per name
+    with store.lock("x", wait=False) as free:
+        assert free is True
