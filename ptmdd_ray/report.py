@@ -191,6 +191,10 @@ def arch_lines(swept: list[str], rows: list[dict[str, Any]], plain_rows: list[di
                 cell += "<br>" + _fmt_test(paired(per_sample(members, m), per_sample(plain_rows, m)))
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    # the random real subset per architecture: the same for every point of a seed (mean over seeds)
+    base = [per_sample(rows, f"baseline.random.{a}.mean") for a in archs]
+    if any(base):
+        lines.append("| random real | " + " | ".join(_pm(list(b.values())) for b in base) + " |")
     return lines + [""]
 
 

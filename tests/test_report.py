@@ -78,7 +78,9 @@ def test_cross_architecture_table_pairs_each_arch_with_the_plain_method():
 
     def row(clom, sample, a, b):
         return {"values": {"loss.clom": clom}, "sample": sample, "point": {"loss.clom": float(clom)},
-                "metrics": {"acc.mean": (a + b) / 2, "acc.ConvNet.mean": a, "acc.VGG11.mean": b}}
+                "metrics": {"acc.mean": (a + b) / 2, "acc.ConvNet.mean": a, "acc.VGG11.mean": b,
+                            "baseline.random.ConvNet.mean": 0.2 + int(sample) / 100,
+                            "baseline.random.VGG11.mean": 0.1}}
 
     plain = [row("0.0", s, 0.40 + d, 0.30 + d) for s, d in (("0", 0.0), ("1", 0.01), ("2", 0.02))]
     clom = [row("30.0", s, 0.45 + d, 0.30 + d + e) for (s, d), e in zip((("0", 0.0), ("1", 0.01), ("2", 0.02)),
@@ -90,5 +92,6 @@ def test_cross_architecture_table_pairs_each_arch_with_the_plain_method():
     assert plain_line.startswith("| loss.clom=0.0 | 41.00 ± 0.82 | 31.00 ± 0.82 |") and "<br>" not in plain_line
     assert "46.00 ± 0.82<br>+5.00 [+5.00, +5.00], p=0" in clom_line  # the same +5 on every seed
     assert "+0.00 [" in clom_line.split("|")[3]  # VGG11: no difference, not significant
+    assert lines[8] == "| random real | 21.00 ± 0.82 | 10.00 ± 0.00 |"  # per seed, not per trial
     assert arch_lines(["loss.clom"], [{**r, "metrics": {"acc.mean": 0.4, "acc.ConvNet.mean": 0.4}} for r in plain],
                       plain) == []  # one architecture: nothing to add
