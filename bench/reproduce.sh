@@ -3,7 +3,8 @@
 # CIFAR-10 settings (ConvNetW32, IPC 10, 200 DM iterations, PTMs trained on 500 images per class,
 # 3 eval models x 300 epochs, 3 samples = 3 seeds per point), then `ptmdd report` with the paired
 # tests and verdicts. Results, MLflow store and reports under $OUT (default runs/repro).
-#   bash bench/reproduce.sh [epochs diversity domain loss_weights cross_arch loss_weights_ipc1 loss_weights_alpha]
+#   bash bench/reproduce.sh [epochs diversity domain loss_weights cross_arch loss_weights_ipc1 loss_weights_alpha
+#                            loss_weights_beta1]
 #   RESUME=1 bash bench/reproduce.sh domain    # finish an interrupted study (finished trials kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,13 +38,16 @@ for s in $STUDIES; do
              --set matrix=null --set "control={loss.clom: 0.0}" --set "claims=[{claim: CLoM at alpha 10 beats plain DM, better: {loss.clom: 10.0}, than: control},
              {claim: alpha 100 beats alpha 30, better: {loss.clom: 100.0}, than: {loss.clom: 30.0}},
              {claim: alpha 100 beats alpha 1000 (where the PTM term drowns matching), better: {loss.clom: 100.0}, than: {loss.clom: 1000.0}}]") ;;
+    loss_weights_beta1)  # the rest of the shipped 5 x 2 grid: alpha 10, 100, 1000 with beta 1
+      extra=(--set "base.pool.source=$SRC" --set name=$s --set "sweep={loss.clom: {grid: [10.0, 100.0, 1000.0]}}"
+             --set base.loss.cclom=1.0 --set matrix=null --set control=null --set "claims=[]") ;;
     cross_arch)  # AlexNet/VGG11 cost ~0.8/0.5 s per epoch and ~30 s per test pass on one core: 100 epochs
       # keep the study to ~1 h on 2 cores (ResNet18, ~10 min per model, is left to GPU scale)
       extra=(--set "base.pool.source=$SRC" --set "base.eval.archs=[ConvNetW32, AlexNet, VGG11]"
              --set base.eval.epochs=100) ;;
     *) extra=(--set "base.pool.source=$SRC") ;;
   esac
-  file=${s%_ipc1}; file=${file%_alpha}  # loss_weights_ipc1 / _alpha: loss_weights.yaml, other settings
+  file=${s%_ipc1}; file=${file%_alpha}; file=${file%_beta1}  # loss_weights_*: loss_weights.yaml
   .venv/bin/ptmdd study "studies/$file.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" ${RESUME:+--resume} || true
   .venv/bin/ptmdd report "$s" --results "$OUT/results" --out "$OUT/report/$s"
 done
