@@ -330,11 +330,18 @@ def _load_uint8_cached(kind: str, src: str | None, sig: tuple, download: bool, c
     return arrs
 
 
+def _source(ds: DatasetConfig, key: str) -> tuple[str, str | None]:
+    """``(kind, absolute location)`` of what ``ds`` reads (None for the bundled digits)."""
+    kind, path = _parse_name(ds.name, key)
+    if path is None and kind != "digits":
+        path = os.path.abspath(os.path.expanduser(ds.root))
+    return kind, path
+
+
 def load_uint8(ds: DatasetConfig, *, key: str = "dataset") -> Arrays:
     """Raw ``(x_train, y_train, x_test, y_test, class_names)``: x uint8 (N, H, W, C), y int64, before any
     subset, resize or domain. Arrays are read-only (shared through an in-process cache)."""
-    kind, path = _parse_name(ds.name, key)
-    src = path if path is not None else (None if kind == "digits" else os.path.abspath(os.path.expanduser(ds.root)))
+    kind, src = _source(ds, key)
     if kind in ("parquet", "imagefolder"):
         check_dataset_config(replace(ds, classes=None), key)  # path existence, with the right message
     sig = () if kind == "digits" else _signature(kind, src)
@@ -345,10 +352,9 @@ def source_id(ds: DatasetConfig, *, key: str = "dataset") -> str:
     """A short digest of what ``ds`` reads: its kind, absolute location and the size and mtime of
     its files. Results computed from the data (a cached baseline) are keyed on it, so that a
     relative path read from another directory, or a rewritten file, is a different source."""
-    kind, path = _parse_name(ds.name, key)
-    if kind == "digits":
-        return "digits"
-    src = os.path.abspath(os.path.expanduser(path if path is not None else ds.root))
+    kind, src = _source(ds, key)
+    if src is None:
+        return kind
     return hashlib.sha256(repr((kind, src, _signature(kind, src))).encode()).hexdigest()[:20]
 
 
