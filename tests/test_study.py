@@ -12,8 +12,7 @@ import yaml
 
 from ptmdd_ray.config import ConfigError
 from ptmdd_ray.study import load_study
-# the cluster test's helpers
-from test_cluster import free_port, is_loopback, listening, session_pids, stop_session, wait_http
+from conftest import free_port, is_loopback, listening, session_pids, stop_session, wait_http
 
 STUDY = {
     "name": "tiny",
