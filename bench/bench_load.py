@@ -10,7 +10,6 @@ to the store actor (all hits, then all for missing PTMs of 2 runs: single flight
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import statistics
@@ -42,21 +41,22 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 
 
 def fetch_latencies(store: str, specs, epochs: list[int], n: int) -> list[float]:
-    """Latency of each of n concurrent fetches (issued at once from one async driver task)."""
-    from ptmdd_ray.service import get_store_actor
+    """Latency of each of n concurrent PTM requests, issued at once as Ray tasks the way trials
+    make them (``RayRepository.get``: through the store actor, training under the store's lock
+    what is missing)."""
+    import ray
 
-    actor = get_store_actor(store)
+    @ray.remote(num_cpus=0)
+    def request(spec) -> float:
+        from ptmdd_ray.data import load_data
+        from ptmdd_ray.pool import PTM_DATA_SEED
+        from ptmdd_ray.service import RayRepository
 
-    async def one(i: int) -> float:
         t0 = time.perf_counter()
-        _, ref, _ = await actor.fetch.remote(specs[i % len(specs)], epochs[0], epochs)
-        await ref
+        RayRepository(store).get(spec, epochs[0], epochs, lambda: load_data(spec.source, PTM_DATA_SEED))
         return time.perf_counter() - t0
 
-    async def all_of() -> list[float]:
-        return list(await asyncio.gather(*(one(i) for i in range(n))))
-
-    return asyncio.run(all_of())
+    return ray.get([request.remote(specs[i % len(specs)]) for i in range(n)])
 
 
 def main() -> None:

@@ -42,7 +42,31 @@ def write_atomic(path: str | Path, payload: bytes) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Write JSON atomically to a local path or a ``pyarrow.fs`` URI (``s3://...``: an object
+    store commits the object on close, whole or not at all)."""
+    payload = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    if "://" not in str(path):
+        return write_atomic(path, payload)
+    import pyarrow.fs as pafs
+
+    fs, where = pafs.FileSystem.from_uri(str(path))
+    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(where) as f:
+        f.write(payload)
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON at a local path or ``pyarrow.fs`` URI, or None if there is none."""
+    try:
+        if "://" not in str(path):
+            return json.loads(Path(path).read_text())
+        import pyarrow.fs as pafs
+
+        fs, where = pafs.FileSystem.from_uri(str(path))
+        with fs.open_input_stream(where) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
 
 
 def synthetic_table(images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> pa.Table:

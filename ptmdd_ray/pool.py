@@ -110,7 +110,9 @@ class PTM:
 
 class PTMRepository:
     """Resolves PTM specs to checkpoints: reuse what the store has, train what is missing (every
-    requested epoch of a run in one go). The unit a Ray actor can host: it holds no model state."""
+    requested epoch of a run in one go). Single flight comes from the store's lock on the run (a
+    flock locally, a lease object on S3), so it holds across processes, nodes and clusters: the
+    first caller trains, with its own device and resources, and the others wait, then load."""
 
     def __init__(self, store: CheckpointStore, progress: bool = True):
         self.store = store
@@ -118,14 +120,21 @@ class PTMRepository:
         self.trainings = 0
         self.hits = 0
 
+    def stored(self, key: str) -> Checkpoint | None:
+        """The intact stored checkpoint ``key`` (counted as a hit), or None. The Ray service
+        overrides this to serve through its store actor."""
+        ckpt = load_checked(self.store, key)
+        if ckpt is not None:
+            self.store.count(hits=1)
+        return ckpt
+
     def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
             load_source: Callable[[], ImageData]) -> Checkpoint:
         key = spec.key(epoch)
         while True:
-            ckpt = load_checked(self.store, key)
+            ckpt = self.stored(key)
             if ckpt is not None:
                 self.hits += 1
-                self.store.count(hits=1)
                 return ckpt
             if train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress):
                 self.trainings += 1

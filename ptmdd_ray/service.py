@@ -1,16 +1,19 @@
 """The PTM checkpoint store as a Ray service, shared by every trial of every study on a cluster.
 
-One named, detached actor per store location (namespace ``ptmdd``) serves checkpoints. A missing
-PTM is trained exactly once however many trials ask for it at the same moment (single flight:
-later callers await the training already under way), as a Ray task with its own resources (a GPU
-when the cluster has one). Weights go back through the object store as numpy buffers, which Ray
-reads zero-copy. Everything durable lives in the :class:`~ptmdd_ray.store.CheckpointStore`, so an
-actor restarted by Ray (``max_restarts=-1``) or started by a later study recovers its index from
-storage and retrains nothing.
+One named, detached actor per store location (namespace ``ptmdd``) serves checkpoints: it verifies
+a checkpoint's sha256 once, puts its weights into the object store as numpy buffers and hands the
+same object to every later caller, so a PTM crosses the network once per node and trials on a node
+map it zero-copy. A missing PTM is trained by the trial that first asks for it, under the store's
+lock on the run (a flock locally, a lease object on S3: see :mod:`ptmdd_ray.store`), with the
+trial's own device and resources; the others wait on the lock, then load. So a PTM is trained
+once across trials, nodes and even separate Ray clusters sharing one store, and a training never
+waits for resources that the trials waiting on it hold (no deadlock when trials fill every GPU).
+Everything durable lives in the :class:`~ptmdd_ray.store.CheckpointStore`: an actor restarted by
+Ray (``max_restarts=-1``, on another node if its node died) recovers from storage.
 """
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +23,7 @@ import numpy as np
 import ray
 import torch
 
-from .pool import load_checked
+from .pool import PTMRepository, load_checked
 from .store import Checkpoint, CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,8 @@ def init_local_ray(**kwargs) -> None:
 
 
 def _outside_placement_groups():
-    """Tune runs each trial in a placement group that captures its child tasks; the store actor
-    and its training tasks must not live inside (and wait on) one trial's bundle."""
+    """Tune runs each trial in a placement group that captures its child tasks and actors; the
+    store actor, shared by every trial, must not live inside (and die with) one trial's bundle."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(placement_group=None)
@@ -54,74 +57,38 @@ def actor_name(uri: str) -> str:
     return "ptm-store-" + hashlib.sha256(str(CheckpointStore(uri).root).encode()).hexdigest()[:16]
 
 
-@ray.remote(max_retries=2)
-def _train_run(uri: str, spec, epochs: list[int]) -> list[str]:
-    """Ray task: pretrain one PTM run and write its checkpoints straight into the store."""
-    from .data import load_data
-    from .pipeline import pick_device
-    from .pool import PTM_DATA_SEED, train_run
-
-    def data():
-        return load_data(spec.source, PTM_DATA_SEED).to(pick_device("auto"))
-
-    return train_run(CheckpointStore(uri), spec, epochs, data, progress=False)
-
-
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=16)
 class StoreActor:
-    """Owns one store's index and its life-time counters; serves checkpoints to trials."""
+    """Serves one store's checkpoints through the object store; counts hits."""
 
     def __init__(self, uri: str):
-        self.uri = uri
         self.store = CheckpointStore(uri)
-        self.inflight: dict[str, tuple[ray.ObjectRef, set[int]]] = {}
-        # The trials that wait for a PTM sit idle in ray.get but keep their resources (Tune runs
-        # them as actors), so a training task that asked for a whole CPU could wait forever
-        # behind them. It asks for no CPU (it uses the CPUs its waiters leave idle) and, on a GPU
-        # cluster, half a GPU: studies there should give trials fractional GPUs (README).
-        gpus = ray.cluster_resources().get("GPU", 0)
-        self.train_options = {"num_cpus": 0, "num_gpus": 0.5 if gpus > 0 else 0}
+        self.served: dict[str, tuple[dict, ray.ObjectRef]] = {}  # key -> (meta, weights), verified
 
-    async def fetch(self, spec, epoch: int, epochs_to_save: list[int]) -> tuple[dict, ray.ObjectRef, str]:
-        """(metadata, ref to {name: ndarray}, outcome) for epoch ``epoch`` of run ``spec``;
-        outcome is ``hit``, ``trained`` (this call started the training) or ``shared``. A stored
-        checkpoint that fails its sha256 check is quarantined and trained again, never served."""
-        key = spec.key(epoch)
-        epochs_to_save = sorted({*epochs_to_save, epoch})
-        outcome = "hit"
-        while (ckpt := load_checked(self.store, key)) is None:
-            run = self.inflight.get(spec.run_id)
-            if run is None or epoch not in run[1]:
-                if run is not None:  # a run under way that will not save this epoch: let it finish
-                    await asyncio.wait([asyncio.ensure_future(_await(run[0]))])
-                    continue
-                ref = _train_run.options(**self.train_options, scheduling_strategy=_outside_placement_groups()
-                                         ).remote(self.uri, spec, epochs_to_save)
-                self.inflight[spec.run_id] = (ref, set(epochs_to_save))
-                starter = True
-            else:
-                ref, starter = run[0], False
-            try:
-                written = await ref  # [] when another process had trained it (the store's lock)
-            finally:
-                if self.inflight.get(spec.run_id, (None,))[0] is ref:
-                    del self.inflight[spec.run_id]
-            if outcome == "hit" and written:
-                outcome = "trained" if starter else "shared"
-        if outcome != "trained":
-            self.store.count(hits=1)
-        arrays = {k: v.numpy() for k, v in ckpt.tensors.items()}
-        return ckpt.meta, ray.put(arrays), outcome
+    def fetch(self, key: str) -> tuple[dict, ray.ObjectRef] | None:
+        """(metadata, ref to {name: ndarray}) of the stored checkpoint ``key``, or None when the
+        store does not have it intact (a checkpoint failing its sha256 is quarantined, never
+        served). A checkpoint served before is served from the object store again as long as
+        the store still records the same sha256."""
+        try:
+            sha = self.store.meta(key).get("sha256")
+        except (OSError, ValueError):
+            sha = None
+        cached = self.served.get(key)
+        if cached is None or cached[0].get("sha256") != sha:
+            self.served.pop(key, None)
+            ckpt = load_checked(self.store, key) if sha else None
+            if ckpt is None:
+                return None
+            cached = self.served[key] = (ckpt.meta, ray.put({k: v.numpy() for k, v in ckpt.tensors.items()}))
+        self.store.count(hits=1)
+        return cached
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def stats(self) -> dict:
-        return {**self.store.stats(), "inflight": len(self.inflight)}
-
-
-async def _await(ref):
-    try:
-        await ref
-    except Exception:  # the waiting caller retries or reports through its own training
-        pass
+        return {**self.store.stats(), "served": len(self.served)}
 
 
 def get_store_actor(uri: str):
@@ -130,20 +97,19 @@ def get_store_actor(uri: str):
                               scheduling_strategy=_outside_placement_groups()).remote(str(uri))
 
 
-class RayRepository:
-    """Drop-in for :class:`~ptmdd_ray.pool.PTMRepository` that goes through the store actor."""
+class RayRepository(PTMRepository):
+    """The PTM repository of a trial on Ray: stored checkpoints come through the store actor;
+    missing ones are trained here, under the store's lock (see the module docstring)."""
 
     def __init__(self, uri: str):
+        super().__init__(CheckpointStore(uri), progress=False)
         self.actor = get_store_actor(uri)
-        self.trainings = 0
-        self.hits = 0
 
-    def get(self, spec, epoch: int, epochs_to_save: list[int], load_source=None) -> Checkpoint:
-        meta, ref, outcome = ray.get(self.actor.fetch.remote(spec, epoch, epochs_to_save))
-        if outcome == "trained":
-            self.trainings += 1
-        else:
-            self.hits += 1
+    def stored(self, key: str) -> Checkpoint | None:
+        got = ray.get(self.actor.fetch.remote(key))
+        if got is None:
+            return None
+        meta, ref = got
         arrays = ray.get(ref)
         with warnings.catch_warnings():  # object-store buffers are read-only; load_state_dict copies
             warnings.simplefilter("ignore", UserWarning)
@@ -151,4 +117,30 @@ class RayRepository:
         return Checkpoint(meta["key"], tensors, meta)
 
 
-__all__ = ["NAMESPACE", "RayRepository", "StoreActor", "actor_name", "get_store_actor", "init_local_ray"]
+@functools.cache
+def note_device(gpu_ids: tuple[str, ...]) -> str:
+    """Say once per process when Ray assigned GPUs that torch cannot see (a node started with
+    ``--num-gpus`` for scheduling only, or a driver/CUDA mismatch): the trial runs on the CPU."""
+    cuda = torch.cuda.is_available()
+    if gpu_ids and not cuda:
+        log.warning("Ray assigned GPU(s) %s to this trial but torch sees no CUDA device: running on the CPU",
+                    ",".join(gpu_ids))
+    return "cuda" if cuda else "cpu"  # what device: auto picks
+
+
+def object_store_bytes() -> int | None:
+    """Bytes held in this node's object store now (the raylet's own count), or None if the raylet
+    does not say. Shows that a study's data set is held once per node, not once per trial."""
+    from ray._private.internal_api import node_stats
+
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        info = next(n for n in ray.nodes() if n["NodeID"] == node)
+        reply = node_stats(info["NodeManagerAddress"], info["NodeManagerPort"], include_memory_info=False)
+        return int(reply.store_stats.object_store_bytes_used)
+    except Exception:  # noqa: BLE001 - a measurement only: never fail a trial over it
+        return None
+
+
+__all__ = ["NAMESPACE", "RayRepository", "StoreActor", "actor_name", "get_store_actor", "init_local_ray",
+           "note_device", "object_store_bytes"]

@@ -19,7 +19,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_json
+from .artifacts import read_json, write_json
 from .config import (ConfigError, anchor_paths, build_config, flatten, from_dict, load_yaml, parse_override,
                      set_dotted, to_dict)
 
@@ -235,16 +235,35 @@ def memory_mb() -> dict[str, float]:
     return out
 
 
-def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_path: Path, resume: bool,
+def object_store_mb() -> dict[str, float]:
+    """``objstore.node_mb``: the object-store bytes of this trial's node while it holds the data."""
+    from .service import object_store_bytes
+
+    used = object_store_bytes()
+    return {} if used is None else {"objstore.node_mb": used / 2**20}
+
+
+def placement_tags(repo) -> dict[str, str]:
+    """Where a trial runs, as MLflow tags: its Ray node, the GPU ids Ray assigned it (torch may
+    still run on the CPU: see :func:`~ptmdd_ray.service.note_device`), the store actor's node."""
+    import ray
+
+    from .service import note_device
+
+    gpus = tuple(str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.gpu_ids": ",".join(gpus),
+            "ptmdd.device": note_device(gpus), "ptmdd.store_node": ray.get(repo.actor.node_id.remote())}
+
+
+def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_path: str, resume: bool,
                  artifacts_uri: str | None) -> str:
     """The study's MLflow parent run: the interrupted one again on ``--resume`` (its id is kept in
-    the Tune experiment directory), else a new one."""
-    record = exp_path / "mlflow_parent.json"
-    if resume and record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("tracking_uri") == mlflow_uri and tracking.reopen_parent(mlflow_uri, saved["run_id"]):
-            log.info("continuing MLflow parent run %s", saved["run_id"])
-            return saved["run_id"]
+    the Tune experiment directory, local or in the bucket), else a new one."""
+    record = f"{exp_path}/mlflow_parent.json"
+    saved = read_json(record) if resume else None
+    if saved and saved.get("tracking_uri") == mlflow_uri and tracking.reopen_parent(mlflow_uri, saved["run_id"]):
+        log.info("continuing MLflow parent run %s", saved["run_id"])
+        return saved["run_id"]
     spec = study.spec
     parent = tracking.start_parent(mlflow_uri, spec.name, {
         "ptmdd.study": spec.name, "ptmdd.swept": ",".join(swept), "ptmdd.matrix": spec.matrix or "",
@@ -255,20 +274,61 @@ def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_
     return parent
 
 
-def _close(tracking, mlflow_uri: str, parent: str, status: str, results_dir: Path, exp_path: Path) -> None:
+def _close(tracking, mlflow_uri: str, parent: str, status: str, results: str, exp_path: str) -> None:
     """Log what trials could not (MLflow away mid-study) and close the parent run; if MLflow is
     still away, leave both to ``ptmdd report --sync`` (the parent record says how to close it)."""
     try:
-        synced = tracking.sync_pending(mlflow_uri, results_dir)
+        synced = tracking.sync_pending(mlflow_uri, results) if "://" not in results else 0
         if synced:
             log.info("logged %d trial(s) that finished while MLflow was unreachable", synced)
         tracking.close_parent(mlflow_uri, parent, status)
     except Exception as e:  # noqa: BLE001 - the tracking server is away; nothing is lost
-        record = exp_path / "mlflow_parent.json"
-        write_json(record, {**json.loads(record.read_text()), "close": status})
+        record = f"{exp_path}/mlflow_parent.json"
+        write_json(record, {**(read_json(record) or {}), "close": status})
         log.warning("MLflow unreachable at the end of the study (%s); results are in %s: run `ptmdd report "
                     "%s --sync --mlflow-uri %s --results %s --out DIR` once it is back", e, exp_path,
-                    exp_path.name, mlflow_uri, results_dir)
+                    exp_path.rsplit("/", 1)[-1], mlflow_uri, results)
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, set inside a ``ray job``), else start
+    a local Ray on 127.0.0.1. An address with no cluster behind it is a one-line ConfigError,
+    found out in seconds rather than after Ray's minute of retries."""
+    import socket
+
+    import ray
+
+    from .service import init_local_ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return init_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    if address != "auto" and ":" in host_port:
+        host, port = host_port.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"address: no Ray cluster at {address} ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"address: cannot join the Ray cluster at {address} ({str(e).splitlines()[0]})") from None
+
+
+def _results_location(results: str, mlflow_uri: str | None) -> tuple[str, str | None]:
+    """Where Tune keeps the experiment: an absolute local path, or a URI (``s3://bucket/prefix``,
+    what a multi-node cluster needs: every node and the driver reach it). A URI cannot hold the
+    default SQLite tracking file, so it needs ``--mlflow-uri``."""
+    if "://" in results:
+        if not mlflow_uri:
+            raise ConfigError(f"results: {results} is not a local directory, so the default MLflow "
+                              "SQLite file cannot live there: give --mlflow-uri (an MLflow server)")
+        return results.rstrip("/"), None
+    local = Path(results).expanduser().resolve()
+    return str(local), str(local)
 
 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
@@ -292,38 +352,38 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     from .data import ImageData, load_data
     from .methods import DivergenceError
     from .pipeline import run_distill
-    from .service import RayRepository, init_local_ray
+    from .service import RayRepository
+    from .store import CheckpointStore
 
     spec = study.spec
     first = study.trial_config(study.grid[0], 0)
     if prune and not (search_trials and first.eval.every > 0):
         raise ConfigError("prune: needs `ptmdd search` and base.eval.every > 0 (the evaluations to prune on)")
+    # Everything that can be checked is checked before anything is started or written.
+    results, local_results = _results_location(results, mlflow_uri)
     if mlflow_uri:
-        tracking.check_reachable(mlflow_uri)  # before anything is started or written
-    results_dir = Path(results).resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
-    # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
-    # whatever directory the driver happens to run in); a server decides for itself.
-    artifacts_uri = None if mlflow_uri else (results_dir / "mlartifacts").as_uri()
-    mlflow_uri = mlflow_uri or tracking.default_tracking_uri(results_dir)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # an outage is handled, not waited out
-    store_uri = store or study.trial_config(study.grid[0], 0).store
+        tracking.check_reachable(mlflow_uri)
+    store_uri = store or first.store
     if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
         store_uri = str(Path(store_uri).expanduser().resolve())
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False, configure_logging=False)
-        else:
-            init_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    CheckpointStore(store_uri).check_writable()
+    connect_ray(address)
+    if local_results:
+        Path(local_results).mkdir(parents=True, exist_ok=True)
+    # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
+    # whatever directory the driver happens to run in); a server decides for itself.
+    artifacts_uri = None if mlflow_uri else Path(local_results, "mlartifacts").as_uri()
+    mlflow_uri = mlflow_uri or tracking.default_tracking_uri(local_results)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # an outage is handled, not waited out
     points = study.grid[:-1] if study.control_added else study.grid
     swept = sorted(spec.search) if search_trials else sorted({k for p in points for k in p})
     exp_name = f"{spec.name}-search" if search_trials else spec.name
-    exp_path = results_dir / exp_name
+    exp_path = f"{results}/{exp_name}"
     parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri)
 
     # The target data go into the object store once, as numpy buffers that every trial on a node
-    # maps read-only (zero-copy), unless trials would load different data (a swept dataset key, or
-    # seed-dependent per-class subsets).
+    # maps read-only (zero-copy; one copy per node), unless trials would load different data (a
+    # swept dataset key, or seed-dependent per-class subsets).
     shared = share_data and not any(k.startswith("dataset.") for k in swept) and not (
         first.dataset.train_per_class or first.dataset.test_per_class)
     data_ref = ray.put(load_data(first.dataset, first.seed).to_arrays()) if shared else None
@@ -341,8 +401,10 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
         cfg = replace(study.trial_config(overrides, sample), store=store_uri)
         out = Path(ctx.get_trial_dir()) / "out"
+        repo = RayRepository(store_uri)
         run.start(cfg, {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
-                        "ptmdd.sample": str(sample), "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str)})
+                        "ptmdd.sample": str(sample), "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str),
+                        **placement_tags(repo)})
         memory: dict[str, float] = {}
 
         def on_log(it: int, loss: float) -> None:  # sample memory while the data set is held
@@ -354,7 +416,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
 
         try:
             data = ImageData.from_arrays(ray.get(data_ref)) if data_ref is not None else None
-            result = run_distill(cfg, out, progress=False, on_log=on_log, repo=RayRepository(store_uri), data=data,
+            memory.update(object_store_mb())
+            result = run_distill(cfg, out, progress=False, on_log=on_log, repo=repo, data=data,
                                  on_eval=on_eval if spec.metric.startswith("acc.") else None)
             on_log(-1, 0.0)
             run.finish(result, out, memory)
@@ -372,7 +435,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     if search_trials:
         import optuna
 
-        storage = optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
+        storage = optuna_storage or f"sqlite:///{Path(local_results or '.') / 'optuna.db'}"
         rdb = optuna.storages.RDBStorage(storage)
         try:  # seeded by the trials already told: a search is reproducible and a second call continues it
             told = len(optuna.load_study(study_name=spec.name, storage=rdb).trials)
@@ -386,8 +449,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         param_space = {"overrides": tune.grid_search(study.grid),
                        "sample": tune.grid_search(list(range(spec.samples)))}
     try:
-        if resume and tune.Tuner.can_restore(str(exp_path)):
-            tuner = tune.Tuner.restore(str(exp_path), trainable, resume_errored=True)
+        if resume and tune.Tuner.can_restore(exp_path):
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
@@ -395,17 +458,17 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                                 tune.schedulers.ASHAScheduler(grace_period=1, reduction_factor=2)
                                                 if prune else None),
                                             num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
-                run_config=tune.RunConfig(name=exp_name, storage_path=str(results_dir),
+                run_config=tune.RunConfig(name=exp_name, storage_path=results,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           verbose=1))
         grid = tuner.fit()
     except BaseException:
-        _close(tracking, mlflow_uri, parent, "FAILED", results_dir, exp_path)
+        _close(tracking, mlflow_uri, parent, "FAILED", results, exp_path)
         raise
     errors = [r for r in grid if r.error is not None]
-    _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results_dir, exp_path)
+    _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results, exp_path)
     rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
              "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric),
              "pruned": r.error is None and not (r.metrics or {}).get("trial.final")} for r in grid]
     return {"parent_run_id": parent, "trials": rows, "errors": len(errors), "tracking_uri": mlflow_uri,
-            "results": str(exp_path), "optuna_storage": storage}
+            "results": exp_path, "optuna_storage": storage}

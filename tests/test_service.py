@@ -34,22 +34,31 @@ def _cfg(tmp_path, seeds=1):
     })
 
 
+@ray.remote(num_cpus=0)
+def _trial_like(uri: str, spec, epoch: int, epochs: list[int]):
+    """What a trial does for one PTM: ask the store actor, train under the store's lock if missing."""
+    from ptmdd_ray.data import load_data
+    from ptmdd_ray.pool import PTM_DATA_SEED
+
+    repo = RayRepository(uri)
+    ckpt = repo.get(spec, epoch, epochs, lambda: load_data(spec.source, PTM_DATA_SEED))
+    return repo.trainings, ckpt.tensors["features.0.weight"].numpy()
+
+
 def test_concurrent_requests_for_a_missing_ptm_train_it_once(local_ray, tmp_path):
     cfg = _cfg(tmp_path)
     spec = pool_specs(cfg)[0]
-    actor = get_store_actor(cfg.store)
-    results = ray.get([actor.fetch.remote(spec, 1, [1, 2]) for _ in range(5)])
-    assert sorted(r[2] for r in results) == ["shared"] * 4 + ["trained"]
-    weights = [ray.get(r[1]) for r in results]
-    assert all(np.array_equal(w["features.0.weight"], weights[0]["features.0.weight"]) for w in weights)
+    results = ray.get([_trial_like.remote(cfg.store, spec, 1, [1, 2]) for _ in range(5)])
+    assert sorted(r[0] for r in results) == [0, 0, 0, 0, 1]  # one caller trained, four waited and loaded
+    assert all(np.array_equal(r[1], results[0][1]) for r in results)
     stats = CheckpointStore(cfg.store).stats()
     assert stats["trainings"] == 1 and stats["hits"] == 4 and stats["checkpoints"] == 2  # epochs 1 and 2
 
     # the actor dies; Ray restarts it, it recovers from storage and trains nothing
+    actor = get_store_actor(cfg.store)
     ray.kill(actor, no_restart=False)
-    meta, ref, outcome = ray.get(get_store_actor(cfg.store).fetch.remote(spec, 2, [1, 2]))
-    assert outcome == "hit" and meta["epoch"] == 2
-    assert CheckpointStore(cfg.store).stats()["trainings"] == 1
+    meta, ref = ray.get(get_store_actor(cfg.store).fetch.remote(spec.key(2)))
+    assert meta["epoch"] == 2 and CheckpointStore(cfg.store).stats()["trainings"] == 1
 
     out = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "store", "stats", "--json", "--store", cfg.store],
                          capture_output=True, text=True, timeout=120)
@@ -69,46 +78,61 @@ def test_pipeline_resolves_a_pool_through_the_actor(local_ray, tmp_path):
     for a, b in zip(pool.ptms, again.ptms):
         sa, sb = a.model.state_dict(), b.model.state_dict()
         assert all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa)
+    assert ray.get(repo.actor.stats.remote())["served"] == 2  # one object per PTM, served again
     ray.kill(repo.actor)
 
 
 def test_the_actor_never_serves_a_corrupt_checkpoint(local_ray, tmp_path):
     cfg = _cfg(tmp_path)
     spec = pool_specs(cfg)[0]
-    actor = get_store_actor(cfg.store)
-    ray.get(actor.fetch.remote(spec, 1, [1]))
+    trained, _ = ray.get(_trial_like.remote(cfg.store, spec, 1, [1]))
+    assert trained == 1
     path = tmp_path / "store" / "ptm" / f"{spec.key(1)}.safetensors"
     path.write_bytes(path.read_bytes()[:-100])  # truncated on disk
-    meta, ref, outcome = ray.get(actor.fetch.remote(spec, 1, [1]))
-    assert outcome == "trained"  # quarantined and trained again, not served
-    CheckpointStore(cfg.store).load(spec.key(1))  # intact again
+    actor = get_store_actor(cfg.store)
+    ray.kill(actor, no_restart=False)  # a fresh actor has served nothing yet: it reads the store
+    assert ray.get(get_store_actor(cfg.store).fetch.remote(spec.key(1))) is None  # refused, not served
     assert len(list((tmp_path / "store" / "quarantine").iterdir())) == 2
+    trained, _ = ray.get(_trial_like.remote(cfg.store, spec, 1, [1]))
+    assert trained == 1  # trained again by the caller
+    CheckpointStore(cfg.store).load(spec.key(1))  # intact again
+    ray.kill(get_store_actor(cfg.store))
+
+
+def test_a_replaced_checkpoint_is_not_served_from_the_actors_cache(local_ray, tmp_path):
+    cfg = _cfg(tmp_path)
+    spec = pool_specs(cfg)[0]
+    ray.get(_trial_like.remote(cfg.store, spec, 1, [1]))
+    actor = get_store_actor(cfg.store)
+    first, _ = ray.get(actor.fetch.remote(spec.key(1)))
+    store = CheckpointStore(cfg.store)
+    ckpt = store.load(spec.key(1))
+    store.save(spec.key(1), {k: v + 1 for k, v in ckpt.tensors.items()}, {**ckpt.meta, "test_accuracy": 0.5})
+    meta, ref = ray.get(actor.fetch.remote(spec.key(1)))
+    assert meta["sha256"] != first["sha256"] and meta["test_accuracy"] == 0.5
+    assert np.array_equal(ray.get(ref)["features.0.weight"], ckpt.tensors["features.0.weight"].numpy() + 1)
     ray.kill(actor)
 
 
 def test_fifty_concurrent_pool_requests_are_served(local_ray, tmp_path):
     cfg = _cfg(tmp_path, seeds=2)
     specs = pool_specs(cfg)
-    actor = get_store_actor(cfg.store)
-    results = ray.get([actor.fetch.remote(specs[i % 2], 1, [1]) for i in range(50)])
-    assert sorted(r[2] for r in results).count("trained") == 2
-    assert all(r[0]["key"] in (specs[0].key(1), specs[1].key(1)) for r in results)
+    results = ray.get([_trial_like.remote(cfg.store, specs[i % 2], 1, [1]) for i in range(50)])
+    assert sum(r[0] for r in results) == 2
     assert CheckpointStore(cfg.store).stats()["trainings"] == 2
-    ray.kill(actor)
+    ray.kill(get_store_actor(cfg.store))
 
 
 def test_a_request_in_flight_when_the_actor_dies_is_retried_and_completes(local_ray, tmp_path):
-    """Kill the actor while a request waits on a training: Ray restarts the actor and retries the
-    call (max_task_retries); the store's lock keeps the training from happening twice."""
-    import time
-
+    """Kill the actor while requests are in flight: Ray restarts it and retries the calls
+    (max_task_retries); nothing is trained twice."""
     cfg = _cfg(tmp_path)
     spec = pool_specs(cfg)[0]
+    ray.get(_trial_like.remote(cfg.store, spec, 3, [3]))
     actor = get_store_actor(cfg.store)
-    pending = actor.fetch.remote(spec, 3, [3])
-    time.sleep(1.0)  # the training task is under way
+    pending = [actor.fetch.remote(spec.key(3)) for _ in range(20)]
     ray.kill(actor, no_restart=False)
-    meta, ref, outcome = ray.get(pending, timeout=300)
-    assert meta["epoch"] == 3 and ray.get(ref)
+    for meta, ref in ray.get(pending, timeout=300):
+        assert meta["epoch"] == 3 and ray.get(ref)
     assert CheckpointStore(cfg.store).stats()["trainings"] == 1
     ray.kill(get_store_actor(cfg.store))
