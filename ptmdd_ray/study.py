@@ -402,9 +402,12 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         cfg = replace(study.trial_config(overrides, sample), store=store_uri)
         out = Path(ctx.get_trial_dir()) / "out"
         repo = RayRepository(store_uri)
+        where = placement_tags(repo)
+        placement = {"ray.gpus": float(len([g for g in where["ray.gpu_ids"].split(",") if g])),
+                     "device.cuda": float(where["ptmdd.device"] == "cuda")}
         run.start(cfg, {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
                         "ptmdd.sample": str(sample), "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str),
-                        **placement_tags(repo)})
+                        **where})
         memory: dict[str, float] = {}
 
         def on_log(it: int, loss: float) -> None:  # sample memory while the data set is held
@@ -429,7 +432,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                **({"ptmdd.deterministic": "true"} if isinstance(e, (DivergenceError, ConfigError))
                                   else {})})
             raise
-        tune.report({**tracking.metrics_of(result), **memory, "trial.final": 1.0, "mlflow.logged": float(run.online)})
+        tune.report({**tracking.metrics_of(result), **memory, **placement, "trial.final": 1.0,
+                     "mlflow.logged": float(run.online)})
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if search_trials:
@@ -466,6 +470,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         _close(tracking, mlflow_uri, parent, "FAILED", results, exp_path)
         raise
     errors = [r for r in grid if r.error is not None]
+    on_cpu = sum(1 for r in grid if (r.metrics or {}).get("ray.gpus") and not (r.metrics or {}).get("device.cuda"))
+    if on_cpu:  # said once, by the driver, not once per trial
+        log.warning("Ray assigned GPUs to %d trial(s) but torch saw no CUDA device there: they ran on the CPU", on_cpu)
     _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results, exp_path)
     rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
              "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric),
