@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pyarrow.fs as pafs
@@ -180,6 +180,16 @@ def _status(e: BaseException) -> int | None:
     return _response(e).get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
+class _Seen(NamedTuple):
+    """A lease as read back: its ETag, age on the server's clock (s), ttl, holder, holder's uuid."""
+
+    etag: str
+    age: float
+    ttl: float
+    holder: str
+    id: str
+
+
 class S3Lease:
     """An exclusive, expiring lock: the object ``<prefix>/locks/<name>.lease``.
 
@@ -192,6 +202,8 @@ class S3Lease:
     holder training for minutes keeps it, one SIGKILLed stops renewing and loses it after the ttl.
     Release deletes it ``If-Match`` our ETag, so it never deletes a successor's lease. A holder
     whose renewal finds the lease taken (it stalled past the ttl) logs an error and sets ``lost``.
+    A conditional write refused because its own first try had landed (a reply lost, the client
+    retried) is recognised by the uuid in the body, so it is not mistaken for contention.
     """
 
     def __init__(self, loc: S3Location, name: str, ttl: float = DEFAULT_LEASE_TTL_S):
@@ -233,20 +245,23 @@ class S3Lease:
         """One round: create the lease, or take over an expired one. False when held elsewhere."""
         if self._create():
             return True
-        current = self._current()
-        if current is None:  # released in between
+        seen = self._current()
+        if seen is None:  # released in between
             return self._create()
-        etag, age, ttl, self._holder = current
-        if age < ttl + 1:
+        if seen.id == self.id:  # our create landed, its reply did not
+            self.etag = seen.etag
+            return True
+        self._holder = seen.holder
+        if seen.age < seen.ttl + 1:
             return False
         try:
-            self.etag = self._put(IfMatch=etag)
+            self.etag = self._put(IfMatch=seen.etag)
         except Exception as e:
             if contended(e):
                 return False  # another contender took it first, or its holder renewed just now
             raise
         log.warning("store lock %s: took over the expired lease of %s (%.0f s old, ttl %.0f s)",
-                    self.name, self._holder, age, ttl)
+                    self.name, seen.holder, seen.age, seen.ttl)
         return True
 
     def _create(self) -> bool:
@@ -258,8 +273,8 @@ class S3Lease:
                 return False
             raise
 
-    def _current(self) -> tuple[str, float, float, str] | None:
-        """(ETag, age on the server's clock in s, ttl, holder) of the lease, or None if absent."""
+    def _current(self) -> _Seen | None:
+        """The lease as it is now, or None if there is none."""
         try:
             r = self.loc.client().get_object(Bucket=self.loc.bucket, Key=self.key)
         except Exception as e:
@@ -269,24 +284,35 @@ class S3Lease:
         body = r["Body"].read()
         try:
             info = json.loads(body)
-            ttl, holder = float(info["ttl"]), f"{info['host']} pid {info['pid']}"
+            ttl, holder, lease_id = float(info["ttl"]), f"{info['host']} pid {info['pid']}", str(info["id"])
         except (ValueError, KeyError, TypeError):  # not ours or damaged: judge it by our ttl
-            ttl, holder = self.ttl, "an unreadable lease"
+            ttl, holder, lease_id = self.ttl, "an unreadable lease", ""
         date = r["ResponseMetadata"]["HTTPHeaders"].get("date")
         now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
-        return r["ETag"], now - r["LastModified"].timestamp(), ttl, holder
+        return _Seen(r["ETag"], now - r["LastModified"].timestamp(), ttl, holder, lease_id)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self.etag = self._put(IfMatch=self.etag)
             except Exception as e:
-                if contended(e):
+                if contended(e) and not self._still_ours():
                     self.lost = True
                     log.error("store lock %s was lost: the lease expired and was taken by another process "
                               "(this process stalled past its ttl of %.0f s)", self.name, self.ttl)
                     return
                 log.warning("store lock %s: renewal failed (%s); retrying", self.name, self.loc.explain(e))
+
+    def _still_ours(self) -> bool:
+        """After a refused renewal: True (and our ETag updated) if the lease is ours after all."""
+        try:
+            seen = self._current()
+        except Exception:  # unknown: the next renewal finds out
+            return True
+        if seen is not None and seen.id == self.id:
+            self.etag = seen.etag
+            return True
+        return False
 
     def release(self) -> None:
         """Stop renewing and delete the lease, if it is still ours (a failure only logs: it expires)."""
@@ -298,6 +324,8 @@ class S3Lease:
         try:
             self.loc.client().delete_object(Bucket=self.loc.bucket, Key=self.key, IfMatch=self.etag)
         except Exception as e:
+            if _code(e) == "NoSuchKey" or _status(e) == 404:
+                return  # gone already (a retried delete whose first try landed)
             if contended(e):
                 self.lost = True
                 log.error("store lock %s was lost before its release (taken by another process)", self.name)
@@ -318,6 +346,6 @@ def check_conditional_writes(loc: S3Location) -> None:
             raise
     else:
         client.delete_object(Bucket=loc.bucket, Key=key)
-        raise S3SetupError(f"the S3 endpoint {loc.endpoint_url} ignores conditional writes (If-None-Match), "
-                         "so store locks could not exclude each other")
+        raise S3SetupError(f"the S3 endpoint {loc.endpoint_url} ignores conditional writes "
+                           "(If-None-Match), so store locks could not exclude each other")
     client.delete_object(Bucket=loc.bucket, Key=key, IfMatch=etag)

@@ -344,6 +344,25 @@ def test_a_stalled_holder_that_lost_its_s3_lease_does_not_delete_the_successors(
     assert s3.names("locks") == []
 
 
+def test_an_s3_lease_whose_create_landed_unseen_is_ours_and_a_foreign_one_expires(s3):
+    """A create whose reply was lost (the client retries, the server says the lease exists) is
+    recognised by the uuid in the body; an unreadable lease object is judged by our own ttl."""
+    from ptmdd_ray.s3 import S3Lease
+
+    store = CheckpointStore(s3.uri, lease_ttl=1.0)
+    lease = S3Lease(store.s3, "run", ttl=1.0)
+    s3.put("locks/run.lease", json.dumps({"host": "h", "pid": 1, "id": lease.id, "ttl": 1.0}).encode())
+    assert lease.acquire(wait=False) is True
+    lease.release()
+    assert s3.names("locks") == []
+    s3.put("locks/run.lease", b"not a lease")
+    with store.lock("run", wait=False) as free:
+        assert free is False  # fresh: someone may hold it
+    with store.lock("run") as held:  # expires after ttl + 1 s on the server's clock
+        assert held is True
+    assert s3.names("locks") == []
+
+
 # -- S3 failures: one line, in seconds, nothing written --------------------------------------------
 
 def _s3_failure(s3, case: str) -> tuple[str, str, dict]:
