@@ -108,14 +108,17 @@ class S3Location:
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
     def filesystem(self) -> pafs.S3FileSystem:
-        """pyarrow's S3 filesystem with bounded timeouts and retries (no network call here)."""
+        """pyarrow's S3 filesystem with bounded timeouts and retries (no network call here).
+        ``allow_delayed_open``: an object smaller than a part is written with one PutObject at
+        close, instead of a multipart upload (3 requests) that a killed writer would leave open."""
         if self.region is None and self.endpoint is None:  # AWS itself: ask where the bucket is
             self.region = pafs.resolve_s3_region(self.bucket)
         return pafs.S3FileSystem(
             access_key=self.access_key, secret_key=self.secret_key, session_token=self.session_token,
             region=self.region, endpoint_override=self.endpoint, scheme=self.scheme,
             connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS), **self.extra)
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS), allow_delayed_open=True,
+            **self.extra)
 
     def client(self):
         """A boto3 S3 client on the same endpoint, with the same credentials and bounds."""
