@@ -148,6 +148,7 @@ def cmd_store(args) -> int:
     from .store import CheckpointStore
 
     store = CheckpointStore(args.store)
+    store.check()  # an unreachable S3 endpoint, a missing bucket, bad credentials: one line, exit 1
     if args.action == "ls":
         rows = store.ls()
         if args.json:
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    for noisy in ("matplotlib", "botocore"):  # botocore says where it found credentials at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from .config import ConfigError
     from .methods import DivergenceError
     from .store import IntegrityError, StoreError

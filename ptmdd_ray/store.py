@@ -10,6 +10,7 @@ A checkpoint is two objects under ``<root>/ptm/``:
 Storage goes through ``pyarrow.fs``: a local directory by default, and ``s3://``, ``gs://``,
 ``hdfs://`` URIs through the same code. Every write goes to a temporary name and is renamed into
 place (local) or committed on close (object stores), so a crash never leaves a half checkpoint.
+``s3://`` stores are configured the standard way and locked with leases (:mod:`ptmdd_ray.s3`).
 """
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .s3 import DEFAULT_LEASE_TTL_S, S3Lease, S3Location, S3SetupError, check_conditional_writes
+
 log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+_WARNED_UNLOCKED: set[str] = set()
 
 
 class IntegrityError(RuntimeError):
@@ -59,32 +63,58 @@ def check_key(key: str) -> str:
 
 
 class CheckpointStore:
-    """Checkpoints by key under a ``pyarrow.fs`` location (path or URI)."""
+    """Checkpoints by key under a ``pyarrow.fs`` location (path or URI). Opening one makes no
+    network call (for S3 with an endpoint or region set); :meth:`check` and
+    :meth:`check_writable` are the early checks. ``lease_ttl`` is the lifetime of an S3 lock
+    whose holder stopped renewing it (died)."""
 
-    def __init__(self, uri: str | Path):
+    def __init__(self, uri: str | Path, lease_ttl: float = DEFAULT_LEASE_TTL_S):
         uri = str(uri)
+        self.uri, self.lease_ttl = uri, lease_ttl
+        self.s3: S3Location | None = None
         try:
-            if "://" in uri:
+            if uri.startswith("s3://"):
+                self.s3 = S3Location.parse(uri)
+                self.fs, root = self.s3.filesystem(), f"{self.s3.bucket}/{self.s3.prefix}"
+            elif "://" in uri:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
             else:
                 self.fs, root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        except S3SetupError as e:
+            raise StoreError(f"store: {self.name}: {e}") from None
         except Exception as e:  # pyarrow raises several types for bad URIs
-            raise StoreError(f"store: cannot open {uri!r}: {e}") from None
-        self.uri = uri
+            raise StoreError(f"store: cannot open {self.name!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
         self.base = root.rstrip("/")
         self.root = self.base + "/ptm"
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        """The location for messages (an S3 URI without its options and credentials)."""
+        if self.s3 is not None:
+            return self.s3.display
+        return re.sub(r"//[^/@]*@", "//", self.uri.split("?")[0])
+
+    def _fail(self, e: BaseException, doing: str) -> StoreError:
+        """One line naming the store and the cause: for S3 the endpoint, bucket or credentials."""
+        if self.s3 is not None:
+            return StoreError(f"store: {self.name}: {self.s3.explain(e)}")
+        return StoreError(f"store: {doing}: {getattr(e, 'strerror', None) or e}")
 
     # -- paths
     def _path(self, key: str, ext: str) -> str:
         return f"{self.root}/{check_key(key)}.{ext}"
 
     def _exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type == pafs.FileType.File
+        try:
+            return self.fs.get_file_info(path).type == pafs.FileType.File
+        except OSError as e:
+            raise self._fail(e, f"cannot read {path}") from None
 
     def _write_atomic(self, path: str, payload: bytes, create: str | None = None) -> None:
         try:
-            self.fs.create_dir(create or self.root, recursive=True)
+            if self.s3 is None:  # S3 has no directories: a marker object would only cost a request
+                self.fs.create_dir(create or self.root, recursive=True)
             if not self._local:  # object stores commit the object on close
                 with self.fs.open_output_stream(path) as f:
                     f.write(payload)
@@ -100,38 +130,97 @@ class CheckpointStore:
                 if self._exists(tmp):
                     self.fs.delete_file(tmp)
         except OSError as e:
-            raise StoreError(f"store: cannot write {path}: {e.strerror or e}") from None
+            raise self._fail(e, f"cannot write {path}") from None
 
     def _read(self, path: str) -> bytes:
+        """The bytes at ``path``; FileNotFoundError if absent. On S3 any other failure (endpoint,
+        credentials) is a one-line StoreError, never taken for a missing file."""
         if self._local:  # a file planted as a symlink must not make the store read outside itself
             real, base = os.path.realpath(path), os.path.realpath(self.base)
             if not real.startswith(base + os.sep):
                 raise IntegrityError(f"store: {path} resolves to {real}, outside the store root {base}")
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if self.s3 is None:
+                raise
+            raise self._fail(e, f"cannot read {path}") from None
+
+    def check(self) -> None:
+        """Fail fast, naming the cause, when the store cannot be reached: for S3 an unreachable
+        endpoint, a missing bucket or refused credentials (one request, seconds at most with the
+        bounded retries). A local directory needs no check (a missing one is an empty store)."""
+        if self.s3 is None:
+            return
+        try:
+            info = self.fs.get_file_info(self.s3.bucket)
+        except OSError as e:
+            raise self._fail(e, "check") from None
+        if info.type == pafs.FileType.NotFound:
+            raise StoreError(f"store: {self.name}: bucket '{self.s3.bucket}' does not exist")
 
     def check_writable(self) -> None:
         """Fail early, with the store named, when checkpoints could not be written (a read-only or
-        missing location, no permission) rather than after a training."""
+        missing location, no permission; on S3 also an unreachable endpoint, a missing bucket, bad
+        credentials, or no boto3 or conditional writes for the lock) rather than after a training.
+        Leaves nothing behind."""
+        self.check()
         probe = f"{self.root}/.probe-{uuid.uuid4().hex}"
         try:
             self._write_atomic(probe, b"")
             self.fs.delete_file(probe)
         except (StoreError, OSError) as e:
             reason = str(e).split(": ")[-1] if isinstance(e, StoreError) else (e.strerror or e)
-            raise StoreError(f"store: {self.uri} is not writable ({reason})") from None
+            raise StoreError(f"store: {self.name} is not writable ({reason})") from None
+        if self.s3 is not None:
+            try:
+                check_conditional_writes(self.s3)
+            except Exception as e:  # boto3 missing, or any S3 failure: one line
+                raise self._fail(e, "lock") from None
 
     @contextlib.contextmanager
     def lock(self, name: str, wait: bool = True):
-        """Exclusive lock on ``name`` across the processes of this machine (flock on
-        ``<root>/locks/<name>.lock``; the kernel drops it if its holder dies, so a crash never
-        leaves a stale lock). Two studies with their own local Ray share a local store safely
-        this way. Object stores have no such lock: share one through one Ray cluster, whose
-        store actor is the single flight. Yields whether the lock is held: with ``wait=False``
-        a lock held elsewhere yields False at once instead of blocking."""
-        if not self._local:
+        """Exclusive lock on ``name`` across processes. Yields whether the lock is held: with
+        ``wait=False`` a lock held elsewhere yields False at once instead of blocking.
+
+        A local store uses flock on ``<root>/locks/<name>.lock`` (the kernel drops it if its
+        holder dies, so a crash never leaves a stale lock): studies with their own local Ray share
+        a local store safely. An ``s3://`` store uses a lease object, ``locks/<name>.lease``
+        (:class:`~ptmdd_ray.s3.S3Lease`), renewed while held and expiring ``lease_ttl`` seconds
+        after its holder died: processes on any machines share an S3 store safely. Other object
+        stores (gs://, hdfs://) have no lock: share one through one Ray cluster, whose store actor
+        is the single flight."""
+        check_key(name)
+        if self.s3 is not None:
+            with self._lease(name, wait) as held:
+                yield held
+        elif self._local:
+            with self._flock(name, wait) as held:
+                yield held
+        else:
+            if self.name not in _WARNED_UNLOCKED:
+                _WARNED_UNLOCKED.add(self.name)
+                log.warning("store %s: no lock on this kind of store; share it through one Ray cluster", self.name)
             yield True
-            return
+
+    @contextlib.contextmanager
+    def _lease(self, name: str, wait: bool):
+        lease = S3Lease(self.s3, name, self.lease_ttl)
+        try:
+            held = lease.acquire(wait)
+        except Exception as e:  # boto3 missing, or an S3 failure: one line
+            raise self._fail(e, f"cannot lock {name}") from None
+        try:
+            yield held
+        finally:
+            if held:
+                lease.release()
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, wait: bool):
         locks = f"{self.base}/locks"
         try:
             os.makedirs(locks, exist_ok=True)
@@ -201,7 +290,7 @@ class CheckpointStore:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except OSError as e:
-            raise StoreError(f"store: cannot list {self.root}: {e}") from None
+            raise self._fail(e, f"cannot list {self.root}") from None
         return sorted(Path(i.path).name[: -len(".json")] for i in infos
                       if i.type == pafs.FileType.File and i.path.endswith(".json"))
 
