@@ -290,12 +290,25 @@ def _close(tracking, mlflow_uri: str, parent: str, status: str, results: str, ex
                     exp_path.rsplit("/", 1)[-1], mlflow_uri, results)
 
 
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, set inside a ``ray job``), else start
-    a local Ray on 127.0.0.1. An address with no cluster behind it is a one-line ConfigError,
-    found out in seconds rather than after Ray's minute of retries."""
+def check_address(address: str | None) -> None:
+    """An ``--address`` (or ``RAY_ADDRESS``) with no cluster behind it is a one-line ConfigError,
+    found out in seconds (a TCP probe) rather than after Ray's minute of retries."""
     import socket
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    host_port = (address or "").split("://", 1)[-1].rstrip("/")
+    if not address or address == "auto" or ":" not in host_port:
+        return
+    host, port = host_port.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"address: no Ray cluster at {address} ({getattr(e, 'strerror', None) or e})") from None
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, set inside a ``ray job``), else start
+    a local Ray on 127.0.0.1."""
     import ray
 
     from .service import init_local_ray
@@ -305,13 +318,6 @@ def connect_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         return init_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    host_port = address.split("://", 1)[-1].rstrip("/")
-    if address != "auto" and ":" in host_port:
-        host, port = host_port.rsplit(":", 1)
-        try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"address: no Ray cluster at {address} ({getattr(e, 'strerror', None) or e})") from None
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -363,6 +369,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     results, local_results = _results_location(results, mlflow_uri)
     if mlflow_uri:
         tracking.check_reachable(mlflow_uri)
+    check_address(address)
     store_uri = store or first.store
     if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
         store_uri = str(Path(store_uri).expanduser().resolve())

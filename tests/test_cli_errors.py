@@ -206,3 +206,39 @@ def test_search_without_a_space_and_prune_without_evaluations(tmp_path):
     assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--prune", "--results", "r"),
                           "prune")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_study_on_an_address_with_no_cluster_fails_before_anything(tmp_path):
+    from conftest import free_port
+
+    study = Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml"
+    port = free_port()
+    proc = ptmdd(tmp_path, "study", str(study), "--address", f"127.0.0.1:{port}", "--results",
+                 str(tmp_path / "results"), "--store", str(tmp_path / "store"))
+    assert_one_line_error(proc, f"address: no Ray cluster at 127.0.0.1:{port}")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("fault, needle", [("bucket", "does not exist"), ("endpoint", "cannot reach"),
+                                           ("credentials", "access denied")])
+def test_a_study_on_a_bad_s3_store_fails_before_anything(tmp_path, s3, fault, needle):
+    """An S3 store that cannot be used is named in one line before Ray starts; nothing is written."""
+    from conftest import free_port
+
+    env = dict(s3.env)
+    store = s3.uri
+    if fault == "bucket":
+        store = "s3://no-such-bucket/ptm"
+    elif fault == "endpoint":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    else:
+        env["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    study = Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml"
+    proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "study", str(study), "--store", store,
+                           "--results", str(tmp_path / "results")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ptmdd: error: store: ") and needle in lines[0], proc.stderr
+    assert not (tmp_path / "results").exists()
+    assert "raylet" not in subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True).stdout

@@ -5,7 +5,7 @@ from ptmdd_ray import losses
 from ptmdd_ray.config import ConfigError, build_config
 from ptmdd_ray.data import load_data
 from ptmdd_ray.pipeline import resolve_pool
-from ptmdd_ray.pool import PTMGuide, PTMRepository, PTMSpec, pool_specs, save_epochs
+from ptmdd_ray.pool import PTMGuide, PTMSpec, pool_specs, save_epochs
 from ptmdd_ray.store import CheckpointStore, IntegrityError
 
 DEVICE = torch.device("cpu")

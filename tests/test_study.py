@@ -398,15 +398,18 @@ def test_mlflow_going_away_mid_study_loses_no_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_studies_at_once_share_a_store_without_training_twice(tmp_path):
-    """Two drivers, each with its own local Ray (so two store actors), on one store: the store's
-    lock makes each PTM run train once; both studies complete and the counters add up."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_studies_at_once_share_a_store_without_training_twice(tmp_path, where, request):
+    """Two drivers, each with its own local Ray (two Ray clusters, so two store actors), on one
+    store: the store's lock (a flock locally, a lease object on S3) makes each PTM run train once;
+    both studies complete and the counters add up."""
     from ptmdd_ray.store import CheckpointStore
 
+    store, env = (str(tmp_path / "store"), None) if where == "local" else _s3_store(request)
     study = {**STUDY, "base": {**STUDY["base"], "pool": {"archs": ["ConvNetW32"], "seeds": 2, "epoch": 2}}}
     path = _write(tmp_path, study)
     procs = [subprocess.Popen([sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results",
-                               str(tmp_path / f"results{i}"), "--store", str(tmp_path / "store")], cwd=tmp_path,
+                               str(tmp_path / f"results{i}"), "--store", store], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
              for i in range(2)]
     try:
@@ -416,6 +419,51 @@ def test_two_studies_at_once_share_a_store_without_training_twice(tmp_path):
             _stop(p)
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "2 trials, 0 failed" in out, err[-3000:]
-    stats = CheckpointStore(tmp_path / "store").stats()
+    stats = CheckpointStore(store).stats()
     assert stats["trainings"] == 2 and stats["checkpoints"] == 2  # two seeds, each trained once
     assert stats["hits"] == 2 * 2 - 2  # two pool trials x two PTMs, less the two trainings
+
+
+def _s3_store(request) -> tuple[str, dict]:
+    s3 = request.getfixturevalue("s3")
+    return s3.uri, s3.env
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_on_s3_is_taken_over_when_its_lease_expires(tmp_path, s3):
+    """Two drivers on two local Ray clusters need the same PTM from one S3 store; the one whose
+    trial holds the training lease is SIGKILLed mid-training (driver, Ray, trial worker). Its
+    lease stops being renewed and expires; the other driver's trial takes it over, trains, and
+    the store ends with one finished set of checkpoints and one training."""
+    import json
+
+    from ptmdd_ray.store import CheckpointStore
+
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [30.0]}}, "control": None, "claims": [], "matrix": None,
+             "base": {**STUDY["base"], "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 40},
+                      "pretrain": {"batch": 16, "epochs": 40, "save_epochs": []}}}
+    path = _write(tmp_path, study)
+    procs = [subprocess.Popen([sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results",
+                               str(tmp_path / f"results{i}"), "--store", s3.uri], cwd=tmp_path, env=s3.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for i in range(2)]
+    try:
+        lease = None
+        deadline = time.monotonic() + 300
+        while lease is None:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no training lease seen"
+            held = [n for n in s3.names("locks/") if n.startswith("locks/train-")]
+            lease = json.loads(s3.get(held[0])) if held else None
+            time.sleep(0.2)
+        holder = next(p for p in procs if lease["pid"] in session_pids(p.pid))
+        other = next(p for p in procs if p is not holder)
+        assert not CheckpointStore(s3.uri).keys()  # mid-training: nothing committed yet
+        _stop(holder)
+        out, err = other.communicate(timeout=900)
+    finally:
+        for p in procs:
+            _stop(p)
+    assert other.returncode == 0 and "1 trials, 0 failed" in out, err[-3000:]
+    stats = CheckpointStore(s3.uri).stats()
+    assert stats["checkpoints"] == 1 and stats["trainings"] == 1
+    assert not s3.names("locks/")  # the survivor released the lease it took over
