@@ -50,3 +50,15 @@ def test_servers_bind_to_loopback_unless_a_comment_says_why():
             if "0.0.0.0" in line and not line.lstrip().startswith("#"):
                 context = "\n".join(lines[max(0, i - 4):i])
                 assert "127.0.0.1" in context or "ClusterIP" in context or "port-forward" in context, (f.name, line)
+
+
+def test_compose_and_the_local_cluster_script_run_the_same_stack():
+    """docker/compose.yaml is docker/local_cluster.sh in containers: a head that takes no trials,
+    GPU workers, one bucket `ptmdd` for the store, the studies and MLflow's artifacts, PostgreSQL."""
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    script = (ROOT / "docker" / "local_cluster.sh").read_text()
+    assert "--num-cpus=0 --num-gpus=0" in compose["ray-head"]["command"] and "--num-cpus=0 --num-gpus=0" in script
+    assert "--artifacts-destination s3://ptmdd/mlflow" in compose["mlflow"]["command"]
+    assert '--artifacts-destination "s3://$BUCKET/mlflow"' in script and "BUCKET=ptmdd" in script
+    assert "mc mb --ignore-existing local/ptmdd" in compose["bucket"]["entrypoint"]
+    assert "--results s3://ptmdd/studies" in (ROOT / "docker" / "compose.yaml").read_text()
