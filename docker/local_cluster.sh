@@ -92,6 +92,7 @@ sys.exit(sum(n['Alive'] for n in ray.nodes()) < ${WORKERS:-2} + 1)"
   env_line "RAY_ADDRESS=http://127.0.0.1:$dash"  # what `ray job submit` talks to
   env_line "RAY_GCS_ADDRESS=127.0.0.1:$gcs"        # what `ptmdd study --address` and workers join
   env_line "RAY_AUTH_MODE=token"
+  env_line "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"  # a driver on this machine joins at 127.0.0.1 too
 }
 
 up_s3() {

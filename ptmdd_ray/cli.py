@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
         sp.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
         sp.add_argument("--store", help="PTM checkpoint store location (default: the config's store)")
-        sp.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment")
+        sp.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment: a "
+                        "directory, or on a cluster a URI every node reaches (s3://BUCKET/PREFIX; needs --mlflow-uri)")
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         sp.set_defaults(func=cmd_study)
 

@@ -40,9 +40,16 @@ def init_local_ray(**kwargs) -> None:
     to 0 (Ray's switch for single-machine platforms, read when ``ray`` is imported, and inherited
     by every process Ray starts) the node keeps to the loopback: nothing is reachable from the
     network, and a multi-node cluster cannot be joined to it, which a local Ray never is."""
+    keep_to_loopback()
+    ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+
+
+def keep_to_loopback() -> None:
+    """Make this process (and what it starts) take 127.0.0.1 as its node address: for a local Ray,
+    and for a driver joining a cluster that runs on this machine's loopback (docker/local_cluster.sh),
+    whose raylet it must find at 127.0.0.1 rather than at the machine's routable address."""
     os.environ[LOOPBACK_ENV] = "0"
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # already imported: the flag was read then
-    ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
 
 
 def _outside_placement_groups():
@@ -143,4 +150,4 @@ def object_store_bytes() -> int | None:
 
 
 __all__ = ["NAMESPACE", "RayRepository", "StoreActor", "actor_name", "get_store_actor", "init_local_ray",
-           "note_device", "object_store_bytes"]
+           "keep_to_loopback", "note_device", "object_store_bytes"]

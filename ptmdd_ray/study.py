@@ -311,13 +311,16 @@ def connect_ray(address: str | None) -> None:
     a local Ray on 127.0.0.1."""
     import ray
 
-    from .service import init_local_ray
+    from .service import init_local_ray, keep_to_loopback
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         return init_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost", "::1"):
+        keep_to_loopback()  # a cluster on this machine's loopback: the driver's node is 127.0.0.1 too
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
