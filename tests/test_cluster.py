@@ -187,7 +187,12 @@ def test_losing_a_worker_node_mid_study_loses_no_work(cluster, tmp_path):
     study = {**STUDY, "name": "nodeloss", "samples": 3, "max_failures": 3,
              "base": {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 60}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    victim = _worker_node_id(where, 2)
+    # the worker node that hosts the store actor (created by the first trial that needed it), so
+    # that the actor has to be restarted on the other node and recover from the bucket
+    actor_node = _store_actor_node(env)
+    workers = {_worker_node_id(where, n): n for n in (1, 2)}
+    number = workers.get(actor_node, 2)
+    victim = _worker_node_id(where, number)
     driver = subprocess.Popen(["bash", "-c", SUBMIT.format(study="study.yaml")], cwd=tmp_path, env=env,
                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -200,7 +205,8 @@ def test_losing_a_worker_node_mid_study_loses_no_work(cluster, tmp_path):
             if any(t["tags"].get("ray.node_id") == victim for t in running):
                 break
             time.sleep(0.5)
-        kill = subprocess.run(["bash", str(SCRIPT), "kill-node", "2", str(where)], capture_output=True, text=True)
+        kill = subprocess.run(["bash", str(SCRIPT), "kill-node", str(number), str(where)], capture_output=True,
+                              text=True)
         assert kill.returncode == 0, kill.stderr
         out, _ = driver.communicate(timeout=900)
     finally:
@@ -212,7 +218,17 @@ def test_losing_a_worker_node_mid_study_loses_no_work(cluster, tmp_path):
     assert len(finished) == 6 and len({t["tags"]["ptmdd.trial_key"] for t in finished}) == 6
     assert not [t for t in trials if t["info"]["status"] == "RUNNING"]
     assert any(t["tags"]["ray.node_id"] == victim and t["info"]["status"] == "FAILED" for t in trials)
+    if actor_node == victim:  # restarted on the surviving worker, serving from the bucket
+        assert any(t["tags"]["ptmdd.store_node"] != victim for t in finished)
     assert _store_stats(env, "ptm_store")["trainings"] == 1  # the study's one PTM, from the first test
+
+
+def _store_actor_node(env) -> str | None:
+    """The node of the PTM store's actor (namespace ptmdd), from the cluster's state API."""
+    out = subprocess.run([str(BIN / "ray"), "list", "actors", "--format", "json", "--filter", "state=ALIVE"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return next((a["node_id"] for a in json.loads(out.stdout) if a.get("class_name") == "StoreActor"), None)
 
 
 def _worker_node_id(where: Path, n: int) -> str:
