@@ -209,6 +209,17 @@ def _PruningAwareOptunaSearch(**kwargs):
     return Search(**kwargs)
 
 
+def _search_experiment_name(study_name: str) -> str:
+    """``<study>-search-<YYYYmmdd-HHMMSS>-<6 hex>``: the Tune experiment of one search invocation.
+    Searches are not resumed (a second call continues the Optuna study instead), so concurrent or
+    successive searches need not share a directory (and its experiment state, searcher checkpoint
+    and ``mlflow_parent.json``), even with one ``--results``."""
+    import secrets
+    import time
+
+    return f"{study_name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
 def trial_key(config: dict[str, Any]) -> str:
     """A trial's identity across retries and resumes: a hash of its Tune config (grid point and
     sample, or sampled search values), not Tune's trial id, which a restored experiment may not
@@ -300,6 +311,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         raise ConfigError("prune: needs `ptmdd search` and base.eval.every > 0 (the evaluations to prune on)")
     if mlflow_uri:
         tracking.check_reachable(mlflow_uri)  # before anything is started or written
+    if search_trials and optuna_storage:
+        tracking.check_database(optuna_storage, "optuna-storage")
     results_dir = Path(results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
@@ -317,7 +330,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
             init_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     points = study.grid[:-1] if study.control_added else study.grid
     swept = sorted(spec.search) if search_trials else sorted({k for p in points for k in p})
-    exp_name = f"{spec.name}-search" if search_trials else spec.name
+    # a search never resumes (its Optuna study continues instead), so each invocation gets an
+    # experiment directory of its own: concurrent searches may share --results
+    exp_name = _search_experiment_name(spec.name) if search_trials else spec.name
     exp_path = results_dir / exp_name
     parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri)
 
@@ -370,16 +385,16 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if search_trials:
-        import optuna
+        from .search import TrialSeededTPESampler, open_storage
 
         storage = optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
-        rdb = optuna.storages.RDBStorage(storage)
-        try:  # seeded by the trials already told: a search is reproducible and a second call continues it
-            told = len(optuna.load_study(study_name=spec.name, storage=rdb).trials)
-        except KeyError:
-            told = 0
+        # Several drivers may search one study at once (a shared storage): the storage survives a
+        # concurrent schema creation, the study a concurrent create_study (OptunaSearch loads it),
+        # and each trial is sampled with its own seed, from its storage-assigned number, so that
+        # concurrent drivers propose different points while one driver's search repeats exactly.
         searcher = _PruningAwareOptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
-                                             study_name=spec.name, storage=rdb, seed=first.seed + told)
+                                             study_name=spec.name, storage=open_storage(storage),
+                                             sampler=TrialSeededTPESampler(first.seed))
         param_space, num_samples = {}, search_trials
     else:
         searcher, storage, num_samples = None, None, 1
