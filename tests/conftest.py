@@ -98,6 +98,26 @@ def stop_session(session: int, grace: float = 10) -> None:
     subprocess.run(["pkill", "-KILL", "-s", str(session)], capture_output=True)
 
 
+def together(code: str, *args, n: int = 3, timeout: float = 120) -> list[tuple[int, str, str]]:
+    """Run ``code`` in ``n`` processes that do their imports, then wait for one "go" (a line on
+    stdin) so that they run the racing part at the same moment; (returncode, stdout, stderr) each."""
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.communicate()[1][-2000:]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def postgres_bin() -> Path | None:
     """The newest PostgreSQL server's bin directory (Debian: /usr/lib/postgresql/<major>/bin),
     found by glob so that any major version does; None when no server is installed."""

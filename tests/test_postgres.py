@@ -1,6 +1,7 @@
 """PostgreSQL behind MLflow and Optuna, on a real server (the ``postgres`` fixture of conftest.py):
 an `mlflow server` on it tracking a study, two `ptmdd search` drivers at once on one Optuna study
 in it, and unreachable or refusing databases named before anything runs."""
+import os
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, free_port, is_loopback, listening, stop_session, wait_http
+from conftest import BIN, free_port, is_loopback, listening, stop_session, together, wait_http
 
 STUDY = {  # as tests/test_study.py's: digits at 8 px, 10 iterations
     "name": "pgtiny",
@@ -95,16 +96,23 @@ def mlflow_on_postgres(postgres, tmp_path_factory):
     temporary artifacts directory, in a process session of its own; stopped at the end."""
     root = tmp_path_factory.mktemp("mlflow-pg")
     port = free_port()
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", postgres.create_database(),
-                               "--artifacts-destination", str(root / "artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
-                              start_new_session=True)
+    # one web worker and no job runner (MLflow 3's GenAI jobs: seven more processes, and slow to stop)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                                   "--workers", "1", "--backend-store-uri", postgres.create_database(),
+                                   "--artifacts-destination", str(root / "artifacts")],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=180)
         yield f"http://127.0.0.1:{port}", server.pid
     finally:
-        stop_session(server.pid, grace=20)
+        server.terminate()  # the server first: it stops its workers; then whatever is left
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        stop_session(server.pid, grace=5)
         server.wait()
 
 
@@ -153,6 +161,28 @@ def test_study_tracked_by_an_mlflow_server_on_postgresql(tmp_path, postgres, mlf
         assert len(client.get_metric_history(c.info.run_id, "distill.loss")) >= 1
         names = {a.path for a in client.list_artifacts(c.info.run_id)}
         assert {"synthetic.parquet", "synthetic.png", "result.json", "pool.json"} <= names, names
+
+
+PARENT = r'''
+import sys
+import mlflow
+from ptmdd_ray import tracking
+mlflow.MlflowClient(sys.argv[1]).search_experiments(max_results=1)  # connected and warm
+print("ready", flush=True)
+sys.stdin.readline()  # go: all at once
+print(tracking.start_parent(sys.argv[1], sys.argv[2], {"ptmdd.study": sys.argv[2]}))
+'''
+
+
+@pytest.mark.slow
+def test_drivers_opening_parent_runs_at_once_share_one_new_experiment(mlflow_on_postgres):
+    """Drivers starting together on a new study both find no experiment and create it: the one
+    that loses the race uses the winner's (MLflow: RESOURCE_ALREADY_EXISTS)."""
+    url, _ = mlflow_on_postgres
+    results = together(PARENT, url, "racing", n=4)
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    _, parents, _ = _runs(url, "racing")
+    assert sorted(p.info.run_id for p in parents) == sorted(out.strip() for _, out, _ in results)
 
 
 # ---- two search drivers at once on one Optuna study ----

@@ -1,10 +1,8 @@
 """ptmdd_ray.search: Optuna pieces that let several `ptmdd search` drivers share one study."""
-import subprocess
-import sys
-import time
-
 import optuna
 import pytest
+
+from conftest import together
 
 from ptmdd_ray.search import TrialSeededTPESampler, open_storage
 
@@ -39,12 +37,12 @@ def test_one_driver_repeats_its_search_and_two_drivers_on_one_study_propose_diff
 
 
 OPEN = r'''
-import sys, time
+import sys
 import optuna
 from ptmdd_ray.search import open_storage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-while time.time() < float(sys.argv[2]):  # start together
-    pass
+print("ready", flush=True)
+sys.stdin.readline()  # go: all at once
 storage = open_storage(sys.argv[1])
 optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
 print("ok")
@@ -56,11 +54,8 @@ def test_drivers_opening_a_fresh_postgresql_storage_at_once_all_get_it(postgres)
     open_storage retries, and every driver ends with the storage and the one study."""
     for _ in range(3):
         url = postgres.create_database()
-        start = time.time() + 2
-        procs = [subprocess.Popen([sys.executable, "-c", OPEN, url, str(start)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
-        outs = [p.communicate(timeout=120) for p in procs]
-        assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, outs)), outs
+        results = together(OPEN, url)
+        assert all(rc == 0 and out.strip() == "ok" for rc, out, _ in results), results
         assert optuna.get_all_study_names(open_storage(url)) == ["s"]
 
 
