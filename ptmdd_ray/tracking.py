@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -146,12 +148,32 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     return m
 
 
+def _first_contact(call, tracking_uri: str, wait: float = 90.0):
+    """``call()``, a driver's first use of a tracking store (making the client opens the store).
+    On a database URI MLflow creates and migrates its tables on first use, and drivers doing that
+    at once on a fresh database race (PostgreSQL: a duplicate key in pg_type, or a schema another
+    driver is still migrating). A migration is one transaction, so the loser has left nothing
+    half-made: it retries, for up to ``wait`` seconds (a migration takes several), and finds the
+    tables. Other URIs (a server) are called once."""
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in DB_SCHEMES and scheme != "sqlite":
+        return call()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return call()
+        except Exception:  # noqa: BLE001 - sqlalchemy's or MLflow's wrapping of it
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5 + random.random())
+
+
 def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str], artifacts: str | None = None) -> str:
     """Create the study's parent run (RUNNING) and return its id. A new experiment keeps its
     artifacts under ``artifacts`` when given (else wherever the tracking server puts them)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = _first_contact(lambda: mlflow.MlflowClient(tracking_uri), tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         try:

@@ -167,18 +167,20 @@ PARENT = r'''
 import sys
 import mlflow
 from ptmdd_ray import tracking
-mlflow.MlflowClient(sys.argv[1]).search_experiments(max_results=1)  # connected and warm
+if sys.argv[1].startswith("http"):  # connected and warm (a database: the tables are made in the race)
+    mlflow.MlflowClient(sys.argv[1]).search_experiments(max_results=1)
 print("ready", flush=True)
 sys.stdin.readline()  # go: all at once
 print(tracking.start_parent(sys.argv[1], sys.argv[2], {"ptmdd.study": sys.argv[2]}))
 '''
 
 
-@pytest.mark.slow
-def test_drivers_opening_parent_runs_at_once_share_one_new_experiment(mlflow_on_postgres):
-    """Drivers starting together on a new study both find no experiment and create it: the one
-    that loses the race uses the winner's (MLflow: RESOURCE_ALREADY_EXISTS)."""
-    url, _ = mlflow_on_postgres
+@pytest.mark.parametrize("where", [pytest.param("server", marks=pytest.mark.slow), "database"])
+def test_drivers_opening_parent_runs_at_once_share_one_new_experiment(where, postgres, request):
+    """Drivers starting together on a new study all find no experiment and create it: those that
+    lose the race use the winner's (MLflow: RESOURCE_ALREADY_EXISTS). With a fresh database as the
+    tracking URI they also race to create MLflow's tables; the losers retry and find them."""
+    url = request.getfixturevalue("mlflow_on_postgres")[0] if where == "server" else postgres.create_database()
     results = together(PARENT, url, "racing", n=4)
     assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
     _, parents, _ = _runs(url, "racing")
