@@ -194,19 +194,36 @@ class TrialFailed(RuntimeError):
     """A trial that failed deterministically in an earlier attempt (its reason repeated)."""
 
 
-def _PruningAwareOptunaSearch(**kwargs):
+def _PruningAwareOptunaSearch(tracking_uri: str | None = None, parent_id: str | None = None, **kwargs):
     """Ray's OptunaSearch, except that a trial stopped by the scheduler before its final
     evaluation is told to Optuna as PRUNED (Ray would record its last intermediate accuracy as the
-    trial's value, a partial evaluation posing as a complete one)."""
+    trial's value, a partial evaluation posing as a complete one), and its MLflow run (under
+    ``parent_id``) is closed KILLED here if its worker could not: Tune ends a stopped trial's
+    actor without waiting for the trial function, whose own KILLED may not get through in time
+    (then the run would end FAILED, "stopped before it finished", at the end of the search)."""
     from ray.tune.search.optuna import OptunaSearch
 
     class Search(OptunaSearch):
+        def suggest(self, trial_id):
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                self.__dict__.setdefault("_ptmdd_configs", {})[trial_id] = config
+            return config
+
         def on_trial_complete(self, trial_id, result=None, error=False):
+            config = self.__dict__.get("_ptmdd_configs", {}).pop(trial_id, None)
             if result and not error and not result.get("trial.final"):
                 result = {k: v for k, v in result.items() if k != self.metric}  # no value: PRUNED
+                if tracking_uri and parent_id and config is not None:
+                    from . import tracking
+
+                    tracking.end_stopped(tracking_uri, parent_id, trial_key(config), PRUNED_REASON)
             super().on_trial_complete(trial_id, result, error)
 
     return Search(**kwargs)
+
+
+PRUNED_REASON = "pruned by the scheduler on its intermediate evaluations"
 
 
 def _search_experiment_name(study_name: str) -> str:
@@ -394,7 +411,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         # concurrent drivers propose different points while one driver's search repeats exactly.
         searcher = _PruningAwareOptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
                                              study_name=spec.name, storage=open_storage(storage),
-                                             sampler=TrialSeededTPESampler(first.seed))
+                                             sampler=TrialSeededTPESampler(first.seed), tracking_uri=mlflow_uri,
+                                             parent_id=parent)
         param_space, num_samples = {}, search_trials
     else:
         searcher, storage, num_samples = None, None, 1

@@ -248,6 +248,22 @@ def claim_trial(tracking_uri: str, parent_id: str, trial_key: str) -> tuple[dict
     return None, None
 
 
+def end_stopped(tracking_uri: str, parent_id: str, trial_key: str, reason: str) -> None:
+    """Close the run of a trial the scheduler stopped, if it is still RUNNING: KILLED, tagged
+    ``ptmdd.stopped`` (the driver's side of what the trial's worker does when it gets the time).
+    An unreachable MLflow only leaves it to :func:`close_parent`."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        exp_id = client.get_run(parent_id).info.experiment_id
+        for run in children(client, exp_id, parent_id, status="RUNNING", trial_key=trial_key):
+            client.set_tag(run.info.run_id, "ptmdd.stopped", reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as e:  # noqa: BLE001 - the tracking server is away; close_parent fails it later
+        log.warning("could not close the stopped trial's run (%s)", e)
+
+
 def close_parent(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """End the study's parent run; a child still RUNNING now was stopped by Tune (or its attempt
     died with no retry left) and is marked FAILED, so no run stays RUNNING forever."""
