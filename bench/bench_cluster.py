@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STUDY = {
     "name": "throughput",
-    "base": {"dataset": {"name": "digits", "im_size": 8}, "model": "ConvNetW32",
-             "distill": {"method": "dm", "ipc": 1, "iterations": 100, "batch_real": 32},
+    "base": {"dataset": {"name": "digits", "im_size": 16}, "model": "ConvNetW32",
+             "distill": {"method": "dm", "ipc": 1, "iterations": 200, "batch_real": 64},
              "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 2}, "pretrain": {"batch": 128},
              "eval": {"runs": 1, "epochs": 50}},
     "sweep": {"loss.clom": {"grid": [0.0, 10.0, 30.0, 100.0]}},

@@ -101,6 +101,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_study(args) -> int:
     from .study import load_study, run_study
+    from .tracking import redact
 
     study = load_study(args.study, args.set)
     trials = getattr(args, "trials", 0)
@@ -114,7 +115,7 @@ def cmd_study(args) -> int:
     metric = study.spec.metric
     pruned = sum(bool(r.get("pruned")) for r in summary["trials"])
     print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed, {pruned} pruned; "
-          f"MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
+          f"MLflow {redact(summary['tracking_uri'])} (parent run {summary['parent_run_id']})")
     for row in sorted(summary["trials"], key=lambda r: (str(r["overrides"]), r["sample"])):
         value = row[metric]
         shown = f"{100 * value:.2f} %" if isinstance(value, float) and metric.startswith("acc") else value

@@ -194,19 +194,47 @@ class TrialFailed(RuntimeError):
     """A trial that failed deterministically in an earlier attempt (its reason repeated)."""
 
 
-def _PruningAwareOptunaSearch(**kwargs):
+def _PruningAwareOptunaSearch(tracking_uri: str | None = None, parent_id: str | None = None, **kwargs):
     """Ray's OptunaSearch, except that a trial stopped by the scheduler before its final
     evaluation is told to Optuna as PRUNED (Ray would record its last intermediate accuracy as the
-    trial's value, a partial evaluation posing as a complete one)."""
+    trial's value, a partial evaluation posing as a complete one), and its MLflow run (under
+    ``parent_id``) is closed KILLED here if its worker could not: Tune ends a stopped trial's
+    actor without waiting for the trial function, whose own KILLED may not get through in time
+    (then the run would end FAILED, "stopped before it finished", at the end of the search)."""
     from ray.tune.search.optuna import OptunaSearch
 
     class Search(OptunaSearch):
+        def suggest(self, trial_id):
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                self.__dict__.setdefault("_ptmdd_configs", {})[trial_id] = config
+            return config
+
         def on_trial_complete(self, trial_id, result=None, error=False):
+            config = self.__dict__.get("_ptmdd_configs", {}).pop(trial_id, None)
             if result and not error and not result.get("trial.final"):
                 result = {k: v for k, v in result.items() if k != self.metric}  # no value: PRUNED
+                if tracking_uri and parent_id and config is not None:
+                    from . import tracking
+
+                    tracking.end_stopped(tracking_uri, parent_id, trial_key(config), PRUNED_REASON)
             super().on_trial_complete(trial_id, result, error)
 
     return Search(**kwargs)
+
+
+PRUNED_REASON = "pruned by the scheduler on its intermediate evaluations"
+
+
+def _search_experiment_name(study_name: str) -> str:
+    """``<study>-search-<YYYYmmdd-HHMMSS>-<6 hex>``: the Tune experiment of one search invocation.
+    Searches are not resumed (a second call continues the Optuna study instead), so concurrent or
+    successive searches need not share a directory (and its experiment state, searcher checkpoint
+    and ``mlflow_parent.json``), even with one ``--results``."""
+    import secrets
+    import time
+
+    return f"{study_name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def trial_key(config: dict[str, Any]) -> str:
@@ -261,7 +289,8 @@ def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_
     the Tune experiment directory, local or in the bucket), else a new one."""
     record = f"{exp_path}/mlflow_parent.json"
     saved = read_json(record) if resume else None
-    if saved and saved.get("tracking_uri") == mlflow_uri and tracking.reopen_parent(mlflow_uri, saved["run_id"]):
+    same = saved and saved.get("tracking_uri") == tracking.redact(mlflow_uri)  # kept without its password
+    if same and tracking.reopen_parent(mlflow_uri, saved["run_id"]):
         log.info("continuing MLflow parent run %s", saved["run_id"])
         return saved["run_id"]
     spec = study.spec
@@ -270,7 +299,7 @@ def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_
         "ptmdd.control": json.dumps(spec.control, sort_keys=True) if spec.control is not None else "",
         "ptmdd.control_added": str(study.control_added).lower(),
         "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims])}, artifacts_uri)
-    write_json(record, {"run_id": parent, "tracking_uri": mlflow_uri})
+    write_json(record, {"run_id": parent, "tracking_uri": tracking.redact(mlflow_uri)})
     return parent
 
 
@@ -287,7 +316,7 @@ def _close(tracking, mlflow_uri: str, parent: str, status: str, results: str, ex
         write_json(record, {**(read_json(record) or {}), "close": status})
         log.warning("MLflow unreachable at the end of the study (%s); results are in %s: run `ptmdd report "
                     "%s --sync --mlflow-uri %s --results %s --out DIR` once it is back", e, exp_path,
-                    exp_path.rsplit("/", 1)[-1], mlflow_uri, results)
+                    exp_path.rsplit("/", 1)[-1], tracking.redact(mlflow_uri), results)
 
 
 def check_address(address: str | None) -> None:
@@ -372,6 +401,11 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     results, local_results = _results_location(results, mlflow_uri)
     if mlflow_uri:
         tracking.check_reachable(mlflow_uri)
+    if search_trials and optuna_storage:
+        tracking.check_database(optuna_storage, "optuna-storage")
+    if search_trials and not optuna_storage and local_results is None:
+        raise ConfigError(f"optuna-storage: --results {results} is not a local directory, so the default "
+                          "Optuna SQLite file cannot live there: give --optuna-storage (e.g. postgresql://...)")
     check_address(address)
     store_uri = store or first.store
     if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
@@ -387,7 +421,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # an outage is handled, not waited out
     points = study.grid[:-1] if study.control_added else study.grid
     swept = sorted(spec.search) if search_trials else sorted({k for p in points for k in p})
-    exp_name = f"{spec.name}-search" if search_trials else spec.name
+    # a search never resumes (its Optuna study continues instead), so each invocation gets an
+    # experiment directory of its own: concurrent searches may share --results
+    exp_name = _search_experiment_name(spec.name) if search_trials else spec.name
     exp_path = f"{results}/{exp_name}"
     parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri)
 
@@ -447,16 +483,17 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if search_trials:
-        import optuna
+        from .search import TrialSeededTPESampler, open_storage
 
         storage = optuna_storage or f"sqlite:///{Path(local_results or '.') / 'optuna.db'}"
-        rdb = optuna.storages.RDBStorage(storage)
-        try:  # seeded by the trials already told: a search is reproducible and a second call continues it
-            told = len(optuna.load_study(study_name=spec.name, storage=rdb).trials)
-        except KeyError:
-            told = 0
+        # Several drivers may search one study at once (a shared storage): the storage survives a
+        # concurrent schema creation, the study a concurrent create_study (OptunaSearch loads it),
+        # and each trial is sampled with its own seed, from its storage-assigned number, so that
+        # concurrent drivers propose different points while one driver's search repeats exactly.
         searcher = _PruningAwareOptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
-                                             study_name=spec.name, storage=rdb, seed=first.seed + told)
+                                             study_name=spec.name, storage=open_storage(storage),
+                                             sampler=TrialSeededTPESampler(first.seed), tracking_uri=mlflow_uri,
+                                             parent_id=parent)
         param_space, num_samples = {}, search_trials
     else:
         searcher, storage, num_samples = None, None, 1

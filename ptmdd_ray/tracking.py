@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,9 +31,74 @@ def default_tracking_uri(results: str | Path) -> str:
     return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
 
 
+# URL schemes (before any "+driver") that name a database server: MLflow takes them as tracking
+# URIs, Optuna as storages. SQLite is a local file and is not checked.
+DB_SCHEMES = {"postgresql": "PostgreSQL", "postgres": "PostgreSQL", "mysql": "MySQL", "mariadb": "MariaDB",
+              "mssql": "SQL Server", "oracle": "Oracle"}
+_DB_PORTS = {"PostgreSQL": 5432, "MySQL": 3306, "MariaDB": 3306, "SQL Server": 1433, "Oracle": 1521}
+
+
+def redact(uri: str) -> str:
+    """``uri`` with the password of its user info (``scheme://user:PASSWORD@host``) shown as
+    ``***``: for printing tracking URIs and storages."""
+    return re.sub(r"(://[^/@:]*:)[^/]*@", r"\1***@", uri)
+
+
+def _db_reason(e: BaseException) -> str:
+    """The driver's reason, short: libpq's 'connection to server at "h", port p failed: FATAL:
+    password authentication failed for user "u"' becomes 'password authentication failed for
+    user "u"' (driver messages name the host and user, never the password)."""
+    text = str(getattr(e, "orig", None) or e).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    line = line.rsplit("failed: ", 1)[-1].strip()
+    for prefix in ("FATAL:", "ERROR:"):
+        line = line.removeprefix(prefix).strip()
+    return line[:1].lower() + line[1:] if line[1:2].islower() else line
+
+
+def check_database(url: str, key: str, timeout: float = 5.0) -> None:
+    """Fail fast, before anything is started or written, when a database URL (an Optuna storage,
+    an MLflow tracking store) cannot be used: a ConfigError naming ``key`` and the server's
+    host:port (never the password), e.g. ``optuna-storage: cannot connect to PostgreSQL at
+    127.0.0.1:1 (connection refused)``, within about ``timeout`` seconds (the driver's
+    connect_timeout). A refused login and a missing database are caught the same way. SQLite URLs
+    are left alone (a local file, created on first use)."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        return
+    import sqlalchemy
+
+    try:
+        u = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 - its message quotes the URL, password included
+        raise ConfigError(f"{key}: not a database URL (dialect+driver://user:password@host:port/database)") from None
+    kind = DB_SCHEMES.get(scheme, scheme or "database")
+    where = f"{u.host or 'localhost'}:{u.port or _DB_PORTS.get(kind, '?')}"
+    args = {"connect_timeout": max(1, int(timeout))} if kind in _DB_PORTS and kind not in ("SQL Server", "Oracle") else {}
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(u, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+    except ImportError as e:
+        raise ConfigError(f"{key}: {kind} needs the Python driver {u.get_driver_name()!r}, not installed ({e.name or e}; "
+                          "pip install 'ptmdd_ray[cluster]')") from None
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise ConfigError(f"{key}: unknown database kind {u.drivername!r}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to connect is this one error
+        raise ConfigError(f"{key}: cannot connect to {kind} at {where} ({_db_reason(e)})") from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     """Fail before any trial runs when a tracking server does not answer (a ConfigError naming
-    the URI). Any HTTP answer counts, 401 from an auth proxy included."""
+    the URI). Any HTTP answer counts, 401 from an auth proxy included. A database tracking URI
+    (``postgresql://...``) is connected to instead (:func:`check_database`)."""
+    if tracking_uri.split("://", 1)[0].split("+", 1)[0].lower() in DB_SCHEMES:
+        check_database(tracking_uri, "mlflow-uri", timeout)
+        return
     if not tracking_uri.startswith(("http://", "https://")):
         return
     try:
@@ -80,14 +148,42 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     return m
 
 
+def _first_contact(call, tracking_uri: str, wait: float = 90.0):
+    """``call()``, a driver's first use of a tracking store (making the client opens the store).
+    On a database URI MLflow creates and migrates its tables on first use, and drivers doing that
+    at once on a fresh database race (PostgreSQL: a duplicate key in pg_type, or a schema another
+    driver is still migrating). A migration is one transaction, so the loser has left nothing
+    half-made: it retries, for up to ``wait`` seconds (a migration takes several), and finds the
+    tables. Other URIs (a server) are called once."""
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in DB_SCHEMES and scheme != "sqlite":
+        return call()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return call()
+        except Exception:  # noqa: BLE001 - sqlalchemy's or MLflow's wrapping of it
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5 + random.random())
+
+
 def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str], artifacts: str | None = None) -> str:
     """Create the study's parent run (RUNNING) and return its id. A new experiment keeps its
     artifacts under ``artifacts`` when given (else wherever the tracking server puts them)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = _first_contact(lambda: mlflow.MlflowClient(tracking_uri), tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+        except mlflow.exceptions.MlflowException:  # a concurrent driver (a second search) created it meanwhile
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+    if exp is not None:
+        exp_id = exp.experiment_id
     run = client.create_run(exp_id, tags={**tags, "ptmdd.version": __version__, "ptmdd.git_commit": git_commit(),
                                           "ptmdd.role": "study"}, run_name=experiment)
     return run.info.run_id
@@ -150,6 +246,22 @@ def claim_trial(tracking_uri: str, parent_id: str, trial_key: str) -> tuple[dict
         elif r.info.status == "FAILED" and r.data.tags.get("ptmdd.deterministic") == "true":
             return None, r.data.tags.get("ptmdd.failure", "failed")
     return None, None
+
+
+def end_stopped(tracking_uri: str, parent_id: str, trial_key: str, reason: str) -> None:
+    """Close the run of a trial the scheduler stopped, if it is still RUNNING: KILLED, tagged
+    ``ptmdd.stopped`` (the driver's side of what the trial's worker does when it gets the time).
+    An unreachable MLflow only leaves it to :func:`close_parent`."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        exp_id = client.get_run(parent_id).info.experiment_id
+        for run in children(client, exp_id, parent_id, status="RUNNING", trial_key=trial_key):
+            client.set_tag(run.info.run_id, "ptmdd.stopped", reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as e:  # noqa: BLE001 - the tracking server is away; close_parent fails it later
+        log.warning("could not close the stopped trial's run (%s)", e)
 
 
 def close_parent(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -276,7 +388,7 @@ def sync_pending(tracking_uri: str, results: str | Path) -> int:
         marker.unlink()
     for record in Path(results).glob("*/mlflow_parent.json"):
         saved = json.loads(record.read_text())
-        if saved.get("close") and saved.get("tracking_uri") == tracking_uri:
+        if saved.get("close") and saved.get("tracking_uri") == redact(tracking_uri):
             close_parent(tracking_uri, saved["run_id"], saved.pop("close"))
             write_json(record, saved)
     return logged

@@ -1,17 +1,24 @@
 """Helpers shared by the tests: free ports, waiting for servers, and finding (and stopping) the
 processes a test started, by their process session, so that a test stops only what it started;
-and the ``s3`` fixture: a real S3 server (moto, checking credentials) for the store's S3 tests."""
+the ``s3`` fixture: a real S3 server (moto, checking credentials) for the store's S3 tests; and
+``postgres``, a real PostgreSQL server for the session (see :class:`Postgres`)."""
+import glob
 import ipaddress
 import json
 import os
+import pwd
 import re
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -195,3 +202,149 @@ def s3(s3_server, monkeypatch, request):
         monkeypatch.setenv(name, value)
     prefix = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[-60:] + "-" + uuid.uuid4().hex[:8]
     return S3Store(s3_server, prefix)
+def together(code: str, *args, n: int = 3, timeout: float = 120) -> list[tuple[int, str, str]]:
+    """Run ``code`` in ``n`` processes that do their imports, then wait for one "go" (a line on
+    stdin) so that they run the racing part at the same moment; (returncode, stdout, stderr) each."""
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.communicate()[1][-2000:]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def postgres_bin() -> Path | None:
+    """The newest PostgreSQL server's bin directory (Debian: /usr/lib/postgresql/<major>/bin),
+    found by glob so that any major version does; None when no server is installed."""
+    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/postgres")]
+    if not found and shutil.which("postgres"):
+        found = [Path(shutil.which("postgres")).parent]
+    return max(found, key=lambda d: [int(x) for x in d.parent.name.split(".") if x.isdigit()] or [0]) if found else None
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL server the test session started: on 127.0.0.1:``port`` only (its Unix socket
+    in a private directory), password authentication (scram-sha-256) for ``user``/``password``, in
+    a process session of its own (``session``, for :func:`session_pids` / :func:`listening`)."""
+    host: str
+    port: int
+    user: str
+    password: str
+    data_dir: Path
+    session: int
+
+    def url(self, database: str = "postgres", password: str | None = None, scheme: str = "postgresql") -> str:
+        """``postgresql://user:password@127.0.0.1:port/database`` (SQLAlchemy, MLflow and Optuna
+        take it as it is); ``password`` overrides the real one (to test a refused login)."""
+        return f"{scheme}://{self.user}:{self.password if password is None else password}@{self.host}:{self.port}/{database}"
+
+    def connect(self, database: str = "postgres"):
+        import psycopg2
+
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                dbname=database, connect_timeout=5)
+
+    def create_database(self, name: str | None = None) -> str:
+        """A new, empty database (named ``name`` or a fresh random name); returns its URL."""
+        name = name or f"t_{secrets.token_hex(6)}"
+        conn = self.connect()
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return self.url(name)
+
+
+def _as_postgres_user() -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its programs as the ``postgres`` user
+    (setpriv execs in place, so the server keeps the pid and session it was started with)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL for the test session: ``initdb`` into a temporary directory, the server
+    started on a free port bound to 127.0.0.1 only (``-h 127.0.0.1 -k <private socket dir>``) in a
+    process session of its own, password auth on the loopback; yields a :class:`Postgres`
+    (``.url(db)``, ``.create_database() -> url``); at teardown ``pg_ctl stop -m fast``, then
+    whatever is left of its session is stopped and the directory removed. Skips when no
+    PostgreSQL server is installed (``.ci/setup`` installs Debian's)."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server installed (bash .ci/setup installs Debian's postgresql)")
+    pytest.importorskip("psycopg2")
+    prefix = _as_postgres_user()
+    if prefix:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
+    root = Path(tempfile.mkdtemp(prefix="ptmdd-pg-"))
+    data, sock, log = root / "data", root / "sock", root / "server.log"
+    sock.mkdir(mode=0o700)
+    password = secrets.token_urlsafe(16)
+    (root / "pwfile").write_text(password + "\n")
+    if prefix:  # the server's own user must own its directory (and nobody else may read it)
+        for p in (root, sock, root / "pwfile"):
+            os.chown(p, owner.pw_uid, owner.pw_gid)
+    os.chmod(root, 0o700)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    init = subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "ptmdd", f"--pwfile={root / 'pwfile'}",
+                           "--auth-host=scram-sha-256", "--auth-local=peer", "--encoding=UTF8", "--no-locale",
+                           "--no-sync"], env=env, capture_output=True, text=True, timeout=120)
+    if init.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"initdb failed: {init.stderr[-2000:]}")
+    (root / "pwfile").unlink()
+    port = free_port()
+    with open(log, "wb") as out:
+        # a throwaway test server: no fsync; enough connections for two drivers, their trials and
+        # an MLflow server at once
+        server = subprocess.Popen([*prefix, str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-k", str(sock),
+                                   "-p", str(port), "-c", "fsync=off", "-c", "synchronous_commit=off",
+                                   "-c", "full_page_writes=off", "-c", "max_connections=200"],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pg = Postgres("127.0.0.1", port, "ptmdd", password, data, server.pid)
+    try:
+        import psycopg2
+
+        end = time.time() + 60
+        while True:
+            try:
+                pg.connect().close()
+                break
+            except psycopg2.OperationalError:
+                if server.poll() is not None or time.time() > end:
+                    raise RuntimeError(f"PostgreSQL did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield pg
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "30"],
+                       env=env, capture_output=True, timeout=60)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        stop_session(server.pid)
+        server.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_db(postgres) -> str:
+    """The URL of a fresh, empty database on the session's :func:`postgres` server."""
+    return postgres.create_database()

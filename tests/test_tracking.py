@@ -61,3 +61,19 @@ def test_metrics_of_flattens_a_result():
     cached = tracking.metrics_of({**result, "timing": {**result["timing"], "baseline_cached": True}})
     assert cached["baseline.random.cached"] == 1.0
     assert "baseline.random.cached" not in tracking.metrics_of({**result, "baseline_random": None})
+
+
+def test_a_stopped_trial_left_running_is_closed_killed_by_the_driver(uri, monkeypatch):
+    """A trial pruned by the scheduler whose worker was ended before it closed its run: the
+    driver's searcher closes it KILLED with the reason; other trials' runs are left alone."""
+    parent = tracking.start_parent(uri, "exp", {"ptmdd.study": "exp"})
+    client, stopped = _trial(uri, parent, "k1")
+    _, other = _trial(uri, parent, "k2")
+    tracking.end_stopped(uri, parent, "k1", "pruned by the scheduler")
+    run = client.get_run(stopped)
+    assert run.info.status == "KILLED" and run.data.tags["ptmdd.stopped"] == "pruned by the scheduler"
+    assert client.get_run(other).info.status == "RUNNING"
+    tracking.end_stopped(uri, parent, "k1", "again")  # already closed (by its worker or before): untouched
+    assert client.get_run(stopped).data.tags["ptmdd.stopped"] == "pruned by the scheduler"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracking.end_stopped("http://127.0.0.1:9", parent, "k2", "x")  # MLflow away: a warning, no exception
