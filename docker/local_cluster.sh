@@ -132,7 +132,7 @@ up_mlflow() {
   local port
   port=$(free_port)
   set -a; source "$DIR/cluster.env"; set +a
-  spawn mlflow env MLFLOW_S3_ENDPOINT_URL="$AWS_ENDPOINT_URL" "$BIN/mlflow" server --host 127.0.0.1 \
+  spawn mlflow env MLFLOW_S3_ENDPOINT_URL="$AWS_ENDPOINT_URL" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$BIN/mlflow" server --host 127.0.0.1 \
     --port "$port" --backend-store-uri "$(cat "$DIR/pg_mlflow_url")" \
     --artifacts-destination "s3://$BUCKET/mlflow" --workers 1
   wait_for "the MLflow server" http_up "http://127.0.0.1:$port/health"

@@ -23,6 +23,8 @@ SCRIPT = ROOT / "docker" / "local_cluster.sh"
 # What README "On a Ray cluster" submits, with the study file of the test in place of the README's.
 SUBMIT = ("ray job submit --working-dir . -- ptmdd study {study} --mlflow-uri $MLFLOW_TRACKING_URI "
           "--store s3://$BUCKET/ptm_store --results s3://$BUCKET/studies")
+SEARCH = ("ptmdd search {study} --trials {trials} --address $RAY_GCS_ADDRESS --mlflow-uri $MLFLOW_TRACKING_URI "
+          "--optuna-storage $PG_URL --store s3://$BUCKET/ptm_store --results s3://$BUCKET/studies")
 
 STUDY = {
     "name": "cluster",
@@ -177,6 +179,33 @@ def test_a_killed_driver_resumes_from_the_bucket(cluster, tmp_path):
     assert len(finished) == 3 and len({t["tags"]["ptmdd.trial_key"] for t in finished}) == 3
     assert finished_before <= {t["info"]["run_id"] for t in finished}  # not run again
     assert not [t for t in trials if t["info"]["status"] == "RUNNING"]
+
+
+def test_two_searches_at_once_on_the_cluster_share_one_optuna_study_in_postgresql(cluster, tmp_path):
+    """README's distributed search: two drivers run `ptmdd search` on one Optuna study in the
+    stack's PostgreSQL at the same time; it ends with exactly both trial counts COMPLETE."""
+    import optuna
+
+    where, env = cluster
+    study = {**STUDY, "name": "searched", "search": {"loss.clom": {"loguniform": [1.0, 100.0]}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    cmds = [SEARCH.format(study="study.yaml", trials=n) for n in (2, 3)]
+    assert SEARCH.format(study="studies/loss_weights.yaml", trials=8) in (ROOT / "README.md").read_text()
+    procs = [subprocess.Popen(["bash", "-c", c], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            stop_session(p.pid)
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    trials = optuna.load_study(study_name="searched", storage=env["PG_URL"]).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    parents, runs = _runs(env, "searched")
+    assert len(parents) == 2 and sorted(len([r for r in runs if r["tags"]["mlflow.parentRunId"] == p["info"]["run_id"]])
+                                        for p in parents) == [2, 3]
 
 
 def test_losing_a_worker_node_mid_study_loses_no_work(cluster, tmp_path):
