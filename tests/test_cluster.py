@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, is_loopback, listening, rest, session_pids, stop_session
+from conftest import BIN, TINY_BASE, is_loopback, listening, rest, session_pids, stop_session
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +28,7 @@ SEARCH = ("ptmdd search {study} --trials {trials} --address $RAY_GCS_ADDRESS --m
 
 STUDY = {
     "name": "cluster",
-    "base": {"dataset": {"name": "digits", "im_size": 8}, "model": "ConvNetW32",
-             "distill": {"method": "dm", "ipc": 1, "iterations": 10, "batch_real": 32},
-             "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 2}, "pretrain": {"batch": 128},
-             "eval": {"runs": 1, "epochs": 10}},
+    "base": {**TINY_BASE, "eval": {"runs": 1, "epochs": 10}},
     "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},
     "samples": 2,
     "resources": {"cpu": 1, "gpu": 0.5},

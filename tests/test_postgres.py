@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, free_port, is_loopback, listening, stop_session, together, wait_http
+from conftest import BIN, TINY_BASE, free_port, is_loopback, listening, stop_session, together, wait_http
 
-STUDY = {  # as tests/test_study.py's: digits at 8 px, 10 iterations
+STUDY = {
     "name": "pgtiny",
-    "base": {"dataset": {"name": "digits", "im_size": 8}, "model": "ConvNetW32",
-             "distill": {"method": "dm", "ipc": 1, "iterations": 10, "batch_real": 32},
-             "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 2}, "pretrain": {"batch": 128},
-             "eval": {"runs": 2, "epochs": 20}},
+    "base": TINY_BASE,
     "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},
     "search": {"loss.clom": {"loguniform": [1.0, 100.0]}, "loss.cclom": {"uniform": [0.0, 1.0]}},
     "max_concurrent": 2,

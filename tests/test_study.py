@@ -12,14 +12,11 @@ import yaml
 
 from ptmdd_ray.config import ConfigError
 from ptmdd_ray.study import load_study
-from conftest import free_port, is_loopback, listening, session_pids, stop_session, wait_http
+from conftest import TINY_BASE, free_port, is_loopback, listening, session_pids, stop_session, wait_http
 
 STUDY = {
     "name": "tiny",
-    "base": {"dataset": {"name": "digits", "im_size": 8}, "model": "ConvNetW32",
-             "distill": {"method": "dm", "ipc": 1, "iterations": 10, "batch_real": 32},
-             "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 2}, "pretrain": {"batch": 128},
-             "eval": {"runs": 2, "epochs": 20}},
+    "base": TINY_BASE,
     "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},
     "search": {"loss.clom": {"loguniform": [1.0, 100.0]}, "loss.cclom": {"uniform": [0.0, 1.0]}},
     "samples": 1,
