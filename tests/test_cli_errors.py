@@ -242,3 +242,13 @@ def test_a_study_on_a_bad_s3_store_fails_before_anything(tmp_path, s3, fault, ne
     assert len(lines) == 1 and lines[0].startswith("ptmdd: error: store: ") and needle in lines[0], proc.stderr
     assert not (tmp_path / "results").exists()
     assert "raylet" not in subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True).stdout
+
+
+def test_results_in_a_bucket_need_servers_for_mlflow_and_optuna(tmp_path):
+    study = Path(__file__).resolve().parents[1] / "studies" / "loss_weights.yaml"
+    assert_one_line_error(ptmdd(tmp_path, "study", str(study), "--results", "s3://bucket/studies"),
+                          "results: s3://bucket/studies is not a local directory")
+    assert_one_line_error(ptmdd(tmp_path, "search", str(study), "--trials", "1", "--results", "s3://bucket/studies",
+                                "--mlflow-uri", "sqlite:///" + str(tmp_path / "m.db")),
+                          "optuna-storage: --results s3://bucket/studies is not a local directory")
+    assert not list(tmp_path.iterdir())
