@@ -361,6 +361,9 @@ def _results_location(results: str, mlflow_uri: str | None) -> tuple[str, str | 
     what a multi-node cluster needs: every node and the driver reach it). A URI cannot hold the
     default SQLite tracking file, so it needs ``--mlflow-uri``."""
     if "://" in results:
+        if "?" in results:  # Tune and the parent record append paths to it: options would end mid-path
+            raise ConfigError(f"results: {results.split('?')[0]}?...: URI options are not supported here; "
+                              "set the endpoint and credentials with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...")
         if not mlflow_uri:
             raise ConfigError(f"results: {results} is not a local directory, so the default MLflow "
                               "SQLite file cannot live there: give --mlflow-uri (an MLflow server)")

@@ -251,4 +251,7 @@ def test_results_in_a_bucket_need_servers_for_mlflow_and_optuna(tmp_path):
     assert_one_line_error(ptmdd(tmp_path, "search", str(study), "--trials", "1", "--results", "s3://bucket/studies",
                                 "--mlflow-uri", "sqlite:///" + str(tmp_path / "m.db")),
                           "optuna-storage: --results s3://bucket/studies is not a local directory")
+    assert_one_line_error(ptmdd(tmp_path, "study", str(study), "--results",
+                                "s3://bucket/studies?endpoint_override=127.0.0.1:9&access_key=k&secret_key=s"),
+                          "results: s3://bucket/studies?...: URI options are not supported here")
     assert not list(tmp_path.iterdir())
