@@ -45,10 +45,20 @@ def summary_table(result: dict) -> str:
             + f"  clom={cfg['loss']['clom']} cclom={cfg['loss']['cclom']}")
     runs = next(iter(result["accuracy"].values()))["runs"]
     lines.append(f"{'eval arch':<16}{'synthetic':>20}{'random real':>20}   ({len(runs)} runs each)")
-    base = result.get("baseline_random") or {}
-    for arch, acc in result["accuracy"].items():
-        lines.append(f"{arch:<16}{_pct(acc):>20}{_pct(base.get(arch)):>20}")
+    lines += _accuracy_rows(result)
     return "\n".join(lines)
+
+
+def _accuracy_rows(result: dict) -> list[str]:
+    """One line per eval arch and split: test, then validation where the run held one out."""
+    lines = []
+    for split, acc_key, base_key in (("test", "accuracy", "baseline_random"), ("val", "val_accuracy",
+                                                                               "baseline_random_val")):
+        base = result.get(base_key) or {}
+        for arch, acc in (result.get(acc_key) or {}).items():
+            name = arch if split == "test" else f"{arch} (val)"
+            lines.append(f"{name:<16}{_pct(acc):>20}{_pct(base.get(arch)):>20}")
+    return lines
 
 
 def _config(args):
@@ -78,7 +88,8 @@ def cmd_pretrain(args) -> int:
         raise ConfigError("pool.archs: empty, nothing to pretrain")
     pool = run_pretrain(cfg, progress=not args.quiet)
     for row in pool.manifest():
-        print(f"{row['id']}  test acc {100 * row['test_accuracy']:.2f}%")
+        train = "" if row["train_accuracy"] is None else f"  train acc {100 * row['train_accuracy']:.2f}%"
+        print(f"{row['id']}  test acc {100 * row['test_accuracy']:.2f}%{train}")
     print(f"{len(pool.ptms)} PTMs in {cfg.store}: {pool.trainings} trained, {pool.hits} reused")
     return 0
 
@@ -91,9 +102,8 @@ def cmd_evaluate(args) -> int:
     images, labels, meta = read_synthetic(args.synthetic)
     cfg = load_config(args.config, args.set, base=None if args.config else meta.get("config"))
     result = run_evaluate(cfg, images, labels, progress=not args.quiet)
-    for arch, acc in result["accuracy"].items():
-        base = (result["baseline_random"] or {}).get(arch)
-        print(f"{arch:<16} synthetic {_pct(acc)}   random real {_pct(base)}")
+    print(f"{'eval arch':<16}{'synthetic':>20}{'random real':>20}")
+    print("\n".join(_accuracy_rows(result)))
     if args.out:
         write_json(args.out, result)
     return 0
@@ -111,14 +121,15 @@ def cmd_study(args) -> int:
         raise ConfigError("search: the study file has no search space")
     summary = run_study(study, address=args.address, mlflow_uri=args.mlflow_uri, store=args.store,
                         results=args.results, resume=getattr(args, "resume", False), search_trials=trials,
-                        optuna_storage=getattr(args, "optuna_storage", None), prune=getattr(args, "prune", False))
+                        optuna_storage=getattr(args, "optuna_storage", None), prune=getattr(args, "prune", False),
+                        select_on_test=getattr(args, "select_on_test", False))
     metric = study.spec.metric
     pruned = sum(bool(r.get("pruned")) for r in summary["trials"])
     print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed, {pruned} pruned; "
           f"MLflow {redact(summary['tracking_uri'])} (parent run {summary['parent_run_id']})")
     for row in sorted(summary["trials"], key=lambda r: (str(r["overrides"]), r["sample"])):
         value = row[metric]
-        shown = f"{100 * value:.2f} %" if isinstance(value, float) and metric.startswith("acc") else value
+        shown = f"{100 * value:.2f} %" if isinstance(value, float) and "acc" in metric else value
         if row.get("pruned"):
             shown = f"pruned ({shown} at its last intermediate evaluation)"
         print(f"  {row['overrides'] or '(base)'}  sample {row['sample']}  {metric} {shown}")
@@ -216,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Optuna study is named after the study, so a second call continues it")
     se.add_argument("--prune", action="store_true", help="stop trailing trials early (ASHA) on the intermediate "
                     "evaluations every base.eval.every iterations; Optuna records them as PRUNED")
+    se.add_argument("--select-on-test", action="store_true", help="allow a test metric (acc.mean) to choose; "
+                    "the run is tagged and its report says so (default: only validation metrics choose)")
 
     r = sub.add_parser("report", help="tables and plots of a study's runs, read back from MLflow")
     r.add_argument("study", help="study name (the MLflow experiment) or study YAML")

@@ -91,6 +91,8 @@ def check_dataset_config(ds: DatasetConfig, key: str) -> None:
         v = getattr(ds, f)
         if v is not None and v < 1:
             raise ConfigError(f"{key}.{f}: must be >= 1, got {v}")
+    if ds.val_per_class < 0:
+        raise ConfigError(f"{key}.val_per_class: must be >= 0 (0: no validation split), got {ds.val_per_class}")
     if ds.classes is not None:
         if not ds.classes:
             raise ConfigError(f"{key}.classes: must list at least one class")
@@ -360,9 +362,16 @@ def source_id(ds: DatasetConfig, *, key: str = "dataset") -> str:
 
 # --------------------------------------------------------------------------- tensors
 
+_SPLITS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val", "train_ids", "val_ids")
+
+
 @dataclass
 class ImageData:
-    """Normalised train/test tensors plus what is needed to undo the normalisation."""
+    """Normalised train/test(/validation) tensors plus what is needed to undo the normalisation.
+
+    ``x_val``/``y_val`` are the held-out validation split (``dataset.val_per_class``; empty without
+    one). ``train_ids``/``val_ids`` are the rows of the source's own training split that
+    ``x_train``/``x_val`` came from: the record that the two never overlap."""
 
     name: str
     x_train: torch.Tensor
@@ -372,6 +381,10 @@ class ImageData:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+    train_ids: torch.Tensor | None = None
+    val_ids: torch.Tensor | None = None
     _class_idx: list[torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -386,6 +399,18 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def has_val(self) -> bool:
+        return self.y_val is not None and self.y_val.numel() > 0
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the ``test`` or ``val`` split."""
+        if name == "val":
+            if not self.has_val:
+                raise ConfigError("dataset.val_per_class: a validation metric needs a validation split (set it > 0)")
+            return self.x_val, self.y_val
+        return self.x_test, self.y_test
+
     def class_indices(self) -> list[torch.Tensor]:
         """Per class, int64 indices into ``x_train`` (cached: real-batch sampling calls this every step)."""
         if self._class_idx is None:
@@ -394,9 +419,13 @@ class ImageData:
             self._class_idx = list(torch.split(order, counts))
         return self._class_idx
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in _SPLITS if getattr(self, k) is not None}
+
     def to(self, device) -> ImageData:
-        out = ImageData(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
-                        self.y_test.to(device), list(self.classes), self.mean, self.std)
+        ids = ("train_ids", "val_ids")  # bookkeeping: stays on the CPU
+        moved = {k: v if k in ids else v.to(device) for k, v in self._tensors().items()}
+        out = ImageData(self.name, classes=list(self.classes), mean=self.mean, std=self.std, **moved)
         if self._class_idx is not None:
             out._class_idx = [i.to(device) for i in self._class_idx]
         return out
@@ -405,7 +434,7 @@ class ImageData:
         """Plain numpy arrays plus metadata: the form a study puts into the Ray object store,
         from which every trial on a node maps the same read-only buffers (zero-copy)."""
         return {"name": self.name, "classes": list(self.classes), "mean": self.mean, "std": self.std,
-                **{k: getattr(self, k).cpu().numpy() for k in ("x_train", "y_train", "x_test", "y_test")}}
+                **{k: v.cpu().numpy() for k, v in self._tensors().items()}}
 
     @classmethod
     def from_arrays(cls, d: dict) -> ImageData:
@@ -413,15 +442,28 @@ class ImageData:
         may be read-only; nothing in the package writes into a data set's tensors)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable array" from torch.from_numpy
-            t = {k: torch.from_numpy(d[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
-        return cls(d["name"], t["x_train"], t["y_train"], t["x_test"], t["y_test"], list(d["classes"]),
-                   tuple(d["mean"]), tuple(d["std"]))
+            t = {k: torch.from_numpy(d[k]) for k in _SPLITS if k in d}
+        return cls(d["name"], classes=list(d["classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]), **t)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] pixel units (not clipped); works for (N, C, H, W) and (C, H, W)."""
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return x * std + mean
+
+
+# The validation split is drawn with this fixed seed, per class of the source's full label space:
+# the same images are held out for every run seed, trial, class subset and domain of those files.
+VAL_SEED = 2310_03295
+
+
+def holdout(y: np.ndarray, n: int) -> np.ndarray:
+    """Sorted indices of ``n`` images per class of ``y`` (all of a class with fewer), seeded by
+    :data:`VAL_SEED` and the class alone."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    picks = [np.random.default_rng([VAL_SEED, int(c)]).permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
 def _per_class_subset(y: np.ndarray, n: int | None, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -436,7 +478,9 @@ def _to_float(x: np.ndarray) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[2:] == (size, size) or x.shape[0] == 0:
+    if x.shape[0] == 0:
+        return x.new_zeros((0, x.shape[1], size, size))
+    if x.shape[2:] == (size, size):
         return x
     down = size < x.shape[2] or size < x.shape[3]
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
@@ -461,6 +505,10 @@ def load_data(ds: DatasetConfig, seed: int = 0, *, key: str = "dataset") -> Imag
     train/test split itself never depends on it."""
     check_dataset_config(ds, key)
     x_tr, y_tr, x_te, y_te, names = load_uint8(ds, key=key)
+    # validation first, on the full label space: nothing below (subset, class choice) can see it
+    val = holdout(y_tr, ds.val_per_class)
+    rest = np.setdiff1d(np.arange(len(y_tr)), val, assume_unique=True)
+    lut = np.arange(max(len(names), 1), dtype=np.int64)
     if ds.classes is not None:
         lut = np.full(max(len(names), 1), -1, np.int64)
         for i, c in enumerate(ds.classes):
@@ -468,25 +516,42 @@ def load_data(ds: DatasetConfig, seed: int = 0, *, key: str = "dataset") -> Imag
                 raise ConfigError(f"{key}.classes: class {c} not in 0..{len(names) - 1}")
             lut[c] = i
         names = [names[c] for c in ds.classes]
-        keep_tr, keep_te = np.flatnonzero(lut[y_tr] >= 0), np.flatnonzero(lut[y_te] >= 0)
-        x_tr, y_tr, x_te, y_te = x_tr[keep_tr], lut[y_tr[keep_tr]], x_te[keep_te], lut[y_te[keep_te]]
+        keep_te = np.flatnonzero(lut[y_te] >= 0)
+        x_te, y_te = x_te[keep_te], lut[y_te[keep_te]]
+    val, rest = val[lut[y_tr[val]] >= 0], rest[lut[y_tr[rest]] >= 0]
     k = len(names)
     s = seed % 2**32
-    i_tr = _per_class_subset(y_tr, ds.train_per_class, k, np.random.default_rng([s, 0]))
+    i_tr = rest[_per_class_subset(lut[y_tr[rest]], ds.train_per_class, k, np.random.default_rng([s, 0]))]
     i_te = _per_class_subset(y_te, ds.test_per_class, k, np.random.default_rng([s, 1]))
-    counts = np.bincount(y_tr[i_tr], minlength=k)
-    if k and counts.min() == 0:
-        raise ConfigError(f"{key}.classes: class {names[int(counts.argmin())]!r} has no training images")
+    _check_split_sizes(ds, key, names, lut[y_tr[i_tr]], lut[y_tr[val]])
     size = ds.im_size or (16 if _parse_name(ds.name, key)[0] == "digits" else x_tr.shape[1])
-    xs = [_domain(_resize(_to_float(x[i]), size), ds.domain) for x, i in ((x_tr, i_tr), (x_te, i_te))]
+    xs = [_domain(_resize(_to_float(x[i]), size), ds.domain) for x, i in ((x_tr, i_tr), (x_te, i_te), (x_tr, val))]
     var, mean = torch.var_mean(xs[0], dim=(0, 2, 3))
     std = var.sqrt().nan_to_num(1.0)
     std = torch.where(std < 1e-6, torch.ones_like(std), std)  # a constant channel stays unscaled
     for x in xs:  # in place: these tensors are fresh, and CIFAR-size copies cost seconds
         x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+    def labels(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
     return ImageData(
-        name=ds.name,
-        x_train=xs[0], y_train=torch.from_numpy(np.ascontiguousarray(y_tr[i_tr], dtype=np.int64)),
-        x_test=xs[1], y_test=torch.from_numpy(np.ascontiguousarray(y_te[i_te], dtype=np.int64)),
+        name=ds.name, x_train=xs[0], y_train=labels(lut[y_tr[i_tr]]), x_test=xs[1], y_test=labels(y_te[i_te]),
         classes=list(names), mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+        x_val=xs[2], y_val=labels(lut[y_tr[val]]), train_ids=labels(i_tr), val_ids=labels(val),
     )
+
+
+def _check_split_sizes(ds: DatasetConfig, key: str, names: list[str], y_train: np.ndarray, y_val: np.ndarray) -> None:
+    """Every class keeps training images, and holds out the full ``val_per_class``."""
+    k = len(names)
+    counts, held = np.bincount(y_train, minlength=k), np.bincount(y_val, minlength=k)
+    bad = np.flatnonzero((counts == 0) | (held < ds.val_per_class))
+    if not k or not len(bad):
+        return
+    c = int(bad[0])
+    total = int(counts[c] + held[c])
+    if ds.val_per_class >= total:
+        raise ConfigError(f"{key}.val_per_class: {ds.val_per_class} is not below class {names[c]!r}'s {total} "
+                          "training images (some must stay to train on)")
+    raise ConfigError(f"{key}.classes: class {names[c]!r} has no training images")

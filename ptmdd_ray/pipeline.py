@@ -41,6 +41,10 @@ def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
     smallest = min(counts)
     if ipc > smallest:
         c = counts.index(smallest)
+        if data.has_val:  # the hold-out is what took them
+            held = int((data.y_val == c).sum())
+            raise ConfigError(f"dataset.val_per_class: {held} held out of class {data.classes[c]!r}'s "
+                              f"{smallest + held} training images leaves {smallest}, fewer than {key} {ipc}")
         raise ConfigError(f"{key}: {ipc} images per class requested but class {data.classes[c]!r} "
                           f"has only {smallest} training images")
 
@@ -53,7 +57,7 @@ class Pool:
 
     def manifest(self) -> list[dict[str, Any]]:
         return [{"id": p.key, "arch": p.arch, "seed": p.seed, "epoch": p.epoch,
-                 "test_accuracy": p.test_accuracy} for p in self.ptms]
+                 "test_accuracy": p.test_accuracy, "train_accuracy": p.train_accuracy} for p in self.ptms]
 
 
 def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
@@ -106,9 +110,11 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
 
     eval_history: list[tuple[int, float]] = []
     quick = replace(cfg.eval, runs=1)
+    amp = cfg.precision == "bf16"
+    along = intermediate_split(data)
 
     def intermediate(it: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-        acc = evaluate_set(images, labels, data, quick, cfg.seed, False)
+        acc = evaluate_set(images, labels, data, quick, cfg.seed, False, splits=(along,), mixed_precision=amp)[along]
         mean = sum(a["mean"] for a in acc.values()) / len(acc)
         eval_history.append((it, mean))
         if on_eval is not None:
@@ -121,12 +127,13 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     acc: dict[str, dict] = {}
 
     def evaluate_synthetic() -> None:
-        acc.update(evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic"))
+        acc.update(evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
+                                mixed_precision=amp))
 
     # the baseline first: if a concurrent trial of the same seed is evaluating it, this one
     # evaluates its own set meanwhile and then reads the baseline back instead of idling
     baseline, baseline_cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress, evaluate_synthetic) \
-        if cfg.eval.baseline else (None, False)
+        if cfg.eval.baseline else ({}, False)
     if not acc:
         evaluate_synthetic()
     eval_seconds = time.perf_counter() - t1
@@ -134,8 +141,11 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     result = {
         "version": __version__,
         "config": to_dict(cfg),
-        "accuracy": acc,
-        "baseline_random": baseline,
+        "accuracy": acc["test"],
+        "baseline_random": baseline.get("test"),
+        "val_accuracy": acc.get("val"),
+        "baseline_random_val": baseline.get("val"),
+        "eval_split": along,  # the split of eval_history
         "pool": pool.manifest(),
         "pool_stats": {"trainings": pool.trainings, "hits": pool.hits, "seconds": pool_seconds},
         "timing": {"distill_seconds": syn.seconds, "iterations": syn.iterations,
@@ -150,6 +160,13 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     if out is not None:
         write_outputs(Path(out), result, syn.images, syn.labels, data, cfg)
     return result
+
+
+def intermediate_split(data: ImageData) -> str:
+    """Where the evaluations along the way (``eval.every``, what a scheduler prunes on) are scored:
+    validation when the data hold it out, else test (then they are a curve to look at, and
+    :func:`ptmdd_ray.study.run_study` refuses to prune on them)."""
+    return "val" if data.has_val else "test"
 
 
 def synthetic_meta(cfg: Config, data: ImageData) -> dict[str, Any]:
@@ -185,11 +202,14 @@ def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, progre
                           f"{data.num_classes} classes")
     data = data.to(device)
     ipc = int(torch.bincount(labels).max())
-    acc = evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic")
-    out = {"config": to_dict(cfg), "accuracy": acc, "baseline_random": None, "ipc": ipc}
+    acc = evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
+                       mixed_precision=cfg.precision == "bf16")
+    out = {"config": to_dict(cfg), "accuracy": acc["test"], "baseline_random": None, "val_accuracy": acc.get("val"),
+           "baseline_random_val": None, "ipc": ipc}
     if cfg.eval.baseline:
         check_ipc(data, ipc, "synthetic")
-        out["baseline_random"], _ = random_real_baseline(cfg, data, ipc, progress, reuse=False)
+        base, _ = random_real_baseline(cfg, data, ipc, progress, reuse=False)
+        out["baseline_random"], out["baseline_random_val"] = base["test"], base.get("val")
     return out
 
 
@@ -198,14 +218,14 @@ def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[s
     evaluation depends on (the source's files, the subset, ipc, seed, protocol, device kind)."""
     ident = {"data": source_id(cfg.dataset), "dataset": to_dict(cfg.dataset), "ipc": ipc, "seed": cfg.seed,
              "eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("baseline", "every")},
-             "device": data.x_train.device.type, "version": __version__}
+             "device": data.x_train.device.type, "precision": cfg.precision, "version": __version__}
     return "baseline-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24], ident
 
 
 def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool = True,
                          while_busy: Callable[[], None] | None = None, reuse: bool = True) -> tuple[dict, bool]:
     """The random-real baseline of ``ipc`` images per class, evaluated with ``cfg.eval``; returns
-    (baseline, whether it came from the store). It depends only on the data, ``ipc``, the seed, the
+    ({split: {arch: summary}}, whether it came from the store). It depends only on the data, ``ipc``, the seed, the
     evaluation protocol and the device kind (runs are deterministic given these), not on how the set
     it is compared with was made: every grid point of a study that shares a seed would evaluate the
     same subset the same way. So it is evaluated once, under a store lock (concurrent trials of one
@@ -215,7 +235,8 @@ def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool 
     store alone."""
     def evaluate() -> dict:
         real_x, real_y = random_real_subset(data, ipc, cfg.seed)
-        return evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real")
+        return evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real",
+                            mixed_precision=cfg.precision == "bf16")
 
     if not reuse:
         return evaluate(), False

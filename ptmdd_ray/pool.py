@@ -35,6 +35,9 @@ PTM_DATA_SEED = 0
 
 # Dataset fields that say where data lives, not what it is: left out of a PTM's identity.
 _LOCATION_FIELDS = ("root", "download", "cache_dir")
+# Fields added after stores existed, left out of the identity at their default so that the
+# checkpoints stored before them keep their keys.
+_LATER_DEFAULTS = {"val_per_class": 0}
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,14 @@ class PTMSpec:
     seed: int
     source: DatasetConfig
     pretrain: PretrainConfig
+    precision: str = "bf16"  # autocast on CUDA while training (Config.precision)
 
     def identity(self) -> dict[str, Any]:
-        src = {k: v for k, v in to_dict(self.source).items() if k not in _LOCATION_FIELDS}
+        src = {k: v for k, v in to_dict(self.source).items()
+               if k not in _LOCATION_FIELDS and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
         train = {k: v for k, v in to_dict(self.pretrain).items() if k != "save_epochs"}
-        return {"arch": self.arch, "seed": self.seed, "source": src, "pretrain": train}
+        ident = {"arch": self.arch, "seed": self.seed, "source": src, "pretrain": train}
+        return ident if self.precision == "bf16" else {**ident, "precision": self.precision}
 
     @property
     def run_id(self) -> str:
@@ -60,7 +66,7 @@ class PTMSpec:
 
 def pool_specs(cfg: Config) -> list[PTMSpec]:
     src = source_dataset(cfg)
-    return [PTMSpec(a, s, src, cfg.pretrain) for a in cfg.pool.archs for s in cfg.pool.seeds]
+    return [PTMSpec(a, s, src, cfg.pretrain, cfg.precision) for a in cfg.pool.archs for s in cfg.pool.seeds]
 
 
 def save_epochs(cfg: Config) -> list[int]:
@@ -69,29 +75,32 @@ def save_epochs(cfg: Config) -> list[int]:
 
 
 def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
-             ) -> dict[int, tuple[dict[str, torch.Tensor], float]]:
+             ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]]:
     """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
     (schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation); return
-    {epoch: (state_dict, test accuracy)} for the requested epochs."""
+    {epoch: (state_dict, {"test": accuracy, "train": accuracy})} for the requested epochs: the
+    train accuracy says how far a checkpoint fits its data (an over-trained PTM is near 1)."""
     t = spec.pretrain
     shape = (data.channels, data.num_classes, data.im_size)
     model = new_model(spec.arch, shape, seed=spec.seed, device=data.x_train.device)
     gen = torch.Generator().manual_seed(spec.seed)
     wanted = set(epochs_to_save)
-    out: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
+    amp = spec.precision == "bf16"
     last = max(wanted)
     bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
 
     def on_epoch(e: int, m: nn.Module) -> None:
         bar.update(1)
         if e in wanted:
-            acc = accuracy(m, data.x_test, data.y_test)
+            acc = {"test": accuracy(m, data.x_test, data.y_test, mixed_precision=amp),
+                   "train": accuracy(m, data.x_train, data.y_train, mixed_precision=amp)}
             out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc)
-            bar.set_postfix(epoch=e, test_acc=f"{acc:.3f}")
+            bar.set_postfix(epoch=e, test_acc=f"{acc['test']:.3f}", train_acc=f"{acc['train']:.3f}")
 
     train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
-                     gen=gen, on_epoch=on_epoch)
+                     gen=gen, on_epoch=on_epoch, mixed_precision=amp)
     bar.close()
     return out
 
@@ -106,6 +115,7 @@ class PTM:
     key: str
     test_accuracy: float
     model: nn.Module
+    train_accuracy: float | None = None  # None: stored before train accuracies were recorded
 
 
 class PTMRepository:
@@ -170,7 +180,8 @@ def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
         log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
         keys = []
         for e, (state, acc) in pretrain(spec, missing, data, progress).items():
-            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc,
+            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
+                    "train_accuracy": acc["train"],
                     "run_id": spec.run_id, "spec": spec.identity(),
                     "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
             store.save(spec.key(e), state, meta)
@@ -185,7 +196,9 @@ def load_ptm(ckpt: Checkpoint, device) -> PTM:
     model = new_model(m["arch"], (channels, num_classes, im_size), seed=0, device="cpu", channels_last=True)
     model.load_state_dict(ckpt.tensors)
     model = model.to(device).eval().requires_grad_(False)  # frozen once; eval: BN PTMs must not drift
-    return PTM(m["arch"], m["seed"], m["epoch"], ckpt.key, float(m["test_accuracy"]), model)
+    train = m.get("train_accuracy")
+    return PTM(m["arch"], m["seed"], m["epoch"], ckpt.key, float(m["test_accuracy"]), model,
+               None if train is None else float(train))
 
 
 def check_compatible(ptm_data_shape: tuple[int, int, int], ptm_classes: list[str], target: ImageData,

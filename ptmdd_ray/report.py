@@ -130,14 +130,39 @@ def _fmt_test(t: dict[str, Any] | None) -> str:
     return f"{100 * t['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p={t['p']:.3g}"
 
 
+def choose(selector: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """``selector`` with every ``best`` value replaced by the value whose trials (matching the rest
+    of the selector) have the highest mean ``metric`` over their samples: the study's validation
+    metric, so a claim about "the best weight" is chosen on validation and then tested on test."""
+    from .study import BEST, matches
+
+    free = [k for k, v in selector.items() if v == BEST]
+    if not free:
+        return selector
+    fixed = {k: v for k, v in selector.items() if v != BEST}
+    scores: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if matches(r["point"], fixed) and all(k in r["point"] for k in free) and metric in r["metrics"]:
+            scores[json.dumps({k: r["point"][k] for k in free}, sort_keys=True)].append(r["metrics"][metric])
+    if not scores:
+        return {**fixed, **{k: None for k in free}}
+    best = max(scores, key=lambda k: statistics.fmean(scores[k]))
+    return {**fixed, **json.loads(best)}
+
+
 def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each claim of the study (parent tag ``ptmdd.claims``) tested on the finished trials."""
-    from .study import matches
+    """Each claim of the study (parent tag ``ptmdd.claims``) tested on the finished trials' test
+    accuracy; a ``best`` in a claim's selector is first chosen on the study's metric."""
+    from .study import BEST, matches
 
     claims = json.loads(parent.data.tags.get("ptmdd.claims") or "[]")
     control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
+    metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
     out = []
     for c in claims:
+        picked = {side: isinstance(c[side], dict) and BEST in c[side].values() for side in ("better", "than")}
+        c = {**c, "better": choose(c["better"], rows, metric),
+             "than": choose(c["than"], rows, metric) if isinstance(c["than"], dict) else c["than"]}
         better = [r for r in rows if matches(r["point"], c["better"])]
         if c["than"] == "random":
             a, b = per_sample(better), per_sample(better, "baseline.random.mean")
@@ -148,7 +173,9 @@ def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                    and (c["than"] != "control" or r["point"] == control)])
             than = "the plain method" if c["than"] == "control" else label(c["than"])
         test = paired(a, b)
-        out.append({"claim": c["claim"], "better": label(c["better"]), "than": than, "test": test,
+        chosen = f" (best on {metric})"
+        out.append({"claim": c["claim"], "better": label(c["better"]) + chosen * picked["better"],
+                    "than": than + chosen * picked["than"], "test": test,
                     "verdict": verdict(test), "acc": list(a.values()), "base": list(b.values())})
     return out
 
@@ -213,6 +240,10 @@ class Group:
     @property
     def bases(self) -> list[float]:
         return [r["metrics"]["baseline.random.mean"] for r in self.members if "baseline.random.mean" in r["metrics"]]
+
+    @property
+    def vals(self) -> list[float]:
+        return [r["metrics"]["val.acc.mean"] for r in self.members if "val.acc.mean" in r["metrics"]]
 
 
 def tables(swept: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Group]]:
@@ -289,6 +320,20 @@ def _matrix_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> 
     plt.close(fig)
 
 
+def selection_lines(parent) -> list[str]:
+    """What the study chose on: its metric, and a warning when that was test accuracy."""
+    from .study import metric_split
+
+    metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
+    if parent.data.tags.get("ptmdd.select_on_test") == "true":
+        return [f"**Selected on test accuracy** (`{metric}`, `--select-on-test`): the chosen points' test "
+                "accuracy is optimistically biased; it is not a fair estimate.", ""]
+    if metric_split(metric) == "val":
+        return [f"Choices (the best trial, claims on `best`) are made on `{metric}`, the validation split held out "
+                "of training; the accuracies reported are on the test split.", ""]
+    return []
+
+
 def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
     import matplotlib
 
@@ -304,6 +349,7 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
     lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
              "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed); "
              "95% t-intervals; differences are paired by sample (same seed) with a two-sided paired t-test.", ""]
+    lines += selection_lines(parent)
     files = []
     findings = claim_results(parent, rows)
     if findings:
@@ -324,12 +370,13 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
         lines += [f"Plain method ({label(control)}): {_pm(list(plain.values()))} over {len(plain)} samples.", ""]
     by_axis = tables(swept, rows)
     for axis, groups in by_axis.items():
-        lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | synthetic acc. | 95% CI | random real | "
-                  "vs random real | vs plain method |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | val acc. | synthetic acc. | 95% CI | "
+                  "random real | vs random real | vs plain method |", "|---|---|---|---|---|---|---|---|---|"]
         for g in groups:
             mine = per_sample(g.members)
             ci = t_interval(g.accs)
-            lines.append(f"| {g.value} | {g.others or '-'} | {len(g.members)} | {_pm(g.accs)} | "
+            lines.append(f"| {g.value} | {g.others or '-'} | {len(g.members)} | {_pm(g.vals) if g.vals else '-'} | "
+                         f"{_pm(g.accs)} | "
                          f"{f'{100 * ci[0]:.2f}–{100 * ci[1]:.2f}' if ci else '-'} | {_pm(g.bases)} | "
                          f"{_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
                          f"{_vs_plain(g, mine, plain, control)} |")

@@ -123,9 +123,12 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     study = Study(spec, base, grid, control_added=spec.control is not None and added)
     for point in grid:
         try:
-            study.trial_config(point, 0)
+            cfg = study.trial_config(point, 0)
         except ConfigError as e:
             raise ConfigError(f"sweep point {point}: {e}") from None
+        _check(metric_split(spec.metric) == "test" or cfg.dataset.val_per_class > 0, "metric",
+               f"{spec.metric} is a validation metric but dataset.val_per_class is 0 at {point or 'the base'} "
+               "(no validation split)")
     varied = set(axes) | {k for case in spec.cases for k in case}
     _check(spec.matrix is None or spec.matrix in varied, "matrix", f"{spec.matrix!r} is not a swept key")
     for i, c in enumerate(spec.claims):
@@ -137,7 +140,13 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
                        "expected overrides, control or random")
                 _check(sel != "control" or spec.control is not None, f"claims[{i}].than", "the study has no control")
             else:
-                _check(any(matches(p, sel) for p in grid), f"claims[{i}].{side}", f"{sel} matches no grid point")
+                free = [k for k, v in sel.items() if v == BEST]
+                _check(not free or metric_split(spec.metric) == "val", f"claims[{i}].{side}",
+                       f"'{BEST}' is chosen on the study's metric, and {spec.metric} is not a validation metric")
+                for k in free:
+                    _check(k in varied, f"claims[{i}].{side}.{k}", f"'{BEST}' needs a swept key, and {k} is not swept")
+                fixed = {k: v for k, v in sel.items() if v != BEST}
+                _check(any(matches(p, fixed) for p in grid), f"claims[{i}].{side}", f"{sel} matches no grid point")
     for key, dist in spec.search.items():
         _check(key in known, f"search.{key}", "not a config key")
         _check(len(dist) == 1 and next(iter(dist)) in SEARCH_KINDS, f"search.{key}",
@@ -159,6 +168,32 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
             except ConfigError as e:
                 raise ConfigError(f"search.{key}: {v!r} gives an invalid config ({e})") from None
     return study
+
+
+BEST = "best"  # a claim's selector value: the swept value chosen on the study's (validation) metric
+
+
+def metric_split(metric: str) -> str:
+    """``val`` for the metrics scored on the validation split (``val.acc.mean``), else ``test``."""
+    return "val" if metric.startswith("val.") else "test"
+
+
+def check_selection(study: Study, search: bool, prune: bool, select_on_test: bool) -> None:
+    """Choices are made on validation: a search (which picks its best trial by the metric) or a
+    scheduler (which prunes on it) refuses a test metric unless the user says ``--select-on-test``;
+    and a scheduler needs its intermediate evaluations on the metric's split."""
+    spec = study.spec
+    first = study.trial_config(study.grid[0], 0)
+    if prune and not (search and first.eval.every > 0):
+        raise ConfigError("prune: needs `ptmdd search` and base.eval.every > 0 (the evaluations to prune on)")
+    split = metric_split(spec.metric)
+    if search and split == "test" and not select_on_test:
+        raise ConfigError(f"metric: {spec.metric} is test accuracy and a search chooses by it; choose on "
+                          "val.acc.mean (with dataset.val_per_class > 0), or pass --select-on-test")
+    along = "val" if first.dataset.val_per_class > 0 else "test"
+    if prune and along != split:
+        raise ConfigError(f"prune: the intermediate evaluations are on the {along} split but metric {spec.metric} "
+                          f"is on {split}")
 
 
 def matches(point: dict[str, Any], selector: dict[str, Any]) -> bool:
@@ -284,7 +319,7 @@ def placement_tags(repo) -> dict[str, str]:
 
 
 def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_path: str, resume: bool,
-                 artifacts_uri: str | None) -> str:
+                 artifacts_uri: str | None, select_on_test: bool = False) -> str:
     """The study's MLflow parent run: the interrupted one again on ``--resume`` (its id is kept in
     the Tune experiment directory, local or in the bucket), else a new one."""
     record = f"{exp_path}/mlflow_parent.json"
@@ -298,7 +333,8 @@ def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_
         "ptmdd.study": spec.name, "ptmdd.swept": ",".join(swept), "ptmdd.matrix": spec.matrix or "",
         "ptmdd.control": json.dumps(spec.control, sort_keys=True) if spec.control is not None else "",
         "ptmdd.control_added": str(study.control_added).lower(),
-        "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims])}, artifacts_uri)
+        "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims]), "ptmdd.metric": spec.metric,
+        **({"ptmdd.select_on_test": "true"} if select_on_test else {})}, artifacts_uri)
     write_json(record, {"run_id": parent, "tracking_uri": tracking.redact(mlflow_uri)})
     return parent
 
@@ -374,7 +410,8 @@ def _results_location(results: str, mlflow_uri: str | None) -> tuple[str, str | 
 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
               results: str = "runs/studies", resume: bool = False, search_trials: int = 0,
-              optuna_storage: str | None = None, share_data: bool = True, prune: bool = False) -> dict[str, Any]:
+              optuna_storage: str | None = None, share_data: bool = True, prune: bool = False,
+              select_on_test: bool = False) -> dict[str, Any]:
     """Run the sweep (or, with ``search_trials``, the Optuna search) with Ray Tune, a local Ray
     when no address is given; returns a summary.
 
@@ -384,22 +421,24 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     (driver killed) ends with one FINISHED run per trial, and finished work is never repeated.
     Trials report their intermediate evaluations (``eval.every``) to Tune; with ``prune`` an
     asynchronous successive-halving scheduler (ASHA) stops the trials that trail at the same
-    iteration, and Optuna records them as PRUNED. ``share_data=False`` loads the data set in every
-    trial (only for the memory benchmark)."""
+    iteration, and Optuna records them as PRUNED. Both choose on the study's metric, which must be a
+    validation metric unless ``select_on_test`` (then the parent run is tagged
+    ``ptmdd.select_on_test``). ``share_data=False`` loads the data set in every trial (only for the
+    memory benchmark)."""
     import ray
     from ray import tune
 
     from . import tracking
     from .data import ImageData, load_data
     from .methods import DivergenceError
-    from .pipeline import run_distill
+    from .pipeline import check_ipc, run_distill
     from .service import RayRepository
     from .store import CheckpointStore
 
     spec = study.spec
     first = study.trial_config(study.grid[0], 0)
-    if prune and not (search_trials and first.eval.every > 0):
-        raise ConfigError("prune: needs `ptmdd search` and base.eval.every > 0 (the evaluations to prune on)")
+    check_selection(study, bool(search_trials), prune, select_on_test)
+    on_test = select_on_test and metric_split(spec.metric) == "test" and bool(search_trials or prune)
     # Everything that can be checked is checked before anything is started or written.
     results, local_results = _results_location(results, mlflow_uri)
     if mlflow_uri:
@@ -410,6 +449,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         raise ConfigError(f"optuna-storage: --results {results} is not a local directory, so the default "
                           "Optuna SQLite file cannot live there: give --optuna-storage (e.g. postgresql://...)")
     check_address(address)
+    # the data, once: a split or an IPC that does not fit is one line here, not a failed trial each
+    data = load_data(first.dataset, first.seed)
+    check_ipc(data, max(study.trial_config(p, 0).distill.ipc for p in study.grid))
     store_uri = store or first.store
     if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
         store_uri = str(Path(store_uri).expanduser().resolve())
@@ -428,14 +470,15 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     # experiment directory of its own: concurrent searches may share --results
     exp_name = _search_experiment_name(spec.name) if search_trials else spec.name
     exp_path = f"{results}/{exp_name}"
-    parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri)
+    parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri, on_test)
 
     # The target data go into the object store once, as numpy buffers that every trial on a node
     # maps read-only (zero-copy; one copy per node), unless trials would load different data (a
     # swept dataset key, or seed-dependent per-class subsets).
     shared = share_data and not any(k.startswith("dataset.") for k in swept) and not (
         first.dataset.train_per_class or first.dataset.test_per_class)
-    data_ref = ray.put(load_data(first.dataset, first.seed).to_arrays()) if shared else None
+    data_ref = ray.put(data.to_arrays()) if shared else None
+    del data
 
     def trial(config: dict) -> None:
         ctx = tune.get_context()
@@ -449,6 +492,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         sample = config.get("sample", 0)
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
         cfg = replace(study.trial_config(overrides, sample), store=store_uri)
+        along = "val" if cfg.dataset.val_per_class > 0 else "test"  # pipeline.intermediate_split
         out = Path(ctx.get_trial_dir()) / "out"
         repo = RayRepository(store_uri)
         where = placement_tags(repo)
@@ -470,7 +514,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
             data = ImageData.from_arrays(ray.get(data_ref)) if data_ref is not None else None
             memory.update(object_store_mb())
             result = run_distill(cfg, out, progress=False, on_log=on_log, repo=repo, data=data,
-                                 on_eval=on_eval if spec.metric.startswith("acc.") else None)
+                                 on_eval=on_eval if metric_split(spec.metric) == along else None)
             on_log(-1, 0.0)
             run.finish(result, out, memory)
         except SystemExit:  # how Tune ends a trial its scheduler stopped (pruning)

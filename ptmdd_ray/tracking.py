@@ -128,17 +128,22 @@ def params_of(cfg: Config) -> dict[str, str]:
 
 
 def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """A run's MLflow metrics: ``acc.*`` on test, ``val.acc.*`` on the validation split (what every
+    choice reads), ``baseline.random.*`` / ``val.baseline.random.*`` for the random-real subset."""
     m: dict[str, float] = {}
-    accs = []
-    for arch, s in result["accuracy"].items():
-        m[f"acc.{arch}.mean"], m[f"acc.{arch}.std"] = s["mean"], s["std"]
-        accs.append(s["mean"])
-    m["acc.mean"] = sum(accs) / len(accs)
-    base = result.get("baseline_random") or {}
-    if base:
+    for prefix, acc_key, base_key in (("", "accuracy", "baseline_random"),
+                                      ("val.", "val_accuracy", "baseline_random_val")):
+        acc = result.get(acc_key) or {}
+        for arch, s in acc.items():
+            m[f"{prefix}acc.{arch}.mean"], m[f"{prefix}acc.{arch}.std"] = s["mean"], s["std"]
+        if acc:
+            m[f"{prefix}acc.mean"] = sum(s["mean"] for s in acc.values()) / len(acc)
+        base = result.get(base_key) or {}
         for arch, s in base.items():
-            m[f"baseline.random.{arch}.mean"] = s["mean"]
-        m["baseline.random.mean"] = sum(s["mean"] for s in base.values()) / len(base)
+            m[f"{prefix}baseline.random.{arch}.mean"] = s["mean"]
+        if base:
+            m[f"{prefix}baseline.random.mean"] = sum(s["mean"] for s in base.values()) / len(base)
+    base = result.get("baseline_random") or {}
     t = result["timing"]
     m["distill.seconds_per_iteration"] = t["seconds_per_iteration"]
     m["distill.seconds"] = t["distill_seconds"]
@@ -300,8 +305,8 @@ def log_result(client, run_id: str, result: dict[str, Any], out_dir: Path,
     values = {**metrics_of(result), **(extra or {})}
     metrics = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in values.items()]
     metrics += [mlflow.entities.Metric("distill.loss", float(v), 0, int(step)) for step, v in result["loss_history"]]
-    metrics += [mlflow.entities.Metric("acc.intermediate", float(v), 0, int(step))
-                for step, v in result.get("eval_history", [])]
+    along = "val.acc.intermediate" if result.get("eval_split") == "val" else "acc.intermediate"
+    metrics += [mlflow.entities.Metric(along, float(v), 0, int(step)) for step, v in result.get("eval_history", [])]
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i:i + 500])
     (out_dir / "pool.json").write_text(json.dumps(result["pool"], indent=1))

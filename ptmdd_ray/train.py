@@ -37,6 +37,8 @@ def lr_at(epoch: int, lr: float, milestones: Sequence[int]) -> float:
 
 
 def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (the ``precision: bf16`` default; ``precision: fp32`` switches it off);
+    the CPU always computes in fp32."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -91,11 +93,12 @@ def train_classifier(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024,
+             mixed_precision: bool = True) -> float:
     """Top-1 accuracy as a fraction in [0, 1]; the model is left in eval mode."""
     model.eval()
     correct = 0
-    with _autocast(x.device):
+    with _autocast(x.device) if mixed_precision else contextlib.nullcontext():
         for start in range(0, x.shape[0], batch):
             correct += (model(x[start:start + batch]).argmax(1) == y[start:start + batch]).sum().item()
     return correct / max(1, x.shape[0])

@@ -26,8 +26,8 @@ import pytest
 BIN = Path(sys.executable).parent  # the venv's console scripts (ray, mlflow, ptmdd)
 
 # The core config of the tests' studies: digits at 8 px, 10 DM iterations, a one-PTM pool, 2 eval
-# models x 20 epochs: a trial in seconds, with every part of a real one.
-TINY_BASE = {"dataset": {"name": "digits", "im_size": 8}, "model": "ConvNetW32",
+# models x 20 epochs, 10 validation images per class: a trial in seconds, with every part of a real one.
+TINY_BASE = {"dataset": {"name": "digits", "im_size": 8, "val_per_class": 10}, "model": "ConvNetW32",
              "distill": {"method": "dm", "ipc": 1, "iterations": 10, "batch_real": 32},
              "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 2}, "pretrain": {"batch": 128},
              "eval": {"runs": 2, "epochs": 20}}

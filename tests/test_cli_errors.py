@@ -184,6 +184,10 @@ STUDY = {"name": "s", "base": {"dataset": {"name": "digits"}, "distill": {"ipc":
     ({"search": {"loss.clom": {"uniform": [2.0, 1.0]}}}, "search.loss.clom"),
     ({"search": {"loss.clom": {"loguniform": [0.0, 1.0]}}}, "search.loss.clom"),
     ({"mode": "maximize"}, "mode"),
+    ({"metric": "val.acc.mean"}, "metric: val.acc.mean is a validation metric but dataset.val_per_class is 0"),
+    ({"claims": [{"claim": "c", "better": {"loss.clom": "best"}, "than": "random"}]}, "not a validation metric"),
+    ({"metric": "val.acc.mean", "base": {**STUDY["base"], "dataset": {"name": "digits", "val_per_class": 5}},
+      "claims": [{"claim": "c", "better": {"distill.ipc": "best"}, "than": "random"}]}, "distill.ipc is not swept"),
     ({"matrix": "distill.ipc"}, "matrix"),
     ({"unknown": 1}, "unknown"),
     ({"base": {"distill": {"ipcc": 1}}}, "distill.ipcc"),
@@ -205,6 +209,29 @@ def test_search_without_a_space_and_prune_without_evaluations(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**STUDY, "search": {"loss.clom": {"uniform": [0.0, 1.0]}}}))
     assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--prune", "--results", "r"),
                           "prune")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("val, needle", [(500, "dataset.val_per_class: 500 is not below class"),
+                                         (138, "dataset.val_per_class: 138 held out")])
+def test_a_validation_split_that_does_not_fit_fails_before_anything_runs(tmp_path, val, needle):
+    import yaml
+
+    distill_fails(tmp_path, needle, "--set", f"dataset.val_per_class={val}", "--set", "distill.ipc=2")
+    base = {**STUDY["base"], "dataset": {"name": "digits", "val_per_class": val}, "distill": {"ipc": 2}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**STUDY, "base": base, "metric": "val.acc.mean"}))
+    results = tmp_path / "results"
+    assert_one_line_error(ptmdd(tmp_path, "study", "s.yaml", "--results", str(results)), needle)
+    assert not results.exists()
+
+
+def test_a_search_refuses_to_choose_on_test_accuracy(tmp_path):
+    import yaml
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**STUDY, "search": {"loss.clom": {"uniform": [0.0, 1.0]}}}))
+    line = assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--results", "r"),
+                                 "metric: acc.mean is test accuracy")
+    assert "val.acc.mean" in line and "--select-on-test" in line
     assert not (tmp_path / "r").exists()
 
 

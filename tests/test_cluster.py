@@ -27,6 +27,7 @@ SEARCH = ("ptmdd search {study} --trials {trials} --address $RAY_GCS_ADDRESS --m
           "--optuna-storage $PG_URL --store s3://$BUCKET/ptm_store --results s3://$BUCKET/studies")
 
 STUDY = {
+    "metric": "val.acc.mean",
     "name": "cluster",
     "base": {**TINY_BASE, "eval": {"runs": 1, "epochs": 10}},
     "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ptmdd_ray import data
 from ptmdd_ray.config import ConfigError, DatasetConfig
+from ptmdd_ray.data import load_data
 
 CIFAR_PARQUET = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.parquet"
 
@@ -261,3 +262,43 @@ def test_arrays_round_trip_without_copying_read_only_buffers():
     assert back.classes == data.classes and back.mean == data.mean and back.num_classes == data.num_classes
     assert torch.equal(back.x_train, data.x_train) and torch.equal(back.y_test, data.y_test)
     assert back.x_train.data_ptr() == arrays["x_train"].ctypes.data  # a view, not a copy
+
+
+# --------------------------------------------------------------------------- validation split
+
+def _ids(t) -> set[int]:
+    return set(t.tolist())
+
+
+def test_the_validation_split_is_held_out_of_training_for_every_seed_and_subset():
+    target = DatasetConfig(val_per_class=20)
+    full = load_data(target, seed=0)
+    assert full.y_val.bincount().tolist() == [20] * 10
+    assert not _ids(full.train_ids) & _ids(full.val_ids)
+    assert len(full.train_ids) + len(full.val_ids) == 1438  # the whole training split, nothing lost
+    for seed, per_class in ((0, None), (7, None), (3, 50)):  # run seeds and per-class subsets
+        d = load_data(DatasetConfig(val_per_class=20, train_per_class=per_class), seed=seed)
+        assert torch.equal(d.val_ids, full.val_ids)  # (pixels are normalised by the training subset's stats)
+        assert not _ids(d.train_ids) & _ids(full.val_ids)
+    # a PTM source reading the same files with another label space or domain holds out the same
+    # images, so PTMs pretrained there never see the target's validation images either
+    for source in (DatasetConfig(val_per_class=20, classes=[5, 6, 7, 8, 9]), DatasetConfig(val_per_class=20,
+                                                                                             domain="invert")):
+        d = load_data(source, seed=0)
+        assert _ids(d.val_ids) <= _ids(full.val_ids) and not _ids(d.train_ids) & _ids(full.val_ids)
+    assert not load_data(DatasetConfig(), seed=0).has_val
+
+
+def test_the_validation_split_is_seeded_apart_from_the_run():
+    a, b = load_data(DatasetConfig(val_per_class=5), seed=0), load_data(DatasetConfig(val_per_class=6), seed=0)
+    # n + 1 per class extends n per class: a larger hold-out still covers the smaller one
+    assert _ids(a.val_ids) < _ids(b.val_ids)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"val_per_class": -1}, "dataset.val_per_class: must be >= 0"),
+    ({"val_per_class": 200}, "dataset.val_per_class: 200 is not below class"),
+])
+def test_a_validation_split_that_does_not_fit_names_the_key(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_data(DatasetConfig(**kw))

@@ -3,7 +3,7 @@ import statistics
 import pytest
 import torch
 
-from ptmdd_ray.config import EvalConfig, build_config
+from ptmdd_ray.config import ConfigError, EvalConfig, build_config
 from ptmdd_ray.data import load_data
 from ptmdd_ray.evaluate import evaluate_set, random_real_subset, summarize
 
@@ -32,9 +32,35 @@ def test_evaluate_set_trains_runs_per_arch_and_reports_fractions():
     x, y = random_real_subset(data, 10, seed=0)
     cfg = EvalConfig(archs=["ConvNetW32", "MLP"], runs=2, epochs=100)
     out = evaluate_set(x, y, data, cfg, seed=0, progress=False)
+    assert set(out) == {"test"}  # no validation split held out
+    out = out["test"]
     assert set(out) == {"ConvNetW32", "MLP"}
     for res in out.values():
         assert len(res["runs"]) == 2 and all(0.0 <= a <= 1.0 for a in res["runs"])
     assert out["ConvNetW32"]["mean"] > 0.5  # 10 real digits per class already teach a lot
     again = evaluate_set(x, y, data, cfg, seed=0, progress=False)
-    assert again == out  # fixed seeds reproduce the evaluation
+    assert again["test"] == out  # fixed seeds reproduce the evaluation
+
+
+def test_one_training_scores_both_the_validation_and_the_test_split():
+    data = load_data(build_config({"dataset": {"name": "digits", "val_per_class": 20}}).dataset)
+    x, y = random_real_subset(data, 5, seed=0)
+    cfg = EvalConfig(archs=["ConvNetW32"], runs=2, epochs=60)
+    both = evaluate_set(x, y, data, cfg, seed=0, progress=False)
+    assert set(both) == {"test", "val"}
+    val_only = evaluate_set(x, y, data, cfg, seed=0, progress=False, splits=("val",))
+    assert val_only == {"val": both["val"]}  # the same models, scored on the held-out images
+    assert both["val"]["ConvNetW32"]["mean"] > 0.5 and both["val"] != both["test"]
+
+
+def test_a_validation_split_is_required_to_score_on_it():
+    data = load_data(build_config({}).dataset)
+    x, y = random_real_subset(data, 1, seed=0)
+    with pytest.raises(ConfigError, match="val_per_class"):
+        evaluate_set(x, y, data, EvalConfig(archs=["MLP"], runs=1, epochs=1), seed=0, progress=False, splits=("val",))
+
+
+@pytest.mark.parametrize("method, augment", [("dc", False), ("dsa", True), ("dm", True)])
+def test_evaluation_augments_as_the_reference_does_per_method(method, augment):
+    assert build_config({"distill": {"method": method}}).eval.augment is augment
+    assert build_config({"distill": {"method": method}, "eval": {"augment": not augment}}).eval.augment is not augment

@@ -105,3 +105,42 @@ def test_the_order_of_evaluation_does_not_change_the_synthetic_sets_accuracy(tmp
     read_back = run_distill(_cfg(tmp_path), progress=False)
     assert read_back["timing"]["baseline_cached"] is True and without["baseline_random"] is None
     assert with_base["accuracy"] == without["accuracy"] == read_back["accuracy"]
+
+
+def test_nothing_the_run_trains_on_reads_the_validation_images(tmp_path):
+    """A canary: the validation images are NaN. PTM pretraining (on the target's own data),
+    the real batches of matching, CCLoM's real batch, the initial set and the random-real baseline
+    would all carry a NaN into their losses, weights or images if they read one; only scoring does."""
+    import math
+
+    import torch
+
+    from ptmdd_ray.tracking import metrics_of
+
+    cfg = _cfg(tmp_path, "dataset.val_per_class=15", "pool.archs=[ConvNetW32]", "pool.epoch=2", "pretrain.epochs=2",
+               "loss.clom=1.0", "loss.cclom=1.0", "loss.cclom_batch=64", "distill.iterations=4", "eval.epochs=40")
+    data = load_data(cfg.dataset, cfg.seed)
+    data.x_val = torch.full_like(data.x_val, float("nan"))
+    result = run_distill(cfg, tmp_path / "out", progress=False, data=data)
+    assert result["pool_stats"]["trainings"] == 1
+    (ptm,) = result["pool"]
+    assert ptm["train_accuracy"] > 0.3 and ptm["test_accuracy"] > 0.3  # trained on clean images only
+    assert all(math.isfinite(loss) for _, loss in result["loss_history"])
+    from ptmdd_ray.artifacts import read_synthetic
+    images, _, _ = read_synthetic(tmp_path / "out" / "synthetic.parquet")
+    assert torch.isfinite(images).all()
+    for key in ("accuracy", "baseline_random"):  # trained on clean images, scored on clean test images
+        assert result[key]["ConvNetW32"]["mean"] > 0.15, key
+    assert set(result["val_accuracy"]) == set(result["baseline_random_val"]) == {"ConvNetW32"}
+    m = metrics_of(result)
+    assert {"val.acc.mean", "val.acc.ConvNetW32.mean", "val.baseline.random.mean"} <= set(m)
+
+
+def test_a_validation_split_that_leaves_fewer_than_ipc_images_names_val_per_class(tmp_path):
+    from ptmdd_ray.config import ConfigError
+    import pytest
+
+    cfg = _cfg(tmp_path, "dataset.val_per_class=135", "distill.ipc=5")
+    with pytest.raises(ConfigError, match=r"dataset.val_per_class: 135 held out .* fewer than distill.ipc 5"):
+        run_distill(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

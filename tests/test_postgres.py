@@ -13,6 +13,7 @@ import yaml
 from conftest import BIN, TINY_BASE, free_port, is_loopback, listening, stop_session, together, wait_http
 
 STUDY = {
+    "metric": "val.acc.mean",
     "name": "pgtiny",
     "base": TINY_BASE,
     "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},

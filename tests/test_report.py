@@ -95,3 +95,28 @@ def test_cross_architecture_table_pairs_each_arch_with_the_plain_method():
     assert lines[8] == "| random real | 21.00 ± 0.82 | 10.00 ± 0.00 |"  # per seed, not per trial
     assert arch_lines(["loss.clom"], [{**r, "metrics": {"acc.mean": 0.4, "acc.ConvNet.mean": 0.4}} for r in plain],
                       plain) == []  # one architecture: nothing to add
+
+
+def test_a_best_claim_is_chosen_on_validation_and_tested_on_test():
+    """``better: {loss.clom: best}``: the weight whose trials score highest on the validation
+    metric, whatever the test split says; the claim then pairs that weight's *test* accuracy."""
+    import json
+    from types import SimpleNamespace
+
+    from ptmdd_ray.report import choose, claim_results
+
+    def row(clom, sample, test, val):
+        return {"point": {"loss.clom": clom}, "sample": str(sample), "values": {},
+                "metrics": {"acc.mean": test, "val.acc.mean": val, "baseline.random.mean": 0.3}}
+
+    rows = [row(0.0, s, 0.60 + 0.01 * s, 0.50) for s in range(3)]
+    rows += [row(10.0, s, 0.70 + 0.01 * s, 0.55) for s in range(3)]  # best on validation
+    rows += [row(100.0, s, 0.90, 0.54) for s in range(3)]  # best on test: must not be chosen
+    assert choose({"loss.clom": "best"}, rows, "val.acc.mean") == {"loss.clom": 10.0}
+    assert choose({"loss.clom": "best"}, rows, "acc.mean") == {"loss.clom": 100.0}
+    claims = [{"claim": "CLoM helps", "better": {"loss.clom": "best"}, "than": "control"}]
+    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.claims": json.dumps(claims), "ptmdd.metric":
+                                                        "val.acc.mean", "ptmdd.control": json.dumps({"loss.clom": 0.0})}))
+    (found,) = claim_results(parent, rows)
+    assert found["better"] == "loss.clom=10.0 (best on val.acc.mean)"
+    assert abs(found["test"]["diff"] - 0.10) < 1e-9 and found["verdict"] == "holds"

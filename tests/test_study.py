@@ -15,6 +15,7 @@ from ptmdd_ray.study import load_study
 from conftest import TINY_BASE, free_port, is_loopback, listening, session_pids, stop_session, wait_http
 
 STUDY = {
+    "metric": "val.acc.mean",
     "name": "tiny",
     "base": TINY_BASE,
     "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},
@@ -305,7 +306,7 @@ def test_search_prunes_trailing_trials_on_intermediate_evaluations(tmp_path):
     assert len(killed) == pruned and all("pruned" in r.data.tags["ptmdd.stopped"] for r in killed)
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) == 6 - pruned
-    assert all(len(client.get_metric_history(r.info.run_id, "acc.intermediate")) == 2 for r in finished)
+    assert all(len(client.get_metric_history(r.info.run_id, "val.acc.intermediate")) == 2 for r in finished)
 
 
 @pytest.mark.slow
@@ -464,3 +465,30 @@ def test_a_killed_trainer_on_s3_is_taken_over_when_its_lease_expires(tmp_path, s
     stats = CheckpointStore(s3.uri).stats()
     assert stats["checkpoints"] == 1 and stats["trainings"] == 1
     assert not s3.names("locks/")  # the survivor released the lease it took over
+
+
+def test_choices_are_made_on_validation_unless_the_user_says_otherwise(tmp_path):
+    """A search or a scheduler chooses by the study's metric: a test metric is refused unless
+    --select-on-test, which tags the parent run (and the report then warns)."""
+    from ptmdd_ray import tracking
+    from ptmdd_ray.report import selection_lines
+    from ptmdd_ray.study import _open_parent, check_selection
+
+    on_test = load_study(_write(tmp_path, {**STUDY, "metric": "acc.mean"}))
+    with pytest.raises(ConfigError, match="metric: acc.mean is test accuracy"):
+        check_selection(on_test, search=True, prune=False, select_on_test=False)
+    check_selection(on_test, search=True, prune=False, select_on_test=True)
+    check_selection(on_test, search=False, prune=False, select_on_test=False)  # a grid only reports
+    pruned = {**STUDY, "base": {**TINY_BASE, "eval": {"runs": 1, "epochs": 5, "every": 5}}}
+    check_selection(load_study(_write(tmp_path, pruned)), search=True, prune=True, select_on_test=False)
+    with pytest.raises(ConfigError, match="prune: the intermediate evaluations are on the val split"):
+        check_selection(load_study(_write(tmp_path, {**pruned, "metric": "acc.mean"})), True, True, True)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for flag, warned in ((True, True), (False, False)):
+        run_id = _open_parent(tracking, uri, on_test, ["loss.clom"], str(tmp_path / f"exp{flag}"), False, None, flag)
+        import mlflow
+        parent = mlflow.MlflowClient(uri).get_run(run_id)
+        assert (parent.data.tags.get("ptmdd.select_on_test") == "true") is flag
+        assert parent.data.tags["ptmdd.metric"] == "acc.mean"
+        assert ("Selected on test accuracy" in "".join(selection_lines(parent))) is warned
