@@ -130,10 +130,12 @@ def _fmt_test(t: dict[str, Any] | None) -> str:
     return f"{100 * t['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p={t['p']:.3g}"
 
 
-def choose(selector: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+def choose(selector: dict[str, Any], rows: list[dict[str, Any]], metric: str,
+           reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """``selector`` with every ``best`` value replaced by the value whose trials (matching the rest
     of the selector) have the highest mean ``metric`` over their samples: the study's validation
-    metric, so a claim about "the best weight" is chosen on validation and then tested on test."""
+    metric, so a claim about "the best weight" is chosen on validation and then tested on test.
+    The claim's ``reference`` point is not a candidate ("the best β" of "CCLoM beats β = 0")."""
     from .study import BEST, matches
 
     free = [k for k, v in selector.items() if v == BEST]
@@ -142,6 +144,8 @@ def choose(selector: dict[str, Any], rows: list[dict[str, Any]], metric: str) ->
     fixed = {k: v for k, v in selector.items() if v != BEST}
     scores: dict[str, list[float]] = defaultdict(list)
     for r in rows:
+        if reference is not None and matches(r["point"], reference):
+            continue
         if matches(r["point"], fixed) and all(k in r["point"] for k in free) and metric in r["metrics"]:
             scores[json.dumps({k: r["point"][k] for k in free}, sort_keys=True)].append(r["metrics"][metric])
     if not scores:
@@ -161,8 +165,9 @@ def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for c in claims:
         picked = {side: isinstance(c[side], dict) and BEST in c[side].values() for side in ("better", "than")}
-        c = {**c, "better": choose(c["better"], rows, metric),
-             "than": choose(c["than"], rows, metric) if isinstance(c["than"], dict) else c["than"]}
+        than = choose(c["than"], rows, metric) if isinstance(c["than"], dict) else c["than"]
+        reference = control if than == "control" else than if isinstance(than, dict) else None
+        c = {**c, "better": choose(c["better"], rows, metric, reference), "than": than}
         better = [r for r in rows if matches(r["point"], c["better"])]
         if c["than"] == "random":
             a, b = per_sample(better), per_sample(better, "baseline.random.mean")

@@ -114,6 +114,8 @@ def test_a_best_claim_is_chosen_on_validation_and_tested_on_test():
     rows += [row(100.0, s, 0.90, 0.54) for s in range(3)]  # best on test: must not be chosen
     assert choose({"loss.clom": "best"}, rows, "val.acc.mean") == {"loss.clom": 10.0}
     assert choose({"loss.clom": "best"}, rows, "acc.mean") == {"loss.clom": 100.0}
+    # the claim's reference is no candidate: the best weight other than 10 is 100 (0.54 > 0.50)
+    assert choose({"loss.clom": "best"}, rows, "val.acc.mean", {"loss.clom": 10.0}) == {"loss.clom": 100.0}
     claims = [{"claim": "CLoM helps", "better": {"loss.clom": "best"}, "than": "control"}]
     parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.claims": json.dumps(claims), "ptmdd.metric":
                                                         "val.acc.mean", "ptmdd.control": json.dumps({"loss.clom": 0.0})}))
