@@ -166,7 +166,8 @@ def cmd_store(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
         for m in rows if not args.json else []:
-            print(f"{m['key']}  test acc {100 * float(m.get('test_accuracy', 0)):.2f}%  {m.get('bytes', 0)} B")
+            train = f"  train acc {100 * float(m['train_accuracy']):.2f}%" if "train_accuracy" in m else ""
+            print(f"{m['key']}  test acc {100 * float(m.get('test_accuracy', 0)):.2f}%{train}  {m.get('bytes', 0)} B")
     elif args.action == "stats":
         stats = store.stats()
         print(json.dumps(stats) if args.json else "  ".join(f"{k} {v}" for k, v in stats.items()))

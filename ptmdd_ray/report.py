@@ -325,18 +325,32 @@ def _matrix_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> 
     plt.close(fig)
 
 
-def selection_lines(parent) -> list[str]:
-    """What the study chose on: its metric, and a warning when that was test accuracy."""
+def selection_lines(parent, rows: list[dict[str, Any]] = ()) -> list[str]:
+    """What the study chose on (its metric, with a warning when that was test accuracy) and the
+    grid point it chose, with that point's test accuracy: the figure to quote."""
     from .study import metric_split
 
     metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
     if parent.data.tags.get("ptmdd.select_on_test") == "true":
-        return [f"**Selected on test accuracy** (`{metric}`, `--select-on-test`): the chosen points' test "
-                "accuracy is optimistically biased; it is not a fair estimate.", ""]
-    if metric_split(metric) == "val":
-        return [f"Choices (the best trial, claims on `best`) are made on `{metric}`, the validation split held out "
-                "of training; the accuracies reported are on the test split.", ""]
-    return []
+        lines = [f"**Selected on test accuracy** (`{metric}`, `--select-on-test`): the chosen points' test "
+                 "accuracy is optimistically biased; it is not a fair estimate."]
+    elif metric_split(metric) == "val":
+        lines = [f"Choices (the best point, claims on `best`) are made on `{metric}`, the validation split held out "
+                 "of training; the accuracies reported are on the test split."]
+    else:
+        return []
+    by_point: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if metric in r["metrics"]:
+            by_point[json.dumps(r["point"], sort_keys=True, default=str)].append(r)
+    if by_point:
+        best = max(by_point, key=lambda k: statistics.fmean(r["metrics"][metric] for r in by_point[k]))
+        members = by_point[best]
+        lines.append(f"Best point on `{metric}`: {label(json.loads(best)) or '(base)'}, "
+                     f"{_pm([r['metrics'][metric] for r in members])} on it; test accuracy "
+                     f"{_pm([r['metrics']['acc.mean'] for r in members if 'acc.mean' in r['metrics']])} "
+                     f"({len(members)} samples).")
+    return lines + [""]
 
 
 def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
@@ -354,7 +368,7 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
     lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
              "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed); "
              "95% t-intervals; differences are paired by sample (same seed) with a two-sided paired t-test.", ""]
-    lines += selection_lines(parent)
+    lines += selection_lines(parent, rows)
     files = []
     findings = claim_results(parent, rows)
     if findings:

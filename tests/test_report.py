@@ -122,3 +122,19 @@ def test_a_best_claim_is_chosen_on_validation_and_tested_on_test():
     (found,) = claim_results(parent, rows)
     assert found["better"] == "loss.clom=10.0 (best on val.acc.mean)"
     assert abs(found["test"]["diff"] - 0.10) < 1e-9 and found["verdict"] == "holds"
+
+
+def test_the_report_names_the_point_chosen_on_validation_with_its_test_accuracy():
+    from types import SimpleNamespace
+
+    from ptmdd_ray.report import selection_lines
+
+    def row(clom, test, val):
+        return {"point": {"loss.clom": clom}, "metrics": {"acc.mean": test, "val.acc.mean": val}}
+
+    rows = [row(10.0, 0.70, 0.60), row(10.0, 0.72, 0.62), row(100.0, 0.90, 0.50)]
+    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.metric": "val.acc.mean"}))
+    text = "\n".join(selection_lines(parent, rows))
+    assert "Best point on `val.acc.mean`: loss.clom=10.0, 61.00 ± 1.00 on it; test accuracy 71.00 ± 1.00" in text
+    parent.data.tags["ptmdd.select_on_test"] = "true"
+    assert "Selected on test accuracy" in "\n".join(selection_lines(parent, rows))

@@ -66,7 +66,7 @@ def test_study_grid_is_validated_before_anything_runs(tmp_path):
 def test_trial_paths_point_where_the_study_was_loaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study = load_study(_write(tmp_path, {**STUDY, "base": {**STUDY["base"], "store": "ptms",
-                                                           "dataset": {"name": "digits", "cache_dir": "cache"}}}))
+                                                           "dataset": {"name": "digits", "cache_dir": "cache", "val_per_class": 10}}}))
     monkeypatch.chdir("/")  # a trial worker runs in a directory of its own
     cfg = study.trial_config(study.grid[0], 0)
     assert cfg.dataset.cache_dir == str(tmp_path / "cache") and cfg.store == str(tmp_path / "ptms")
