@@ -123,17 +123,61 @@ def cmd_study(args) -> int:
                         results=args.results, resume=getattr(args, "resume", False), search_trials=trials,
                         optuna_storage=getattr(args, "optuna_storage", None), prune=getattr(args, "prune", False),
                         select_on_test=getattr(args, "select_on_test", False))
-    metric = study.spec.metric
     pruned = sum(bool(r.get("pruned")) for r in summary["trials"])
     print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed, {pruned} pruned; "
           f"MLflow {redact(summary['tracking_uri'])} (parent run {summary['parent_run_id']})")
-    for row in sorted(summary["trials"], key=lambda r: (str(r["overrides"]), r["sample"])):
-        value = row[metric]
-        shown = f"{100 * value:.2f} %" if isinstance(value, float) and "acc" in metric else value
-        if row.get("pruned"):
-            shown = f"pruned ({shown} at its last intermediate evaluation)"
-        print(f"  {row['overrides'] or '(base)'}  sample {row['sample']}  {metric} {shown}")
+    print(closing_table(summary["trials"], study.spec.metric))
+    print(verdict_lines(summary, study.spec.name))
+    print(ui_lines(summary))
     return 1 if summary["errors"] else 0
+
+
+def closing_table(trials: list[dict], metric: str) -> str:
+    """One row per grid point: its samples' study metric, test accuracy and random real, mean ± std."""
+    from .study import run_name
+
+    groups: dict[str, list[dict]] = {}
+    for t in trials:
+        groups.setdefault(json.dumps(t["overrides"], sort_keys=True, default=str), []).append(t)
+
+    def pm(rows: list[dict], key: str) -> str:
+        values = [r[key] for r in rows if isinstance(r.get(key), float) and not r.get("pruned")]
+        if not values:
+            return "pruned" if any(r.get("pruned") for r in rows) else "-"
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+    names = {k: run_name(json.loads(k), "").strip() for k in groups}
+    width = max([len("point"), *map(len, names.values())])
+    lines = [f"{'point':<{width}}  {'n':>2}  {metric:>16}  {'test acc.':>16}  {'random real':>16}"]
+    for k, rows in groups.items():
+        lines.append(f"{names[k]:<{width}}  {len(rows):>2}  {pm(rows, metric):>16}  {pm(rows, 'acc.mean'):>16}  "
+                     f"{pm(rows, 'baseline.random.mean'):>16}")
+    return "\n".join(lines)
+
+
+def verdict_lines(summary: dict, study: str) -> str:
+    """The study's claims with their verdicts, read back from MLflow like ``ptmdd report``."""
+    from .report import findings
+
+    try:
+        found = findings(summary["tracking_uri"], study, summary["parent_run_id"])
+    except Exception as e:  # noqa: BLE001 - MLflow away: the report can be made later
+        return f"claims: not read back ({type(e).__name__})"
+    return "\n".join(f"claim: {f['claim']}: {f['verdict']} (n={f['test']['n'] if f['test'] else len(f['acc'])})"
+                     for f in found)
+
+
+def ui_lines(summary: dict) -> str:
+    """Where to look: the MLflow UI on this experiment's runs (the model-training view)."""
+    from .tracking import ui_command, ui_url
+
+    if summary.get("experiment_id") is None:
+        return ""
+    cmd = ui_command(summary["tracking_uri"])
+    return "\n".join(([f"open the MLflow UI:  {cmd}"] if cmd else []) +
+                     [f"runs of this study:  {ui_url(summary['tracking_uri'], summary['experiment_id'])}"])
 
 
 def cmd_report(args) -> int:
@@ -151,7 +195,7 @@ def cmd_report(args) -> int:
 
         check_reachable(uri)
         print(f"synced {sync_pending(uri, Path(args.results).resolve())} trial run(s) logged while MLflow was away")
-    md = write_report(uri, name, args.out)
+    md = write_report(uri, name, args.out, run_id=args.run_id, kind=args.kind)
     print(f"wrote {md} (and plots beside it); logged to the study's parent run")
     return 0
 
@@ -236,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
     r.add_argument("--results", default="runs/studies", help="results directory of the study")
     r.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
+    r.add_argument("--kind", choices=["study", "search"], default="study", help="report the latest run of "
+                   "`ptmdd study` (default) or of `ptmdd search` (its trials ranked by the search metric)")
+    r.add_argument("--run-id", help="report this parent run instead of the latest one")
     r.add_argument("--sync", action="store_true", help="first log the trials that finished while the MLflow "
                    "server was unreachable (from their result.json under --results)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")

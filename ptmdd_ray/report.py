@@ -37,21 +37,41 @@ def label(value: Any) -> str:
     return str(value)
 
 
-def collect(tracking_uri: str, study: str) -> tuple[Any, list[str], list[dict[str, Any]]]:
-    """(parent run, swept keys, rows) of the study's most recent invocation; a row per FINISHED
-    trial with the labels of its swept values (from the ``ptmdd.point`` tag: the overrides as
-    given, so a mapping-valued key such as ``pool.source`` is one value, not many params)."""
+def find_parent(client, study: str, run_id: str | None = None, kind: str = "study"):
+    """The parent run a report is about: ``run_id`` if given, else the latest parent run of
+    ``kind`` (``study``: a grid; ``search``: an Optuna search) in the study's experiment."""
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise ConfigError(f"study: no MLflow experiment named {study!r}")
+    if run_id is not None:
+        try:
+            parent = client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MLflow's RESOURCE_DOES_NOT_EXIST
+            raise ConfigError(f"run-id: no run {run_id!r}") from None
+        if parent.info.experiment_id != exp.experiment_id or parent.data.tags.get("ptmdd.role") != "study":
+            raise ConfigError(f"run-id: {run_id} is not a parent run of study {study!r}")
+        return parent
+    parents = client.search_runs([exp.experiment_id], "tags.`ptmdd.role` = 'study'",
+                                 order_by=["attributes.start_time DESC"], max_results=1000)
+    # runs from before the kind tag are studies
+    parents = [p for p in parents if p.data.tags.get("ptmdd.kind", "study") == kind]
+    if not parents:
+        raise ConfigError(f"study: experiment {study!r} has no {kind} run" + (
+            " (a search's report: --kind search)" if kind == "study" else ""))
+    return parents[0]
+
+
+def collect(tracking_uri: str, study: str, run_id: str | None = None,
+            kind: str = "study") -> tuple[Any, list[str], list[dict[str, Any]]]:
+    """(parent run, swept keys, rows) of the study's most recent invocation of ``kind`` (or of
+    ``run_id``); a row per FINISHED trial with the labels of its swept values (from the
+    ``ptmdd.point`` tag: the overrides as given, so a mapping-valued key such as ``pool.source``
+    is one value, not many params)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        raise ConfigError(f"study: no MLflow experiment named {study!r} at {tracking_uri}")
-    parents = client.search_runs([exp.experiment_id], "tags.`ptmdd.role` = 'study'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        raise ConfigError(f"study: experiment {study!r} has no study run")
-    parent = parents[0]
+    parent = find_parent(client, study, run_id, kind)
+    exp = client.get_experiment(parent.info.experiment_id)
     swept = [k for k in parent.data.tags.get("ptmdd.swept", "").split(",") if k]
     children = client.search_runs([exp.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
@@ -283,24 +303,28 @@ def _safe(name: str) -> str:
 
 
 def _axis_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Accuracy against one swept key, a line per combination of the others: x in sorted order
+    (numbers as numbers) on one shared axis, the legend beside the plot rather than on the data."""
+    fig, ax = plt.subplots(figsize=(8, 4))
     by_other: dict[str, list] = defaultdict(list)
     for g in groups:
         by_other[g.others].append((g.value, g.accs, g.bases))
+    ticks = sorted({g.value for g in groups}, key=_sort_key)
     for o, pts in by_other.items():
-        xs = [p[0] for p in pts]
+        pts = sorted(pts, key=lambda p: _sort_key(p[0]))
+        xs = [ticks.index(p[0]) for p in pts]
         ax.errorbar(xs, [100 * statistics.fmean(p[1]) for p in pts],
                     yerr=[100 * (statistics.pstdev(p[1]) if len(p[1]) > 1 else 0) for p in pts],
                     marker="o", capsize=3, label=o or "synthetic")
         if all(p[2] for p in pts):
             ax.plot(xs, [100 * statistics.fmean(p[2]) for p in pts], "k--", alpha=0.5)
+    ax.set_xticks(range(len(ticks)), ticks)
     ax.set_xlabel(axis)
     ax.set_ylabel("test accuracy (%)  [dashed: random real]")
     ax.set_title(f"{study}: accuracy vs {axis}")
     if len(by_other) > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -353,14 +377,38 @@ def selection_lines(parent, rows: list[dict[str, Any]] = ()) -> list[str]:
     return lines + [""]
 
 
-def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
+def search_lines(parent, rows: list[dict[str, Any]], swept: list[str]) -> list[str]:
+    """A search's trials ranked by its metric, best first, and the best trial's values."""
+    metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
+    ranked = sorted((r for r in rows if metric in r["metrics"]), key=lambda r: -r["metrics"][metric])
+    if not ranked:
+        return []
+    best = ranked[0]
+    lines = ["## Search", "", "Best trial (Optuna's best params): " + ", ".join(
+        f"`{k}` = {best['params'].get(k, '-')}" for k in swept) + f"; {metric} {100 * best['metrics'][metric]:.2f}, "
+        f"test {100 * best['metrics'].get('acc.mean', float('nan')):.2f}.", "",
+        "| rank | " + " | ".join(swept) + f" | {metric} | test acc. |", "|---|" + "---|" * (len(swept) + 2)]
+    for i, r in enumerate(ranked, 1):
+        lines.append(f"| {i} | " + " | ".join(r["params"].get(k, "-") for k in swept) +
+                     f" | {100 * r['metrics'][metric]:.2f} | {100 * r['metrics'].get('acc.mean', float('nan')):.2f} |")
+    return lines + [""]
+
+
+def findings(tracking_uri: str, study: str, run_id: str | None = None) -> list[dict[str, Any]]:
+    """The claims of a study run with their paired tests and verdicts (what ``report.md`` lists)."""
+    parent, _, rows = collect(tracking_uri, study, run_id)
+    return claim_results(parent, rows)
+
+
+def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | None = None,
+                 kind: str = "study") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import mlflow
 
-    parent, swept, rows = collect(tracking_uri, study)
+    parent, swept, rows = collect(tracking_uri, study, run_id, kind)
     if not rows:
         raise ConfigError(f"study: the latest run of {study!r} has no finished trials")
     out = Path(out)
@@ -369,6 +417,8 @@ def write_report(tracking_uri: str, study: str, out: str | Path) -> Path:
              "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed); "
              "95% t-intervals; differences are paired by sample (same seed) with a two-sided paired t-test.", ""]
     lines += selection_lines(parent, rows)
+    if parent.data.tags.get("ptmdd.kind") == "search":
+        lines += search_lines(parent, rows, swept)
     files = []
     findings = claim_results(parent, rows)
     if findings:

@@ -272,6 +272,51 @@ def _search_experiment_name(study_name: str) -> str:
     return f"{study_name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "+".join(_short(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_short(v)}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+def run_name(point: dict[str, Any], tag: str) -> str:
+    """A child run's name in the MLflow UI: its grid point with each key by its last dotted part
+    (the full key where two would read alike) and ``tag`` (the sample ``#0``, or a search trial's
+    id), e.g. ``clom=30 cclom=0 #1``. Unique within a study: grid points differ, and so do tags."""
+    last = [k.rsplit(".", 1)[-1] for k in point]
+    keys = [short if last.count(short) == 1 else k for k, short in zip(point, last)]
+    body = " ".join(f"{k}={_short(v)}" for k, v in zip(keys, point.values())) or "base"
+    return f"{body} {tag}"
+
+
+def summary_metrics(spec: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The parent run's metrics: the best finished trial by the study's metric (its metric and its
+    test accuracy), the plain method's and the random-real baseline's mean test accuracy, and the
+    counts of finished, pruned and failed trials. ``rows``: {overrides, metrics, error}."""
+    import statistics
+
+    done = [r for r in rows if not r["error"] and (r["metrics"] or {}).get("trial.final")]
+    out = {"trials.finished": float(len(done)), "trials.failed": float(sum(bool(r["error"]) for r in rows)),
+           "trials.pruned": float(len(rows) - len(done) - sum(bool(r["error"]) for r in rows))}
+    scored = [r for r in done if spec.metric in r["metrics"]]
+    if scored:
+        pick = (max if spec.mode == "max" else min)(scored, key=lambda r: r["metrics"][spec.metric])
+        out[f"best.{spec.metric}"] = pick["metrics"][spec.metric]
+        if "acc.mean" in pick["metrics"]:
+            out["best.acc.mean"] = pick["metrics"]["acc.mean"]
+    for name, members in (("control.acc.mean", [r for r in done if spec.control is not None
+                                                and r["overrides"] == spec.control]),
+                          ("baseline.random.mean", done)):
+        key = "baseline.random.mean" if name.startswith("baseline") else "acc.mean"
+        values = [r["metrics"][key] for r in members if key in r["metrics"]]
+        if values:
+            out[name] = statistics.fmean(values)
+    return out
+
+
 def trial_key(config: dict[str, Any]) -> str:
     """A trial's identity across retries and resumes: a hash of its Tune config (grid point and
     sample, or sampled search values), not Tune's trial id, which a restored experiment may not
@@ -319,7 +364,7 @@ def placement_tags(repo) -> dict[str, str]:
 
 
 def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_path: str, resume: bool,
-                 artifacts_uri: str | None, select_on_test: bool = False) -> str:
+                 artifacts_uri: str | None, select_on_test: bool = False, kind: str = "study") -> str:
     """The study's MLflow parent run: the interrupted one again on ``--resume`` (its id is kept in
     the Tune experiment directory, local or in the bucket), else a new one."""
     record = f"{exp_path}/mlflow_parent.json"
@@ -330,12 +375,15 @@ def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_
         return saved["run_id"]
     spec = study.spec
     parent = tracking.start_parent(mlflow_uri, spec.name, {
-        "ptmdd.study": spec.name, "ptmdd.swept": ",".join(swept), "ptmdd.matrix": spec.matrix or "",
+        "ptmdd.study": spec.name, "ptmdd.kind": kind, "ptmdd.swept": ",".join(swept), "ptmdd.matrix": spec.matrix or "",
         "ptmdd.control": json.dumps(spec.control, sort_keys=True) if spec.control is not None else "",
         "ptmdd.control_added": str(study.control_added).lower(),
         "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims]), "ptmdd.metric": spec.metric,
         **({"ptmdd.select_on_test": "true"} if select_on_test else {})}, artifacts_uri)
     write_json(record, {"run_id": parent, "tracking_uri": tracking.redact(mlflow_uri)})
+    # the data set row exists before the trials link to it (the study's data, on its parent)
+    import mlflow
+    tracking.log_dataset(mlflow.MlflowClient(mlflow_uri), parent, study.trial_config(study.grid[0], 0))
     return parent
 
 
@@ -470,7 +518,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     # experiment directory of its own: concurrent searches may share --results
     exp_name = _search_experiment_name(spec.name) if search_trials else spec.name
     exp_path = f"{results}/{exp_name}"
-    parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri, on_test)
+    parent = _open_parent(tracking, mlflow_uri, study, swept, exp_path, resume, artifacts_uri, on_test,
+                          "search" if search_trials else "study")
 
     # The target data go into the object store once, as numpy buffers that every trial on a node
     # maps read-only (zero-copy; one copy per node), unless trials would load different data (a
@@ -498,7 +547,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         where = placement_tags(repo)
         placement = {"ray.gpus": float(len([g for g in where["ray.gpu_ids"].split(",") if g])),
                      "device.cuda": float(where["ptmdd.device"] == "cuda")}
+        name = run_name(overrides, f"#{sample}" if not search_trials else f"({ctx.get_trial_id()[-5:]})")
         run.start(cfg, {"ptmdd.study": spec.name, "ptmdd.trial_id": ctx.get_trial_id(), "ptmdd.swept": ",".join(swept),
+                        "ptmdd.run_name": name,
                         "ptmdd.sample": str(sample), "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str),
                         **where})
         memory: dict[str, float] = {}
@@ -567,9 +618,38 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     on_cpu = sum(1 for r in grid if (r.metrics or {}).get("ray.gpus") and not (r.metrics or {}).get("device.cuda"))
     if on_cpu:  # said once, by the driver, not once per trial
         log.warning("Ray assigned GPUs to %d trial(s) but torch saw no CUDA device there: they ran on the CPU", on_cpu)
-    _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results, exp_path)
     rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
-             "sample": r.config.get("sample", 0), spec.metric: (r.metrics or {}).get(spec.metric),
-             "pruned": r.error is None and not (r.metrics or {}).get("trial.final")} for r in grid]
-    return {"parent_run_id": parent, "trials": rows, "errors": len(errors), "tracking_uri": mlflow_uri,
-            "results": exp_path, "optuna_storage": storage}
+             "sample": r.config.get("sample", 0), "metrics": r.metrics or {}, "error": r.error is not None}
+            for r in grid]
+    _summarise_parent(tracking, mlflow_uri, parent, study, rows, local_results, exp_name)
+    _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results, exp_path)
+    trials = [{"overrides": r["overrides"], "sample": r["sample"], spec.metric: r["metrics"].get(spec.metric),
+               "acc.mean": r["metrics"].get("acc.mean"), "baseline.random.mean": r["metrics"].get("baseline.random.mean"),
+               "pruned": not r["error"] and not r["metrics"].get("trial.final")} for r in rows]
+    return {"parent_run_id": parent, "trials": trials, "errors": len(errors), "tracking_uri": mlflow_uri,
+            "results": exp_path, "optuna_storage": storage, "kind": "search" if search_trials else "study",
+            "experiment_id": tracking.experiment_of(mlflow_uri, parent)}
+
+
+def _summarise_parent(tracking, mlflow_uri: str, parent: str, study: Study, rows: list[dict[str, Any]],
+                      local_results: str | None, exp_name: str) -> None:
+    """The parent run's summary metrics, the study file and the report, so that the experiment's
+    runs table and the parent's page say how the study came out. MLflow away: logged to the log."""
+    import tempfile
+
+    import yaml
+
+    from .report import write_report
+
+    spec = study.spec
+    metrics = summary_metrics(spec, rows)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            where = Path(local_results, exp_name, "report") if local_results else Path(tmp, "report")
+            study_file = Path(tmp, "study.yaml")
+            study_file.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+            tracking.log_parent_summary(mlflow_uri, parent, metrics, [study_file])
+            if metrics["trials.finished"]:
+                write_report(mlflow_uri, spec.name, where, run_id=parent)
+    except Exception as e:  # noqa: BLE001 - the summary is a convenience; the trials are logged
+        log.warning("could not log the study's summary to MLflow (%s): %s", type(e).__name__, e)

@@ -7,6 +7,7 @@ results (``<results>/mlflow.db``); ``--mlflow-uri`` points at a server.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, flatten
+from .config import Config, ConfigError, flatten, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,29 @@ def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str], artif
                 raise
     if exp is not None:
         exp_id = exp.experiment_id
+    # MLflow infers an experiment's kind (GenAI or model training) and tags it; say it first
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    kind = tags.get("ptmdd.kind", "study")
     run = client.create_run(exp_id, tags={**tags, "ptmdd.version": __version__, "ptmdd.git_commit": git_commit(),
-                                          "ptmdd.role": "study"}, run_name=experiment)
+                                          "ptmdd.role": "study", "ptmdd.kind": kind},
+                            run_name=experiment if kind == "study" else f"{experiment} (search)")
     return run.info.run_id
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """The runs table of an experiment in the MLflow UI. ``workflowType=machine_learning`` opens
+    the "Model training" view: MLflow 3's default view of a new browser is GenAI's, which shows
+    an empty traces page. A tracking server is its own UI; a database opens in ``mlflow ui``
+    (127.0.0.1:5000)."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """How to open the UI on a tracking database (None: a server is already one)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
 
 
 def reopen_parent(tracking_uri: str, run_id: str) -> bool:
@@ -269,6 +290,26 @@ def end_stopped(tracking_uri: str, parent_id: str, trial_key: str, reason: str) 
         log.warning("could not close the stopped trial's run (%s)", e)
 
 
+def experiment_of(tracking_uri: str, run_id: str) -> str | None:
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - MLflow away at the end: no link to print
+        return None
+
+
+def log_parent_summary(tracking_uri: str, run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
+    """Summary metrics (``best.acc.mean``, ``trials.finished``, ...) and files onto the parent run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for f in files:
+        client.log_artifact(run_id, str(f))
+
+
 def close_parent(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """End the study's parent run; a child still RUNNING now was stopped by Tune (or its attempt
     died with no retry left) and is marked FAILED, so no run stays RUNNING forever."""
@@ -290,12 +331,44 @@ def log_trial(tracking_uri: str, parent_id: str, cfg: Config, tags: dict[str, st
     run = client.create_run(parent.info.experiment_id, tags={
         **tags, "mlflow.parentRunId": parent_id, "ptmdd.version": __version__,
         "ptmdd.git_commit": parent.data.tags.get("ptmdd.git_commit", "unknown"), "ptmdd.role": "trial"},
-        run_name=tags.get("ptmdd.trial_id"))
+        run_name=tags.get("ptmdd.run_name") or tags.get("ptmdd.trial_id"))
     params = params_of(cfg)
     items = list(params.items())
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    log_dataset(client, run.info.run_id, cfg)
     return client, run.info.run_id
+
+
+def log_dataset(client, run_id: str, cfg: Config | dict) -> None:
+    """Link the run to its data set. MLflow inserts a data set once per experiment; two trials
+    inserting the same one at the same moment collide on that (a unique constraint), and the
+    loser finds it inserted when it tries again."""
+    try:
+        client.log_inputs(run_id, datasets=[dataset_input(cfg)])
+    except Exception:  # noqa: BLE001 - the concurrent insert; a real outage fails again below
+        time.sleep(0.2 + random.random())
+        client.log_inputs(run_id, datasets=[dataset_input(cfg)])
+
+
+def dataset_input(cfg: Config | dict):
+    """The target data set as an MLflow dataset input (the runs table's Dataset column): its name,
+    a digest of what it reads and how it is cut (files, classes, subsets, validation split), and
+    that cut as the profile."""
+    import mlflow
+
+    from .config import DatasetConfig, from_dict
+    from .data import source_id  # lazy: data imports torch
+
+    ds = cfg.dataset if isinstance(cfg, Config) else from_dict(DatasetConfig, cfg["dataset"], "dataset.")
+    cut = {k: v for k, v in to_dict(ds).items() if k not in ("root", "download", "cache_dir")}
+    digest = hashlib.sha256(json.dumps([source_id(ds), cut], sort_keys=True).encode()).hexdigest()[:12]
+    name = ds.name.split(":", 1)[-1].rsplit("/", 1)[-1]
+    where = ds.name.split(":", 1)[1] if ":" in ds.name else ds.name
+    dataset = mlflow.entities.Dataset(name=name, digest=digest, source_type="local" if "://" not in where else
+                                      where.split("://", 1)[0], source=json.dumps({"uri": where}),
+                                      profile=json.dumps(cut, sort_keys=True))
+    return mlflow.entities.DatasetInput(dataset, tags=[mlflow.entities.InputTag("mlflow.data.context", "training")])
 
 
 def log_result(client, run_id: str, result: dict[str, Any], out_dir: Path,
@@ -303,10 +376,11 @@ def log_result(client, run_id: str, result: dict[str, Any], out_dir: Path,
     import mlflow
 
     values = {**metrics_of(result), **(extra or {})}
-    metrics = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in values.items()]
-    metrics += [mlflow.entities.Metric("distill.loss", float(v), 0, int(step)) for step, v in result["loss_history"]]
+    now = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(k, float(v), now, 0) for k, v in values.items()]
+    metrics += [mlflow.entities.Metric("distill.loss", float(v), now, int(step)) for step, v in result["loss_history"]]
     along = "val.acc.intermediate" if result.get("eval_split") == "val" else "acc.intermediate"
-    metrics += [mlflow.entities.Metric(along, float(v), 0, int(step)) for step, v in result.get("eval_history", [])]
+    metrics += [mlflow.entities.Metric(along, float(v), now, int(step)) for step, v in result.get("eval_history", [])]
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i:i + 500])
     (out_dir / "pool.json").write_text(json.dumps(result["pool"], indent=1))

@@ -89,8 +89,13 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
                                "--store", "store"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "2 trials, 0 failed" in proc.stdout
+        return proc.stdout
 
-    run(results)
+    stdout = run(results)
+    # the closing summary: a table per point, the claims' verdicts, and where to look in MLflow
+    assert re.search(r"^clom=30 +1 ", stdout, re.M) and "claim: CLoM helps:" in stdout, stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{results / 'mlflow.db'}" in stdout
+    assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning", stdout)
     assert (results / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()  # artifacts beside the db
     assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1  # one PTM, shared by the pool trial
 
@@ -101,6 +106,18 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     children = [r for r in runs if r.data.tags.get("ptmdd.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    # the MLflow UI: a model-training experiment, children named by grid point, a parent with a summary
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert sorted(r.info.run_name for r in children) == ["clom=0 #0", "clom=30 #0"]
+    summary = parents[0].data.metrics
+    assert summary["trials.finished"] == 2 and summary["trials.failed"] == 0
+    assert {"best.val.acc.mean", "best.acc.mean", "control.acc.mean", "baseline.random.mean"} <= set(summary)
+    assert parents[0].data.tags["ptmdd.kind"] == "study"
+    assert {"study.yaml", "report"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    for r in children:
+        (inp,) = r.inputs.dataset_inputs
+        assert inp.dataset.name == "digits" and '"val_per_class": 10' in inp.dataset.profile
+        assert r.data.metrics["acc.mean"] and client.get_metric_history(r.info.run_id, "acc.mean")[0].timestamp > 0
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert sorted(r.data.params["loss.clom"] for r in children) == ["0.0", "30.0"]
     for r in children:
