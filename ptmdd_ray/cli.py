@@ -7,6 +7,10 @@
     ptmdd report STUDY [--mlflow-uri URI] [--results R] [--sync] --out DIR
     ptmdd study STUDY.yaml [--set key=value ...] [--address A] [--mlflow-uri U] [--store S] [--results R] [--resume]
     ptmdd search STUDY.yaml --trials N [--prune] [--optuna-storage URL] [--address A] [--mlflow-uri U] [--store S]
+    ptmdd config [--method dc|dsa|dm] [--json]
+
+Every subcommand's ``--help`` shows the defaults of its options and an example; ``ptmdd config`` lists
+the config keys that ``--set``, sweeps and searches take.
 
 Bad input exits with status 2 and one line on stderr naming the key; nothing is written.
 """
@@ -19,6 +23,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .config import METHODS
 
 log = logging.getLogger("ptmdd")
 
@@ -26,6 +31,21 @@ log = logging.getLogger("ptmdd")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2, like every other input error
         self.exit(2, f"ptmdd: error: {message}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default appended to its help, so ``--help`` answers "what if I leave it out";
+    skipped where the help already says it or there is nothing to show (a flag that is off, an option
+    that does nothing unless given, an empty repeatable one, a required one). The epilog's example
+    keeps its line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = (None, False, argparse.SUPPRESS)
+        nothing = action.default == [] or any(action.default is v for v in unset)
+        if "default" in text or action.required or nothing:
+            return text
+        return super()._get_help_string(action)
 
 
 def _pct(s: dict | None) -> str:
@@ -200,6 +220,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _shown(value) -> str:
+    """A value as ``--set`` and YAML take it back: strings bare, everything else as JSON (null, true, [])."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_table(rows: list[dict]) -> str:
+    """``ptmdd config``'s text form: one aligned line per key, ``key  default  meaning``."""
+    key_w = max(len(r["key"]) for r in rows)
+    value_w = max(len(_shown(r["default"])) for r in rows)
+    lines = [f"{'key':<{key_w}}  {'default':<{value_w}}  meaning"]
+    lines += [f"{r['key']:<{key_w}}  {_shown(r['default']):<{value_w}}  {r['help']}" for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_config(args) -> int:
+    from .config import build_config, describe
+
+    cfg = build_config({"distill": {"method": args.method}}) if args.method else None
+    rows = describe(cfg)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(config_table(rows))
+    if args.method:
+        print(f"\nresolved for distill.method={args.method}: "
+              f"what `ptmdd distill --set distill.method={args.method}` runs")
+    else:
+        print("\nnull: see the meaning; `ptmdd config --method dc|dsa|dm` shows what a method resolves it to")
+    return 0
+
+
 def cmd_store(args) -> int:
     from .store import CheckpointStore
 
@@ -221,34 +272,49 @@ def cmd_store(args) -> int:
     return 0
 
 
+def _example(command: str) -> str:
+    """The epilog of a ``--help``: one real command line, with files that ship in the repository."""
+    return f"example:\n  {command}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ptmdd", description="PTM-guided dataset distillation (DC, DSA, DM + CLoM/CCLoM)")
+    p = _Parser(prog="ptmdd", description="PTM-guided dataset distillation (DC, DSA, DM + CLoM/CCLoM)",
+                formatter_class=_Help, epilog=_example("ptmdd study studies/quickstart.yaml && "
+                                                       "ptmdd report quickstart --out runs/report"))
     p.add_argument("--version", action="version", version=f"ptmdd_ray {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, summary: str, example: str, func):
+        sp = sub.add_parser(name, help=summary, description=summary, epilog=_example(example),
+                            formatter_class=_Help)
+        sp.set_defaults(func=func)
+        return sp
 
     def common(sp, config_positional: bool = True):
         if config_positional:
             sp.add_argument("config", nargs="?", help="YAML config (default: embedded digits defaults)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a dotted config key, e.g. distill.ipc=1 (repeatable)")
+                        help="override a dotted config key, e.g. distill.ipc=1 (repeatable; `ptmdd config` "
+                        "lists the keys)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    d = sub.add_parser("distill", help="pretrain-if-needed, distill, evaluate")
+    d = command("distill", "pretrain-if-needed, distill, evaluate",
+                "ptmdd distill studies/digits.yaml --out runs/digits", cmd_distill)
     common(d)
     d.add_argument("--out", required=True, help="output directory")
-    d.set_defaults(func=cmd_distill)
 
-    t = sub.add_parser("pretrain", help="build or extend the PTM pool of a config")
+    t = command("pretrain", "build or extend the PTM pool of a config", "ptmdd pretrain studies/digits.yaml",
+                cmd_pretrain)
     common(t)
-    t.set_defaults(func=cmd_pretrain)
 
-    e = sub.add_parser("evaluate", help="evaluate a saved synthetic.parquet")
+    e = command("evaluate", "evaluate a saved synthetic.parquet",
+                "ptmdd evaluate runs/digits/synthetic.parquet --set eval.runs=5 --out runs/digits/eval.json",
+                cmd_evaluate)
     e.add_argument("synthetic", help="synthetic.parquet written by ptmdd distill")
     e.add_argument("--config", help="config for dataset/eval (default: the one stored in the file)")
     common(e, config_positional=False)
-    e.add_argument("--out", help="write the evaluation result as JSON here")
-    e.set_defaults(func=cmd_evaluate)
+    e.add_argument("--out", help="write the evaluation result as JSON here (default: only printed)")
 
     def study_args(sp):
         sp.add_argument("study", help="study YAML (name, base, sweep, search, samples, resources, ...)")
@@ -260,12 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment: a "
                         "directory, or on a cluster a URI every node reaches (s3://BUCKET/PREFIX; needs --mlflow-uri)")
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        sp.set_defaults(func=cmd_study)
 
-    st = sub.add_parser("study", help="run a study's sweep (Ray Tune, MLflow tracking)")
+    st = command("study", "run a study's sweep (Ray Tune, MLflow tracking)", "ptmdd study studies/quickstart.yaml",
+                 cmd_study)
     study_args(st)
     st.add_argument("--resume", action="store_true", help="finish an interrupted study")
-    se = sub.add_parser("search", help="Optuna TPE over a study's search space, as Ray Tune trials")
+    se = command("search", "Optuna TPE over a study's search space, as Ray Tune trials",
+                 "ptmdd search studies/quickstart.yaml --trials 8", cmd_study)
     study_args(se)
     se.add_argument("--trials", type=int, required=True, help="number of trials to run in this call")
     se.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite in --results); the "
@@ -275,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--select-on-test", action="store_true", help="allow a test metric (acc.mean) to choose; "
                     "the run is tagged and its report says so (default: only validation metrics choose)")
 
-    r = sub.add_parser("report", help="tables and plots of a study's runs, read back from MLflow")
+    r = command("report", "tables and plots of a study's runs, read back from MLflow",
+                "ptmdd report quickstart --out runs/report", cmd_report)
     r.add_argument("study", help="study name (the MLflow experiment) or study YAML")
     r.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
     r.add_argument("--results", default="runs/studies", help="results directory of the study")
@@ -286,15 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sync", action="store_true", help="first log the trials that finished while the MLflow "
                    "server was unreachable (from their result.json under --results)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    r.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("store", help="inspect or clean a PTM checkpoint store")
+    s = command("store", "inspect or clean a PTM checkpoint store", "ptmdd store stats --json", cmd_store)
     s.add_argument("action", choices=["ls", "stats", "gc"], help="list checkpoints, life-time counts, or "
                    "remove temporaries, orphans and corrupt checkpoints")
     s.add_argument("--store", default="ptm_store", help="store directory or pyarrow.fs URI (default: ptm_store)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    s.set_defaults(func=cmd_store)
+
+    c = command("config", "every config key (for --set, sweeps and searches) with its default and meaning",
+                "ptmdd config --method dc", cmd_config)
+    c.add_argument("--method", choices=METHODS, help="the defaults this method resolves them to (default: the "
+                   "unresolved ones, null where the method decides)")
+    c.add_argument("--json", action="store_true",
+                   help="machine-readable output: a list of {key, default, type, help}")
+    c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 

@@ -45,16 +45,21 @@ class DatasetConfig:
     class of the full label space, so a PTM source reading the same files with another class
     subset or domain holds out the same images and never trains on the target's validation set."""
 
-    name: str = "digits"
-    root: str = "data"
-    download: bool = False
-    im_size: int | None = None  # None: native size (digits: 16, upsampled from 8)
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    domain: str = "none"
-    classes: list[int] | None = None
-    val_per_class: int = 0
-    cache_dir: str | None = None
+    name: str = field(default="digits", metadata={
+        "help": "digits (embedded), cifar10, cifar100, mnist, fashionmnist, svhn, parquet:PATH or imagefolder:PATH"})
+    root: str = field(default="data", metadata={"help": "directory of the torchvision data sets"})
+    download: bool = field(default=False, metadata={"help": "let torchvision download the data set into root"})
+    im_size: int | None = field(default=None, metadata={
+        "help": "image side in pixels; null: native size (digits: 16, upsampled from 8)"})
+    train_per_class: int | None = field(default=None, metadata={"help": "training images per class; null: all"})
+    test_per_class: int | None = field(default=None, metadata={"help": "test images per class; null: all"})
+    domain: str = field(default="none", metadata={"help": "derived domain: none, grayscale, lowres or invert"})
+    classes: list[int] | None = field(default=None, metadata={
+        "help": "keep only these class indices (a new label space); null: all"})
+    val_per_class: int = field(default=0, metadata={
+        "help": "training images per class held out as the validation split that every choice reads; 0: none"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "cache of the decoded images; null: beside the data, else ~/.cache/ptmdd_ray"})
 
 
 @dataclass(frozen=True)
@@ -62,19 +67,27 @@ class DistillConfig:
     """The distillation method. ``None`` fields take the method's published default (see
     :data:`METHOD_DEFAULTS` and :func:`ptmdd_ray.methods.loops_for_ipc`)."""
 
-    method: str = "dm"
-    ipc: int = 10
-    iterations: int | None = None
-    lr_img: float | None = None
-    lr_net: float = 0.01
-    momentum_img: float = 0.5
-    batch_real: int = 256
-    batch_train: int = 256
-    init: str | None = None
-    outer_loop: int | None = None
-    inner_loop: int | None = None
-    dsa_strategy: str | None = None
-    log_every: int = 10
+    method: str = field(default="dm", metadata={"help": "distillation method: dc, dsa or dm"})
+    ipc: int = field(default=10, metadata={"help": "synthetic images per class"})
+    iterations: int | None = field(default=None, metadata={
+        "help": "distillation iterations; null: the method's published default"})
+    lr_img: float | None = field(default=None, metadata={
+        "help": "SGD learning rate of the synthetic images; null: the method's published default"})
+    lr_net: float = field(default=0.01, metadata={
+        "help": "learning rate of the network trained on the synthetic set between matchings (DC, DSA)"})
+    momentum_img: float = field(default=0.5, metadata={"help": "SGD momentum of the synthetic images"})
+    batch_real: int = field(default=256, metadata={"help": "real images per class in each matching batch"})
+    batch_train: int = field(default=256, metadata={
+        "help": "batch size of the network trained on the synthetic set (DC, DSA)"})
+    init: str | None = field(default=None, metadata={
+        "help": "initial synthetic images: real (random real images) or noise; null: the method's published default"})
+    outer_loop: int | None = field(default=None, metadata={
+        "help": "DC/DSA synthetic-set updates per network; null: the published table for the IPC"})
+    inner_loop: int | None = field(default=None, metadata={
+        "help": "DC/DSA network epochs on the synthetic set between updates; null: the published table for the IPC"})
+    dsa_strategy: str | None = field(default=None, metadata={
+        "help": "DSA augmentations, e.g. color_crop_cutout_flip_scale_rotate; null: the method's published default"})
+    log_every: int = field(default=10, metadata={"help": "record the matching loss every this many iterations"})
 
 
 @dataclass(frozen=True)
@@ -84,10 +97,13 @@ class PoolConfig:
     ``seeds`` is a count (seeds 0..n-1) or an explicit list. ``source`` is a dataset name (inheriting
     the target's size and subset options) or a full dataset mapping; ``None`` means the target."""
 
-    archs: list[str] = field(default_factory=list)
-    seeds: int | list[int] = 1
-    epoch: int = 5
-    source: str | DatasetConfig | None = None
+    archs: list[str] = field(default_factory=list, metadata={
+        "help": "architectures of the PTM pool (Na = their number); []: no PTM"})
+    seeds: int | list[int] = field(default=1, metadata={
+        "help": "PTMs per arch (Nm): a count (seeds 0..n-1) or a list of seeds"})
+    epoch: int = field(default=5, metadata={"help": "the checkpoint epoch of each PTM's pretraining run"})
+    source: str | DatasetConfig | None = field(default=None, metadata={
+        "help": "the PTMs' data: a name (inheriting the target's size and subsets) or a mapping; null: the target"})
 
 
 @dataclass(frozen=True)
@@ -99,12 +115,14 @@ class PretrainConfig:
     epoch asked for (``pool.epoch`` and ``save_epochs``), saving each of them on the way, so early
     (sub-optimal) PTMs cost only their own epochs."""
 
-    epochs: int = 150
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-3
-    batch: int = 256
-    save_epochs: list[int] = field(default_factory=list)
+    epochs: int = field(default=150, metadata={
+        "help": "length of a pretraining run, i.e. its lr schedule (x0.1 at 1/3 and 2/3)"})
+    lr: float = field(default=0.01, metadata={"help": "SGD learning rate of PTM pretraining"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum of PTM pretraining"})
+    weight_decay: float = field(default=5e-3, metadata={"help": "weight decay of PTM pretraining"})
+    batch: int = field(default=256, metadata={"help": "batch size of PTM pretraining"})
+    save_epochs: list[int] = field(default_factory=list, metadata={
+        "help": "further epochs to checkpoint on the way (besides pool.epoch)"})
 
 
 @dataclass(frozen=True)
@@ -114,10 +132,13 @@ class LossConfig:
     pool is non-empty, else 0. ``augmented: false``
     applies them to the raw synthetic set instead, as the reference code did (an ablation knob)."""
 
-    clom: float | dict[str, float] | None = None
-    cclom: float | dict[str, float] = 0.0
-    cclom_batch: int = 256
-    augmented: bool = True  # PTM losses on the DSA-augmented images the matching term sees
+    clom: float | dict[str, float] | None = field(default=None, metadata={
+        "help": "CLoM weight α: number or {arch: weight}; null: the method's published default (0 without pool.archs)"})
+    cclom: float | dict[str, float] = field(default=0.0, metadata={
+        "help": "CCLoM weight β: a number or {arch: weight}"})
+    cclom_batch: int = field(default=256, metadata={"help": "real images in CCLoM's contrastive batch"})
+    augmented: bool = field(default=True, metadata={
+        "help": "PTM losses on the DSA-augmented images the matching term sees; false: raw images (reference code)"})
 
 
 @dataclass(frozen=True)
@@ -128,31 +149,36 @@ class EvalConfig:
     training them) defaults per method as in the reference code: off for DC, on for DSA and DM. The
     random real subset of the same IPC is evaluated the same way when ``baseline`` is on."""
 
-    archs: list[str] | None = None  # None: the matching model
-    runs: int = 3
-    epochs: int = 300
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch: int = 256
-    augment: bool | None = None  # None: the method's default (METHOD_DEFAULTS)
-    baseline: bool = True
-    every: int = 0  # also evaluate every this many distillation iterations (1 run per arch); 0: at the end only
+    archs: list[str] | None = field(default=None, metadata={
+        "help": "architectures trained on the synthetic set to evaluate it; null: the matching model"})
+    runs: int = field(default=3, metadata={"help": "fresh models trained per eval arch"})
+    epochs: int = field(default=300, metadata={"help": "training epochs of each evaluation model (lr x0.1 at half)"})
+    lr: float = field(default=0.01, metadata={"help": "SGD learning rate of the evaluation models"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the evaluation models"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay of the evaluation models"})
+    batch: int = field(default=256, metadata={"help": "batch size of the evaluation models"})
+    augment: bool | None = field(default=None, metadata={
+        "help": "DSA augmentation while training the evaluation models; null: the method's published default"})
+    baseline: bool = field(default=True, metadata={"help": "also evaluate a random real subset of the same IPC"})
+    every: int = field(default=0, metadata={
+        "help": "also evaluate every this many iterations (1 run per arch, validation if held out); 0: at the end only"})
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed of the run (a study adds the sample index)"})
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: str = "ConvNet"
+    model: str = field(default="ConvNet", metadata={"help": "network used for matching (and the default eval arch)"})
     distill: DistillConfig = field(default_factory=DistillConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    store: str = "ptm_store"
-    device: str = "auto"
-    precision: str = "bf16"  # on CUDA: bf16 autocast in PTM pretraining and evaluation; fp32: off
+    store: str = field(default="ptm_store", metadata={
+        "help": "PTM checkpoint store: a directory or a pyarrow.fs URI (s3://...)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    precision: str = field(default="bf16", metadata={
+        "help": "on CUDA: bf16 autocast in PTM pretraining and evaluation; fp32: off"})
 
 
 # Published defaults: DC (Zhao et al., ICLR 2021), DSA (Zhao & Bilen, ICML 2021), DM (Zhao & Bilen,
@@ -529,3 +555,23 @@ def resolve(cfg: Config) -> Config:
     _check(cfg.precision in PRECISIONS, "precision", f"expected {' or '.join(PRECISIONS)}, got {cfg.precision!r}")
     _check(bool(cfg.store), "store", "must not be empty")
     return replace(cfg, distill=distill, pretrain=pretrain, loss=loss, eval=ev)
+
+
+# --------------------------------------------------------------------------- reference
+
+def describe(cfg: Config | None = None) -> list[dict[str, Any]]:
+    """Every flat key of ``cfg`` (default: the unresolved defaults) with its value, its type and the
+    one-line meaning kept in its field's ``help`` metadata: what ``ptmdd config`` prints. Names and
+    values come from :func:`flatten` and the rest from the fields, so nothing is spelled twice."""
+    def field_at(cls: type, key: str) -> tuple[dataclasses.Field, Any]:
+        head, _, rest = key.partition(".")
+        tp = typing.get_type_hints(cls)[head]
+        if not rest:
+            return next(f for f in fields(cls) if f.name == head), tp
+        return field_at(next(t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)), rest)
+
+    rows = []
+    for key, value in flatten(Config() if cfg is None else cfg).items():
+        f, tp = field_at(Config, key)
+        rows.append({"key": key, "default": value, "type": _type_name(tp), "help": f.metadata.get("help", "")})
+    return rows

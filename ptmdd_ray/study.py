@@ -103,7 +103,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     _check(spec.resources.cpu > 0 and spec.resources.gpu >= 0, "resources", "cpu must be > 0 and gpu >= 0")
     axes = {}
     for key, dist in spec.sweep.items():
-        _check(key in known, f"sweep.{key}", "not a config key (see `ptmdd distill --help` / README)")
+        _check(key in known, f"sweep.{key}", "not a config key (`ptmdd config` lists them)")
         _check(len(dist) == 1 and next(iter(dist)) in ("grid", "choice"), f"sweep.{key}",
                "expected {grid: [...]} or {choice: [...]}")
         values = next(iter(dist.values()))

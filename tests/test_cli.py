@@ -1,14 +1,19 @@
 """End-to-end runs of the real `ptmdd` command line on real data (digits, CIFAR-10 Parquet)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
-CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.parquet"
+from ptmdd_ray.config import Config, flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.parquet"
 FAST_DIGITS = ["--set", "model=ConvNetW32", "--set", "distill.ipc=1", "--set", "distill.iterations=100",
                "--set", "distill.batch_real=64", "--set", "eval.runs=3", "--set", "eval.epochs=100"]
 
@@ -18,6 +23,62 @@ def ptmdd(*args, cwd):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def cli(*args, cwd=ROOT):
+    """The CLI as a user runs it, without ``-q`` (which ``--help`` and ``config`` do not take)."""
+    return subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_every_subcommand_help_shows_defaults_and_an_example_with_shipped_files():
+    top = cli("--help")
+    assert top.returncode == 0 and "example:" in top.stdout
+    commands = re.search(r"\{([a-z,]+)\}", top.stdout).group(1).split(",")
+    assert {"distill", "pretrain", "evaluate", "study", "search", "report", "store", "config"} <= set(commands)
+    for command in commands:
+        proc = cli(command, "--help")
+        assert proc.returncode == 0, (command, proc.stderr)
+        text = proc.stdout
+        assert "default" in text, command
+        example = text.split("example:", 1)[1].strip().splitlines()[0]
+        assert example.startswith(f"ptmdd {command} "), (command, example)
+        for path in re.findall(r"studies/\S+\.yaml", example):
+            assert (ROOT / path).is_file(), (command, path)
+
+
+def test_config_lists_every_key_with_its_default_and_meaning():
+    keys = flatten(Config())
+    text = cli("config")
+    assert text.returncode == 0, text.stderr
+    rows = {}
+    for line in text.stdout.splitlines():
+        parts = re.split(r"\s{2,}", line.strip())
+        if len(parts) == 3:
+            rows[parts[0]] = parts[1:]
+    for key, value in keys.items():
+        shown, meaning = rows[key]
+        assert shown == (value if isinstance(value, str) else json.dumps(value)), (key, shown)
+        assert meaning.strip(), key
+    listed = json.loads(cli("config", "--json").stdout)
+    assert [r["key"] for r in listed] == list(keys)
+    assert all(r["default"] == keys[r["key"]] and r["help"] and r["type"] for r in listed)
+
+
+def test_config_method_shows_its_resolved_defaults():
+    proc = cli("config", "--method", "dc")
+    assert proc.returncode == 0, proc.stderr
+    rows = {p[0]: p[1] for p in (re.split(r"\s{2,}", ln.strip()) for ln in proc.stdout.splitlines()) if len(p) == 3}
+    assert rows["distill.lr_img"] == "0.1" and rows["distill.init"] == "noise" and rows["distill.method"] == "dc"
+    assert rows["eval.augment"] == "false"
+
+
+def test_unknown_sweep_key_points_to_ptmdd_config(tmp_path):
+    study = {"name": "s", "base": {"distill": {"ipc": 1}}, "sweep": {"distill.nope": {"grid": [1]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    proc = cli("study", "s.yaml", "--results", "r", cwd=tmp_path)
+    assert proc.returncode == 2 and "sweep.distill.nope" in proc.stderr and "`ptmdd config`" in proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
