@@ -142,7 +142,7 @@ def cmd_study(args) -> int:
     summary = run_study(study, address=args.address, mlflow_uri=args.mlflow_uri, store=args.store,
                         results=args.results, resume=getattr(args, "resume", False), search_trials=trials,
                         optuna_storage=getattr(args, "optuna_storage", None), prune=getattr(args, "prune", False),
-                        select_on_test=getattr(args, "select_on_test", False))
+                        select_on_test=getattr(args, "select_on_test", False), quiet=args.quiet)
     pruned = sum(bool(r.get("pruned")) for r in summary["trials"])
     print(f"study {study.spec.name}: {len(summary['trials'])} trials, {summary['errors']} failed, {pruned} pruned; "
           f"MLflow {redact(summary['tracking_uri'])} (parent run {summary['parent_run_id']})")
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment: a "
                         "directory, or on a cluster a URI every node reaches (s3://BUCKET/PREFIX; needs --mlflow-uri)")
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        sp.add_argument("-q", "--quiet", action="store_true", help="print only the closing table (no Tune "
+                        "progress, warnings only)")
 
     st = command("study", "run a study's sweep (Ray Tune, MLflow tracking)", "ptmdd study studies/quickstart.yaml",
                  cmd_study)
@@ -374,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    quiet = getattr(args, "quiet", False) and args.func is cmd_study
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "botocore"):  # botocore says where it found credentials at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -459,7 +459,7 @@ def _results_location(results: str, mlflow_uri: str | None) -> tuple[str, str | 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
               results: str = "runs/studies", resume: bool = False, search_trials: int = 0,
               optuna_storage: str | None = None, share_data: bool = True, prune: bool = False,
-              select_on_test: bool = False) -> dict[str, Any]:
+              select_on_test: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run the sweep (or, with ``search_trials``, the Optuna search) with Ray Tune, a local Ray
     when no address is given; returns a summary.
 
@@ -472,7 +472,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     iteration, and Optuna records them as PRUNED. Both choose on the study's metric, which must be a
     validation metric unless ``select_on_test`` (then the parent run is tagged
     ``ptmdd.select_on_test``). ``share_data=False`` loads the data set in every trial (only for the
-    memory benchmark)."""
+    memory benchmark); ``quiet`` silences Tune's progress table."""
     import ray
     from ray import tune
 
@@ -609,7 +609,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                             num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
                 run_config=tune.RunConfig(name=exp_name, storage_path=results,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                          verbose=1))
+                                          verbose=0 if quiet else 1))
         grid = tuner.fit()
     except BaseException:
         _close(tracking, mlflow_uri, parent, "FAILED", results, exp_path)

@@ -84,9 +84,9 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     path = _write(tmp_path, STUDY)
     results = tmp_path / "results"
 
-    def run(out):
+    def run(out, *extra):
         proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "study", str(path), "--results", str(out),
-                               "--store", "store"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                               "--store", "store", *extra], capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "2 trials, 0 failed" in proc.stdout
         return proc.stdout
@@ -147,7 +147,8 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
 
     # a second run of the same study trains no PTM: all hits
     before = CheckpointStore(tmp_path / "store").stats()
-    run(tmp_path / "results2")
+    quiet = run(tmp_path / "results2", "--quiet")
+    assert quiet.startswith("study tiny: 2 trials") and "Trial status" not in quiet  # the closing table alone
     after = CheckpointStore(tmp_path / "store").stats()
     assert after["trainings"] == before["trainings"] and after["hits"] > before["hits"]
 
