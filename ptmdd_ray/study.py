@@ -9,8 +9,10 @@ is trained once per study, not once per trial) and report to MLflow as nested ru
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -610,7 +612,8 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                 run_config=tune.RunConfig(name=exp_name, storage_path=results,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           verbose=0 if quiet else 1))
-        grid = tuner.fit()
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            grid = tuner.fit()  # Tune prints its tables whatever its verbosity: quiet keeps them from stdout
     except BaseException:
         _close(tracking, mlflow_uri, parent, "FAILED", results, exp_path)
         raise
