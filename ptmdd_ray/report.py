@@ -377,6 +377,25 @@ def selection_lines(parent, rows: list[dict[str, Any]] = ()) -> list[str]:
     return lines + [""]
 
 
+def case_lines(cases: list[dict[str, Any]], rows: list[dict[str, Any]], plain: dict[str, float],
+               control: dict | None) -> list[str]:
+    """A ``cases`` study's table: a row per case, in the study's order, labelled by what it changes."""
+    from .study import matches, run_name
+
+    lines = ["## Cases", "", "| case | n | val acc. | synthetic acc. | random real | vs random real | vs plain method |",
+             "|---|---|---|---|---|---|---|"]
+    for case in cases:
+        members = [r for r in rows if set(r["point"]) == set(case) and matches(r["point"], case)]
+        g = Group(run_name(case, "").strip(), "", members)
+        if not g.members:
+            continue
+        mine = per_sample(g.members)
+        lines.append(f"| {g.value} | {len(g.members)} | {_pm(g.vals) if g.vals else '-'} | {_pm(g.accs)} | "
+                     f"{_pm(g.bases)} | {_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
+                     f"{_vs_plain(g, mine, plain, control)} |")
+    return lines + [""]
+
+
 def search_lines(parent, rows: list[dict[str, Any]], swept: list[str]) -> list[str]:
     """A search's trials ranked by its metric, best first, and the best trial's values."""
     metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
@@ -437,7 +456,12 @@ def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | N
     if parent.data.tags.get("ptmdd.control_added") == "true":
         rows = [r for r in rows if r["point"] != control]
         lines += [f"Plain method ({label(control)}): {_pm(list(plain.values()))} over {len(plain)} samples.", ""]
-    by_axis = tables(swept, rows)
+    cases = json.loads(parent.data.tags.get("ptmdd.cases") or "[]")
+    axes = [k for k in swept if not any(k in c for c in cases)]
+    if cases and not axes:  # a study of cases alone: one table, a row per case
+        lines += case_lines(cases, rows, plain, control)
+        swept = []
+    by_axis = tables(swept, rows) if swept or not cases else {}
     for axis, groups in by_axis.items():
         lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | val acc. | synthetic acc. | 95% CI | "
                   "random real | vs random real | vs plain method |", "|---|---|---|---|---|---|---|---|---|"]

@@ -380,6 +380,7 @@ def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_
         "ptmdd.study": spec.name, "ptmdd.kind": kind, "ptmdd.swept": ",".join(swept), "ptmdd.matrix": spec.matrix or "",
         "ptmdd.control": json.dumps(spec.control, sort_keys=True) if spec.control is not None else "",
         "ptmdd.control_added": str(study.control_added).lower(),
+        "ptmdd.cases": json.dumps(spec.cases, sort_keys=True, default=str),
         "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims]), "ptmdd.metric": spec.metric,
         **({"ptmdd.select_on_test": "true"} if select_on_test else {})}, artifacts_uri)
     write_json(record, {"run_id": parent, "tracking_uri": tracking.redact(mlflow_uri)})

@@ -138,3 +138,21 @@ def test_the_report_names_the_point_chosen_on_validation_with_its_test_accuracy(
     assert "Best point on `val.acc.mean`: loss.clom=10.0, 61.00 ± 1.00 on it; test accuracy 71.00 ± 1.00" in text
     parent.data.tags["ptmdd.select_on_test"] = "true"
     assert "Selected on test accuracy" in "\n".join(selection_lines(parent, rows))
+
+
+def test_a_cases_study_gets_one_table_with_a_row_per_case_in_order():
+    from ptmdd_ray.report import case_lines
+
+    def row(point, sample, acc):
+        return {"point": point, "sample": str(sample), "values": {},
+                "metrics": {"acc.mean": acc, "val.acc.mean": acc - 0.01, "baseline.random.mean": 0.3}}
+
+    cases = [{"loss.clom": 0.0}, {"pool.seeds": 2}, {"pool.source": {"classes": [0, 1]}, "loss.clom": 0.0,
+                                                      "loss.cclom": 1.0}]
+    rows = [row(c, s, 0.5 + 0.1 * i + 0.01 * s) for i, c in enumerate(cases) for s in range(2)]
+    plain = {"0": 0.5, "1": 0.51}
+    lines = case_lines(cases, rows, plain, {"loss.clom": 0.0})
+    body = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| case")]
+    assert [ln.split(" | ")[0] for ln in body] == ["| clom=0", "| seeds=2", "| source=classes=0+1 clom=0 cclom=1"]
+    assert all(ln.split(" | ")[1] == "2" for ln in body)  # each case its own two samples, none borrowed
+    assert body[0].endswith("| the plain method |") and "p=" in body[1]
