@@ -50,7 +50,7 @@ for s in $STUDIES; do
              --set base.loss.cclom=1.0 --set matrix=null --set control=null --set "claims=[]") ;;
     cclom_strength)  # CCLoM at the reference's strength, alone and on CLoM; beta chosen on validation
       extra=(--set "base.pool.source=$SRC" --set name=$s --set base.loss.cclom_batch=2048
-             --set "sweep={loss.cclom: {grid: [0.0, 10.0, 100.0, 1000.0]}}" --set "cases=[{loss.clom: 0.0}, {loss.clom: 30.0}]"
+             --set "sweep={loss.cclom: {grid: [0.0, 100.0, 1000.0]}}" --set "cases=[{loss.clom: 0.0}, {loss.clom: 30.0}]"
              --set matrix=loss.cclom --set "control={loss.clom: 0.0, loss.cclom: 0.0}"
              --set "claims=[{claim: CCLoM at the beta best on validation beats plain DM, better: {loss.clom: 0.0, loss.cclom: best}, than: control},
              {claim: CCLoM at the beta best on validation adds to CLoM, better: {loss.clom: 30.0, loss.cclom: best}, than: {loss.clom: 30.0, loss.cclom: 0.0}},
