@@ -219,7 +219,14 @@ class PTMGuide:
     Each call draws one PTM (an arch uniformly among those with a non-zero weight, then a seed) and
     returns alpha * CLoM + beta * CCLoM on the synthetic images: by default the DSA-augmented ones
     the matching term sees, or the raw set with ``augmented=False`` (what the reference code did).
-    CCLoM compares with a random batch of real target images, embedded without grad."""
+    CCLoM compares with a random batch of real target images, embedded without grad. A frozen PTM
+    in eval mode embeds a real image the same way at every step (no augmentation on the real
+    side), so each PTM embeds the whole real training set once and every step indexes its batch
+    from those features: the reference's batch of thousands then costs a gather, not a forward
+    pass (exact up to float rounding; up to :data:`FEATURE_CACHE_BYTES`, past which every step
+    embeds its batch)."""
+
+    FEATURE_CACHE_BYTES = 2 * 2**30
 
     def __init__(self, ptms: list[PTM], clom: float | dict[str, float], cclom: float | dict[str, float],
                  real: ImageData, cclom_batch: int, seed: int, augmented: bool = True):
@@ -234,6 +241,7 @@ class PTMGuide:
         self.augmented = augmented
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
+        self._features: dict[int, torch.Tensor] = {}  # id(PTM model) -> embeddings of real_x
 
     @classmethod
     def from_config(cls, loss, ptms: list[PTM], real: ImageData, seed: int) -> PTMGuide:
@@ -253,7 +261,19 @@ class PTMGuide:
             loss = loss + alpha * losses.clom(ptm(syn), syn_y)
         if beta > 0:
             idx = torch.randint(self.real_x.shape[0], (self.cclom_batch,), generator=self.gen).to(self.real_x.device)
-            with torch.no_grad():
-                real_feat = embed_chunked(ptm, self.real_x[idx])
-            loss = loss + beta * losses.cclom(ptm.embed(syn), real_feat, syn_y, self.real_y[idx])
+            loss = loss + beta * losses.cclom(ptm.embed(syn), self.real_features(ptm, idx), syn_y, self.real_y[idx])
         return loss
+
+    @torch.no_grad()
+    def real_features(self, ptm: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        """The PTM's embeddings of the real images ``idx``: from the per-PTM cache of the whole
+        real set (made on first use) while the caches fit the budget, else embedded now."""
+        feats = self._features.get(id(ptm))
+        if feats is None:
+            dim = embed_chunked(ptm, self.real_x[:1]).shape[1]
+            held = sum(f.numel() * f.element_size() for f in self._features.values())
+            if held + self.real_x.shape[0] * dim * 4 > self.FEATURE_CACHE_BYTES:
+                return embed_chunked(ptm, self.real_x[idx])
+            # a PTM is in eval mode (BatchNorm on running statistics): chunks embed independently
+            feats = self._features[id(ptm)] = torch.cat([ptm.embed(c) for c in self.real_x.split(1024)])
+        return feats[idx]

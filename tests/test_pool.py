@@ -143,6 +143,30 @@ def test_guide_computes_weighted_clom_and_cclom(tmp_path):
     assert not PTMGuide([ptm], clom=0.0, cclom=0.0, real=data, cclom_batch=16, seed=0)
 
 
+def test_cclom_reads_its_real_batch_from_features_embedded_once(tmp_path, monkeypatch):
+    """The real side of CCLoM is a frozen PTM on unaugmented images: embedding the real set once
+    gives the loss of embedding every step's batch (the same draws, the same value), at the cost of
+    a gather; past the cache budget every step embeds its batch again."""
+    cfg = _cfg(tmp_path, seeds=1)
+    data = load_data(cfg.dataset)
+    ptm = resolve_pool(cfg, data, DEVICE, progress=False).ptms[0]
+    syn, y = data.x_train[:10], data.y_train[:10]
+    cached = PTMGuide([ptm], clom=0.0, cclom=5.0, real=data, cclom_batch=64, seed=3)
+    steps = [cached(syn, syn, y).item() for _ in range(3)]
+    assert len(cached._features) == 1
+    gen = torch.Generator().manual_seed(3)
+    for value in steps:  # the old way: embed this step's batch
+        idx = torch.randint(data.x_train.shape[0], (64,), generator=gen)
+        with torch.no_grad():
+            real = ptm.model.embed(data.x_train[idx])
+        expected = 5.0 * losses.cclom(ptm.model.embed(syn), real, y, data.y_train[idx])
+        assert value == pytest.approx(expected.item(), rel=1e-5)
+    monkeypatch.setattr(PTMGuide, "FEATURE_CACHE_BYTES", 0)
+    uncached = PTMGuide([ptm], clom=0.0, cclom=5.0, real=data, cclom_batch=64, seed=3)
+    assert [uncached(syn, syn, y).item() for _ in range(3)] == pytest.approx(steps, rel=1e-5)
+    assert not uncached._features
+
+
 def test_guide_draws_archs_uniformly_then_seeds(tmp_path):
     cfg = build_config({
         "dataset": {"name": "digits", "im_size": 8, "train_per_class": 10},
