@@ -241,6 +241,10 @@ def _PruningAwareOptunaSearch(tracking_uri: str | None = None, parent_id: str | 
     from ray.tune.search.optuna import OptunaSearch
 
     class Search(OptunaSearch):
+        def on_trial_result(self, trial_id, result):
+            if self.metric in result:  # progress reports (iteration, loss) carry no score to tell Optuna
+                super().on_trial_result(trial_id, result)
+
         def suggest(self, trial_id):
             config = super().suggest(trial_id)
             if isinstance(config, dict):
@@ -557,9 +561,13 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                         **where})
         memory: dict[str, float] = {}
 
+        every = max(cfg.distill.log_every, (cfg.distill.iterations or 0) // 20)  # ~20 progress reports
+
         def on_log(it: int, loss: float) -> None:  # sample memory while the data set is held
             for k, v in memory_mb().items():
                 memory[k] = max(v, memory.get(k, 0.0))
+            if it > 0 and it % every == 0:  # Tune's table moves; schedulers and Optuna wait for scores
+                tune.report({"distill.iteration": it, "distill.loss": loss, "trial.final": 0.0})
 
         def on_eval(it: int, acc: float) -> None:
             tune.report({spec.metric: acc, "distill.iteration": it, "trial.final": 0.0})
@@ -583,6 +591,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                      "mlflow.logged": float(run.online)})
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    # progress reports (iteration, loss) come between the scored ones: Tune must not demand the
+    # metric in each (ASHA and the Optuna searcher skip reports without it)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if search_trials:
         from .search import TrialSeededTPESampler, open_storage
 
@@ -607,7 +618,10 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=(
-                                                tune.schedulers.ASHAScheduler(grace_period=1, reduction_factor=2)
+                                                tune.schedulers.ASHAScheduler(
+                                                    time_attr="distill.iteration", grace_period=first.eval.every,
+                                                    max_t=max(first.distill.iterations, first.eval.every),
+                                                    reduction_factor=2)
                                                 if prune else None),
                                             num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
                 run_config=tune.RunConfig(name=exp_name, storage_path=results,

@@ -325,6 +325,11 @@ def test_search_prunes_trailing_trials_on_intermediate_evaluations(tmp_path):
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) == 6 - pruned
     assert all(len(client.get_metric_history(r.info.run_id, "val.acc.intermediate")) == 2 for r in finished)
+    # progress between the scores: Tune heard the iteration and loss every 10 iterations
+    import json as _json
+    reports = [[_json.loads(line) for line in p.read_text().splitlines()]
+               for p in (tmp_path / "results").glob("*/trial_*/result.json")]
+    assert len(reports) == 6 and all(any("distill.loss" in r and "val.acc.mean" not in r for r in rs) for rs in reports)
 
 
 @pytest.mark.slow
