@@ -156,3 +156,19 @@ def test_a_cases_study_gets_one_table_with_a_row_per_case_in_order():
     assert [ln.split(" | ")[0] for ln in body] == ["| clom=0", "| seeds=2", "| source=classes=0+1 clom=0 cclom=1"]
     assert all(ln.split(" | ")[1] == "2" for ln in body)  # each case its own two samples, none borrowed
     assert body[0].endswith("| the plain method |") and "p=" in body[1]
+
+
+def test_a_search_report_ranks_its_trials_by_the_search_metric():
+    from types import SimpleNamespace
+
+    from ptmdd_ray.report import search_lines
+
+    def row(clom, val, test):
+        return {"params": {"loss.clom": str(clom)}, "metrics": {"val.acc.mean": val, "acc.mean": test}}
+
+    rows = [row(3.0, 0.40, 0.45), row(30.0, 0.52, 0.50), row(300.0, 0.47, 0.55)]
+    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.metric": "val.acc.mean", "ptmdd.kind": "search"}))
+    lines = search_lines(parent, rows, ["loss.clom"])
+    assert "Best trial (Optuna's best params): `loss.clom` = 30.0; val.acc.mean 52.00, test 50.00." in lines
+    ranked = [ln for ln in lines if ln.startswith("| ") and ln[2].isdigit()]
+    assert [ln.split(" | ")[1] for ln in ranked] == ["30.0", "300.0", "3.0"]  # by validation, not by test
