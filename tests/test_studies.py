@@ -40,4 +40,7 @@ def test_the_readme_main_job_runs(tmp_path):
                            "--results", str(tmp_path / "results"), "--store", str(tmp_path / "store")],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "7 trials, 0 failed" in proc.stdout
+    assert "14 trials, 0 failed" in proc.stdout  # 7 cases x 2 seeds
+    # its claims are paired over both seeds: a verdict can be reached, not "fewer than 2 samples"
+    claims = [line for line in proc.stdout.splitlines() if line.startswith("claim: ")]
+    assert len(claims) == 2 and all(line.endswith("(n=2)") for line in claims), proc.stdout[-2000:]
