@@ -218,7 +218,7 @@ def test_two_search_drivers_at_once_share_one_optuna_study_on_postgresql(tmp_pat
                   for p in parents}
     assert sorted(len(c) for c in per_parent.values()) == [2, 3] and len(children) == 5
     assert all(c.info.status == "FINISHED" for c in children)
-    logged = {(float(c.data.params["loss.clom"]), float(c.data.params["loss.cclom"])): c.data.metrics["acc.mean"]
+    logged = {(float(c.data.params["loss.clom"]), float(c.data.params["loss.cclom"])): c.data.metrics["val.acc.mean"]
               for c in children}
     assert logged.keys() == points.keys()  # each Optuna trial is one MLflow run, and the other way round
     assert all(logged[k] == pytest.approx(v) for k, v in points.items())

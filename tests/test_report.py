@@ -172,3 +172,25 @@ def test_a_search_report_ranks_its_trials_by_the_search_metric():
     assert "Best trial (Optuna's best params): `loss.clom` = 30.0; val.acc.mean 52.00, test 50.00." in lines
     ranked = [ln for ln in lines if ln.startswith("| ") and ln[2].isdigit()]
     assert [ln.split(" | ")[1] for ln in ranked] == ["30.0", "300.0", "3.0"]  # by validation, not by test
+
+
+def test_report_takes_the_latest_study_run_unless_told_the_search_or_a_run_id(tmp_path):
+    """A search after a study leaves two parent runs in one experiment: `ptmdd report NAME` means
+    the study (--kind search and --run-id pick the others)."""
+    import mlflow
+    import pytest
+
+    from ptmdd_ray import tracking
+    from ptmdd_ray.config import ConfigError
+    from ptmdd_ray.report import find_parent
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = tracking.start_parent(uri, "s", {"ptmdd.kind": "study"})
+    search = tracking.start_parent(uri, "s", {"ptmdd.kind": "search"})
+    client = mlflow.MlflowClient(uri)
+    assert find_parent(client, "s").info.run_id == study
+    assert find_parent(client, "s", kind="search").info.run_id == search
+    assert find_parent(client, "s", run_id=study).info.run_id == study
+    assert client.get_run(search).info.run_name == "s (search)"
+    with pytest.raises(ConfigError, match="run-id"):
+        find_parent(client, "s", run_id="0" * 32)
