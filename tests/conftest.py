@@ -108,6 +108,18 @@ def stop_session(session: int, grace: float = 10) -> None:
     subprocess.run(["pkill", "-KILL", "-s", str(session)], capture_output=True)
 
 
+def stop_server(proc: subprocess.Popen, wait: float = 10) -> None:
+    """Stop a server started in a session of its own: the server first (it stops its workers, and
+    reaping it keeps a zombie from holding the session open), then whatever is left of the session."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+    stop_session(proc.pid, grace=5)
+    proc.wait()
+
+
 # -- a real S3 server (moto) for the store's S3 tests -------------------------------------------
 
 S3_BUCKET = "ptmdd-test"

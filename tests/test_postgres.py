@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, TINY_BASE, free_port, is_loopback, listening, stop_session, together, wait_http
+from conftest import BIN, TINY_BASE, free_port, is_loopback, listening, stop_server, stop_session, together, wait_http
 
 STUDY = {
     "metric": "val.acc.mean",
@@ -105,13 +105,7 @@ def mlflow_on_postgres(postgres, tmp_path_factory):
         wait_http(f"http://127.0.0.1:{port}/health", timeout=180)
         yield f"http://127.0.0.1:{port}", server.pid
     finally:
-        server.terminate()  # the server first: it stops its workers; then whatever is left
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        stop_session(server.pid, grace=5)
-        server.wait()
+        stop_server(server, wait=20)
 
 
 def _drivers(cmds, cwd, timeout=900):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, stop_session, wait_http
+from conftest import free_port, stop_server, stop_session, wait_http
 from test_study import STUDY
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")  # Debian's chromium-driver (bash .ci/setup installs it)
@@ -60,18 +60,6 @@ def _start_ui(db: Path, log: Path) -> tuple[subprocess.Popen, str]:
                                  f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                                 cwd=db.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def _stop_ui(proc: subprocess.Popen) -> None:
-    """Stop the UI's session: the server is reaped first (a zombie would keep its session alive
-    until stop_session's grace ends), then whatever is left of the session is stopped."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    stop_session(proc.pid, grace=5)
-    proc.wait()
 
 
 def _browser(tmp_path: Path):
@@ -191,4 +179,4 @@ def test_mlflow_ui_shows_the_study_runs_in_a_real_browser(tmp_path, monkeypatch)
         finally:
             _quit(driver)
     finally:
-        _stop_ui(proc)
+        stop_server(proc)
