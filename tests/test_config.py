@@ -84,7 +84,7 @@ def test_off_table_ipc_loops_are_sensible():
 
 # --------------------------------------------------------------------------- loss weights
 
-@pytest.mark.parametrize("method, weight", [("dc", 1000.0), ("dsa", 5000.0), ("dm", 30.0)])
+@pytest.mark.parametrize("method, weight", [("dc", 1000.0), ("dsa", 5000.0), ("dm", 100.0)])
 def test_clom_default_per_method_with_pool(method, weight):
     cfg = load_config(None, [f"distill.method={method}", "pool.archs=[ConvNet]"])
     assert cfg.loss.clom == weight
