@@ -69,6 +69,23 @@ def read_json(path: str | Path) -> Any | None:
         return None
 
 
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Tensors and JSON metadata in one safetensors file, atomically (a state to resume from)."""
+    from safetensors.torch import save
+
+    payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                   metadata={META_KEY.decode(): json.dumps(meta)})
+    write_atomic(path, payload)
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What :func:`write_tensors` wrote; nothing in the file is executed (no pickle)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[META_KEY.decode()])
+
+
 def synthetic_table(images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> pa.Table:
     n = images.shape[0]
     flat = images.detach().cpu().float().reshape(n, -1).numpy()

@@ -88,6 +88,9 @@ class DistillConfig:
     dsa_strategy: str | None = field(default=None, metadata={
         "help": "DSA augmentations, e.g. color_crop_cutout_flip_scale_rotate; null: the method's published default"})
     log_every: int = field(default=10, metadata={"help": "record the matching loss every this many iterations"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "a study trial checkpoints its state every this many iterations, so that a retried or "
+                "resumed trial goes on from there; 0: every tenth of the run"})
 
 
 @dataclass(frozen=True)
@@ -469,6 +472,7 @@ def resolve(cfg: Config) -> Config:
                f"must be >= {1 if name != 'iterations' else 0}, got {v}")
     for name in ("batch_real", "batch_train", "log_every"):
         _check(getattr(d, name) >= 1, f"distill.{name}", f"must be >= 1, got {getattr(d, name)}")
+    _check(d.checkpoint_every >= 0, "distill.checkpoint_every", f"must be >= 0, got {d.checkpoint_every}")
     for name in ("lr_img", "lr_net", "momentum_img"):
         v = getattr(d, name)
         _check(v is None or (math.isfinite(v) and v >= 0), f"distill.{name}", f"must be a finite number >= 0, got {v}")

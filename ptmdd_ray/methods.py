@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -42,6 +43,37 @@ def loops_for_ipc(ipc: int) -> tuple[int, int]:
 
 class DivergenceError(RuntimeError):
     """The distillation loss became NaN or infinite (e.g. a learning rate far too large)."""
+
+
+@dataclass
+class DistillState:
+    """Everything a distillation needs to go on exactly where it stopped: the synthetic set, its
+    optimizer's momentum, every random state and the history so far. Tensors plus JSON metadata
+    (:meth:`tensors`, :meth:`meta`), so that a checkpoint of it loads without executing pickle."""
+    iteration: int  # iterations done
+    images: torch.Tensor
+    momentum: torch.Tensor | None
+    gen: torch.Tensor  # torch.Generator.get_state()
+    guide: dict[str, Any]  # the guide's random states ({} without a guide)
+    loss_history: list[tuple[int, float]]
+    seconds: float
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"images": self.images, "gen": self.gen}
+        if self.momentum is not None:
+            out["momentum"] = self.momentum
+        out.update({f"guide.{k}": v for k, v in self.guide.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "loss_history": self.loss_history, "seconds": self.seconds,
+                "guide": {k: v for k, v in self.guide.items() if not isinstance(v, torch.Tensor)}}
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> DistillState:
+        guide = {**meta["guide"], **{k[len("guide."):]: v for k, v in tensors.items() if k.startswith("guide.")}}
+        return cls(int(meta["iteration"]), tensors["images"], tensors.get("momentum"), tensors["gen"], guide,
+                   [(int(i), float(v)) for i, v in meta["loss_history"]], float(meta["seconds"]))
 
 
 @dataclass
@@ -191,20 +223,29 @@ def distill(
     on_log: Callable[[int, float], None] | None = None,
     every: int = 0,
     on_every: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    resume: DistillState | None = None,
+    state_every: int = 0,
+    on_state: Callable[[DistillState], None] | None = None,
 ) -> Distilled:
     """Run ``cfg.method`` for ``cfg.iterations`` iterations on ``data`` (already on its device).
     With ``every`` > 0, ``on_every(iterations done, images, labels)`` sees a detached copy of the
-    synthetic set every ``every`` iterations before the last (intermediate evaluation, pruning)."""
+    synthetic set every ``every`` iterations before the last (intermediate evaluation, pruning).
+    With ``state_every`` > 0, ``on_state`` gets a :class:`DistillState` every ``state_every``
+    iterations before the last (a checkpoint); ``resume`` continues from one, with the same result
+    as the uninterrupted run (every random draw comes from the saved generators)."""
     device = data.x_train.device
     gen = torch.Generator().manual_seed(seed)
     classes, ipc = data.num_classes, cfg.ipc
     images, labels = init_synthetic(data, ipc, cfg.init, gen)
+    if resume is not None:  # in the fresh run's memory layout (a saved tensor comes back contiguous,
+        images = torch.empty_like(images).copy_(resume.images)  # and the layout picks the kernels)
     syn = images.to(device).requires_grad_(True)
     syn_y = labels.to(device)
     opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
     sampler = RealSampler(data, gen)
     shape = (data.channels, classes, data.im_size)
-    history: list[tuple[int, float]] = []
+    history: list[tuple[int, float]] = list(resume.loss_history) if resume else []
+    start, before = (_restore(resume, opt, gen, guide), resume.seconds) if resume else (0, 0.0)
 
     def update(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -212,7 +253,8 @@ def distill(
         opt.step()
 
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.iterations), desc=f"distill {cfg.method}", disable=not progress, leave=False)
+    bar = tqdm(range(start, cfg.iterations), desc=f"distill {cfg.method}", disable=not progress, leave=False,
+               initial=start, total=cfg.iterations)
     for it in bar:
         net = new_model(model, shape, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)), device=device,
                         channels_last=cfg.method == "dm")
@@ -232,6 +274,27 @@ def distill(
                 on_log(it, value)
         if on_every is not None and every > 0 and (it + 1) % every == 0 and it + 1 < cfg.iterations:
             on_every(it + 1, syn.detach().clone(), labels)
+        if on_state is not None and state_every > 0 and (it + 1) % state_every == 0 and it + 1 < cfg.iterations:
+            on_state(_snapshot(it + 1, syn, opt, gen, guide, history, before + time.perf_counter() - t0))
     if not torch.isfinite(syn).all():
         raise DivergenceError("distillation diverged: non-finite synthetic pixels; lower distill.lr_img")
-    return Distilled(syn.detach().cpu(), labels, time.perf_counter() - t0, cfg.iterations, history)
+    return Distilled(syn.detach().cpu(), labels, before + time.perf_counter() - t0, cfg.iterations, history)
+
+
+def _snapshot(done: int, syn: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator, guide,
+              history: list[tuple[int, float]], seconds: float) -> DistillState:
+    buf = opt.state.get(syn, {}).get("momentum_buffer")
+    return DistillState(done, syn.detach().cpu().clone(), None if buf is None else buf.detach().cpu().clone(),
+                        gen.get_state(), guide.get_state() if hasattr(guide, "get_state") else {},
+                        list(history), seconds)
+
+
+def _restore(state: DistillState, opt: torch.optim.Optimizer, gen: torch.Generator, guide) -> int:
+    """Put ``state``'s momentum and random states in place; returns the iteration to go on from."""
+    syn = opt.param_groups[0]["params"][0]
+    if state.momentum is not None:
+        opt.state[syn]["momentum_buffer"] = torch.empty_like(syn, requires_grad=False).copy_(state.momentum)
+    gen.set_state(state.gen)
+    if hasattr(guide, "set_state"):
+        guide.set_state(state.guide)
+    return state.iteration

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -21,7 +21,7 @@ from . import __version__, artifacts
 from .config import Config, ConfigError, source_dataset, to_dict, uses_ptms, weight_for
 from .data import ImageData, load_data, source_id
 from .evaluate import evaluate_set, random_real_subset
-from .methods import distill
+from .methods import DistillState, distill
 from .pool import PTM_DATA_SEED, PTM, PTMGuide, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs
 from .store import CheckpointStore, StoreError
 
@@ -88,16 +88,29 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
     return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0)
 
 
+class Checkpoints(Protocol):
+    """Where a run keeps its distillation state along the way, every ``every`` iterations, to go
+    on from it after a crash (a study trial: Tune's checkpoints). ``extra``: the pipeline's own
+    history (intermediate evaluations)."""
+    every: int
+
+    def load(self) -> tuple[DistillState, dict[str, Any]] | None: ...
+
+    def save(self, state: DistillState, extra: dict[str, Any]) -> None: ...
+
+
 def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = True,
                 on_log: Callable[[int, float], None] | None = None, repo=None,
-                data: ImageData | None = None, on_eval: Callable[[int, float], None] | None = None
-                ) -> dict[str, Any]:
+                data: ImageData | None = None, on_eval: Callable[[int, float], None] | None = None,
+                checkpoints: Checkpoints | None = None) -> dict[str, Any]:
     """Pretrain-if-needed, distill, evaluate; write ``result.json``, ``synthetic.parquet`` and
     ``synthetic.png`` into ``out`` (if given). Returns the result mapping. ``repo`` serves the
     pool (default: a local :class:`~ptmdd_ray.pool.PTMRepository` on ``cfg.store``); ``data`` is
     ``cfg.dataset`` already loaded (a study shares one copy between its trials). With
     ``eval.every`` > 0 the set is also evaluated along the way (one run per arch, no baseline) and
-    ``on_eval(iteration, mean accuracy)`` hears each result: a Tune scheduler prunes on these."""
+    ``on_eval(iteration, mean accuracy)`` hears each result: a Tune scheduler prunes on these.
+    With ``checkpoints`` the distillation goes on from the last saved state, if any, and saves its
+    state along the way."""
     device = pick_device(cfg.device)
     data = data if data is not None else load_data(cfg.dataset, cfg.seed)
     check_ipc(data, cfg.distill.ipc)
@@ -108,7 +121,8 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     pool_seconds = time.perf_counter() - t0
     guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, cfg.seed)
 
-    eval_history: list[tuple[int, float]] = []
+    resume, extra = (checkpoints.load() if checkpoints else None) or (None, {})
+    eval_history: list[tuple[int, float]] = [(int(i), float(a)) for i, a in extra.get("eval_history", [])]
     quick = replace(cfg.eval, runs=1)
     amp = cfg.precision == "bf16"
     along = intermediate_split(data)
@@ -120,8 +134,12 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
         if on_eval is not None:
             on_eval(it, mean)
 
+    def save_state(state: DistillState) -> None:
+        checkpoints.save(state, {"eval_history": eval_history})
+
     syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log,
-                  cfg.eval.every, intermediate)
+                  cfg.eval.every, intermediate, resume=resume, state_every=checkpoints.every if checkpoints else 0,
+                  on_state=save_state if checkpoints else None)
 
     t1 = time.perf_counter()
     acc: dict[str, dict] = {}
@@ -150,7 +168,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
         "pool_stats": {"trainings": pool.trainings, "hits": pool.hits, "seconds": pool_seconds},
         "timing": {"distill_seconds": syn.seconds, "iterations": syn.iterations,
                    "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": eval_seconds,
-                   "baseline_cached": baseline_cached},
+                   "baseline_cached": baseline_cached, "resumed_from": resume.iteration if resume else 0},
         "loss_history": syn.loss_history,
         "eval_history": eval_history,
         "device": str(device),

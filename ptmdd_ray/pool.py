@@ -251,6 +251,17 @@ class PTMGuide:
     def __bool__(self) -> bool:
         return bool(self.archs)
 
+    def get_state(self) -> dict[str, Any]:
+        """Its random states (which PTM each step draws, CCLoM's real batches), for a checkpoint:
+        the generator's as a tensor, Python's as JSON."""
+        version, internal, gauss = self.rng.getstate()
+        return {"gen": self.gen.get_state(), "rng": [version, list(internal), gauss]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
     def __call__(self, syn_aug: torch.Tensor, syn_raw: torch.Tensor, syn_y: torch.Tensor) -> torch.Tensor:
         syn = syn_aug if self.augmented else syn_raw
         arch = self.rng.choice(self.archs)

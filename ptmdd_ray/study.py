@@ -369,6 +369,79 @@ def placement_tags(repo) -> dict[str, str]:
             "ptmdd.device": note_device(gpus), "ptmdd.store_node": ray.get(repo.actor.node_id.remote())}
 
 
+class TuneCheckpoints:
+    """A trial's distillation state kept as Tune checkpoints (see
+    :class:`ptmdd_ray.pipeline.Checkpoints`): a retried attempt (its worker died) or a resumed study
+    (its driver died) goes on from the last one instead of iteration 0. One safetensors file named
+    by the trial's key: tensors plus JSON, nothing pickled.
+
+    Tune hands a retried attempt its last checkpoint, but a driver killed between a trial's
+    checkpoint and Tune's next snapshot of the experiment forgets it (a trial created after that
+    snapshot even comes back in a new directory); so the experiment's storage (``experiment_uri``,
+    local or ``pyarrow.fs``) is searched for this trial's states too, and the latest one wins."""
+
+    def __init__(self, every: int, key: str, experiment_uri: str | None = None):
+        self.every, self.key, self.experiment_uri = every, key, experiment_uri
+        self.file = f"distill_state-{key}.safetensors"
+
+    def load(self):
+        from ray import tune
+
+        from .methods import DistillState
+
+        ckpt = tune.get_checkpoint()
+        found = [self._read(f"{ckpt.path}/{self.file}", ckpt.filesystem)] if ckpt is not None else []
+        found = [f for f in found + self._stored() if f is not None]
+        if not found:
+            return None
+        tensors, meta = max(found, key=lambda f: f[1]["state"]["iteration"])
+        return DistillState.from_parts(tensors, meta["state"]), meta["extra"]
+
+    def save(self, state, extra: dict[str, Any]) -> None:
+        import tempfile
+
+        from ray import tune
+
+        from .artifacts import write_tensors
+
+        with tempfile.TemporaryDirectory() as d:
+            write_tensors(Path(d, self.file), state.tensors(), {"state": state.meta(), "extra": extra, "key": self.key})
+            tune.report({"distill.iteration": state.iteration, "distill.checkpoint": state.iteration,
+                         "trial.final": 0.0}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    def _stored(self) -> list:
+        """This trial's states anywhere under the experiment (``<trial dir>/checkpoint_*/``)."""
+        import pyarrow.fs as pafs
+
+        if not self.experiment_uri:
+            return []
+        fs, where = pafs.FileSystem.from_uri(self.experiment_uri) if "://" in self.experiment_uri else (
+            pafs.LocalFileSystem(), str(Path(self.experiment_uri).resolve()))
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True, recursive=True))
+        except OSError:
+            return []
+        return [self._read(i.path, fs) for i in infos if i.base_name == self.file]
+
+    def _read(self, path: str, fs):
+        """(tensors, meta) of a saved state, or None if it is not whole or not this trial's."""
+        import tempfile
+
+        import pyarrow.fs as pafs
+
+        from .artifacts import read_tensors
+
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                pafs.copy_files(path, str(Path(d, self.file)), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                tensors, meta = read_tensors(Path(d, self.file))
+        except Exception as e:  # noqa: BLE001 - a checkpoint cut off mid-write is no checkpoint
+            log.info("ignoring an unreadable distillation checkpoint %s: %s", path, e)
+            return None
+        return (tensors, meta) if meta.get("key") == self.key else None
+
+
 def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_path: str, resume: bool,
                  artifacts_uri: str | None, select_on_test: bool = False, kind: str = "study") -> str:
     """The study's MLflow parent run: the interrupted one again on ``--resume`` (its id is kept in
@@ -541,7 +614,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         run = tracking.TrialRun(mlflow_uri, parent, trial_key(config))
         done, failed = run.claim()
         if done is not None:  # finished before a driver crash: report it, do not run it again
-            tune.report({**done, "trial.reused": 1.0})
+            tune.report({**done, "trial.reused": 1.0, "trial.final": 1.0})
             return
         if failed is not None:  # it would fail the same way again
             raise TrialFailed(f"{failed} (an earlier attempt of this trial; not run again)")
@@ -572,11 +645,15 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         def on_eval(it: int, acc: float) -> None:
             tune.report({spec.metric: acc, "distill.iteration": it, "trial.final": 0.0})
 
+        iterations = cfg.distill.iterations or 0
+        checkpoints = TuneCheckpoints(cfg.distill.checkpoint_every or max(1, iterations // 10), trial_key(config),
+                                      f"{results}/{exp_name}")
         try:
             data = ImageData.from_arrays(ray.get(data_ref)) if data_ref is not None else None
             memory.update(object_store_mb())
             result = run_distill(cfg, out, progress=False, on_log=on_log, repo=repo, data=data,
-                                 on_eval=on_eval if metric_split(spec.metric) == along else None)
+                                 on_eval=on_eval if metric_split(spec.metric) == along else None,
+                                 checkpoints=checkpoints)
             on_log(-1, 0.0)
             run.finish(result, out, memory)
         except SystemExit:  # how Tune ends a trial its scheduler stopped (pruning)
@@ -594,6 +671,9 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     # progress reports (iteration, loss) come between the scored ones: Tune must not demand the
     # metric in each (ASHA and the Optuna searcher skip reports without it)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # every second checkpoint of a trial forces a snapshot of the experiment (CheckpointConfig's
+    # num_to_keep); short trials checkpoint often, and Tune would warn each time
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if search_trials:
         from .search import TrialSeededTPESampler, open_storage
 
@@ -626,6 +706,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                             num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
                 run_config=tune.RunConfig(name=exp_name, storage_path=results,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           verbose=0 if quiet else 1))
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             grid = tuner.fit()  # Tune prints its tables whatever its verbosity: quiet keeps them from stdout

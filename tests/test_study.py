@@ -199,9 +199,10 @@ def _wait_for(cond, proc, timeout=300):
 
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    """SIGKILL the driver (and the local Ray it started) after some trials finished; ``--resume``
-    completes the study: one FINISHED run per trial, finished ones not re-run, the killed attempt
-    FAILED, the parent run continued and closed, the PTM trained once."""
+    """SIGKILL the driver (and the local Ray it started) after some trials finished and one has
+    checkpointed mid-run; ``--resume`` completes the study: one FINISHED run per trial, finished ones
+    not re-run, the cut-off one continued from its checkpoint, the killed attempt FAILED, the parent
+    run continued and closed, the PTM trained once."""
     from ptmdd_ray.store import CheckpointStore
 
     study = {**STUDY, "sweep": {"loss.clom": {"grid": [0.0, 10.0, 30.0, 100.0]}}, "max_concurrent": 1}
@@ -210,8 +211,15 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
     proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(lambda: sum(r.info.status == "FINISHED" for r in _children(uri)[1]) >= 2, proc)
+
+    def n_finished() -> int:
+        return sum(r.info.status == "FINISHED" for r in _children(uri)[1])
+
+    def checkpointed() -> int:  # trials with a checkpoint behind them, finished or not
+        return len({f.parents[1] for f in (tmp_path / "results").glob("tiny/*/checkpoint_*/distill_state-*.safetensors")})
+
+    try:  # two trials finished and one cut off mid-run, after a checkpoint
+        _wait_for(lambda: (done := n_finished()) >= 2 and checkpointed() > done, proc)
     finally:
         _stop(proc)
     parents, before = _children(uri)
@@ -221,7 +229,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     done = subprocess.run(_study_cmd(path, tmp_path, "--resume"), cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "4 trials, 0 failed" in done.stdout
+    assert "4 trials, 0 failed, 0 pruned" in done.stdout  # a finished trial reported again is no pruned one
     parents, children = _children(uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, closed
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -233,21 +241,41 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         if r.info.status == "FAILED":
             assert "driver died" in r.data.tags["ptmdd.failure"]
     assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1
+    # the trial cut off mid-run went on from its checkpoint, not from iteration 0
+    assert any(r.data.metrics["distill.resumed_from"] > 0 for r in finished)
+
+
+def _checkpoints(results: Path) -> list[int]:
+    """The iterations of the distillation states a study's trials have checkpointed so far."""
+    from ptmdd_ray.artifacts import read_tensors
+
+    found = []
+    for f in results.glob("*/*/checkpoint_*/distill_state-*.safetensors"):
+        try:
+            found.append(read_tensors(f)[1]["state"]["iteration"])
+        except Exception:  # noqa: BLE001 - still being written
+            pass
+    return found
 
 
 @pytest.mark.slow
-def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
-    """SIGKILL the Ray worker running a trial mid-distillation: Tune retries it, the study
-    completes, MLflow holds one FINISHED run for the trial and a FAILED one for the killed attempt."""
+def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint_and_is_recorded_once(tmp_path):
+    """SIGKILL the Ray worker running a trial after it checkpointed: Tune retries it, the second
+    attempt goes on from the checkpoint (not iteration 0) and ends with exactly the synthetic set of
+    an uninterrupted run; MLflow holds one FINISHED run for the trial and a FAILED one for the
+    killed attempt."""
+    from ptmdd_ray.artifacts import read_synthetic
+
     study = {**STUDY, "sweep": {"loss.clom": {"grid": [30.0]}}, "max_failures": 1, "control": None, "claims": []}
-    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 400}}
+    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 400,
+                                                  "checkpoint_every": 50}}
     path = _write(tmp_path, study)
     uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
     proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: any(r.info.status == "RUNNING" for r in _children(uri)[1])
-                  and session_pids(proc.pid, "ray::ImplicitFunc"), proc)
+        _wait_for(lambda: _checkpoints(tmp_path / "results") and session_pids(proc.pid, "ray::ImplicitFunc"), proc)
+        saved = max(_checkpoints(tmp_path / "results"))
         for pid in session_pids(proc.pid, "ray::ImplicitFunc"):
             os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
@@ -261,6 +289,15 @@ def test_trial_whose_worker_is_killed_is_retried_and_recorded_once(tmp_path):
     assert len({r.data.tags["ptmdd.trial_key"] for r in children}) == 1
     failed = next(r for r in children if r.info.status == "FAILED")
     assert "worker died" in failed.data.tags["ptmdd.failure"]
+    finished = next(r for r in children if r.info.status == "FINISHED")
+    assert 50 <= saved <= finished.data.metrics["distill.resumed_from"] < 400
+
+    clean = subprocess.run([*_study_cmd(path, tmp_path), "--results", str(tmp_path / "clean")], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    resumed_set, = (tmp_path / "results").glob("tiny/*/out/synthetic.parquet")
+    clean_set, = (tmp_path / "clean").glob("tiny/*/out/synthetic.parquet")
+    assert (read_synthetic(resumed_set)[0] == read_synthetic(clean_set)[0]).all()  # bit for bit
 
 
 @pytest.mark.slow
