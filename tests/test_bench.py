@@ -2,6 +2,7 @@
 BENCHMARKS.md compare like with like (same loss, different loop structure)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,11 @@ def test_bench_distill_refuses_an_unknown_method():
                           capture_output=True, text=True, timeout=60, env=_env())
     assert proc.returncode != 0 and "--methods: expected a subset of dc,dsa,dm" in proc.stderr and not proc.stdout
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script measures for minutes: run it by hand")
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gpu_check: no CUDA device here (torch.cuda.is_available() is False" in proc.stdout
+    assert re.search(r"gpu_check: \d+ tests? collected", proc.stdout), proc.stdout  # its tests import here
