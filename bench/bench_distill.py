@@ -2,18 +2,29 @@
 memory, on CIFAR-10 from the Parquet at CPU scale (ConvNetW32, IPC 10, batch_real 64 per class).
 
     .venv/bin/python bench/bench_distill.py [--data parquet:../shared/data/cifar10-jpeg.parquet]
+        [--methods dc,dsa,dm] [--variants plain,clom,cclom] [--model ConvNetW32] [--pool-arch ConvNetW32]
+        [--ipc 10] [--batch-real 64] [--iterations N] [--device auto|cpu|cuda] [--json] [--out FILE]
 
 Each case runs in its own process, after warm-up iterations; peak RSS is measured over the timed
 iterations alone (the data set's ~600 MB of float tensors included), and "+MB" is that peak over
-the resident size when they started. DM is
-also timed against ``reference_dm.py`` (the per-class loop of the original code) in the same
-process, in alternating blocks of 5 iterations, so the ratio is free of machine drift. The PTM pool (2 ConvNetW32, epoch 2) is taken from
-the store, trained there first if missing.
+the resident size when they started; on CUDA also ``torch.cuda.max_memory_allocated`` over them. DM
+(and DC/DSA) plain and + CLoM are also timed against ``reference_dm.py`` (``reference_dc.py``), the
+per-class loops of the original code, in the same process, in alternating blocks (6 blocks of
+iterations / 6 for DM), so the ratio is free of machine drift. The PTM pool (2 PTMs of
+``--pool-arch`` at epoch 2) is taken from the store, trained there first if missing.
+
+``--json`` prints exactly one JSON object on stdout (the settings and, per method and variant,
+``seconds_per_iteration``, ``real_images_per_second``, ``reference_seconds_per_iteration`` and
+``speedup_vs_reference`` = reference s/it / ours where the reference ran, else null); the table and
+any progress go to stderr. ``--out FILE`` writes the same object to a file. Exit status 1 if a case
+failed (it is listed under ``failed``).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -24,19 +35,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-CASES = [(m, v) for m in ("dc", "dsa", "dm") for v in ("plain", "clom", "cclom")]
+METHODS = ("dc", "dsa", "dm")
+VARIANTS = ("plain", "clom", "cclom")
+CASES = [(m, v) for m in METHODS for v in VARIANTS]
 ITERS = {"dc": 2, "dsa": 2, "dm": 30}
 WARMUP = {"dc": 1, "dsa": 1, "dm": 3}
+BLOCKS = {"dc": 2, "dsa": 2, "dm": 6}  # alternating blocks of ours vs the reference
+
+
+def iterations(args, method: str) -> int:
+    return args.iterations or ITERS[method]
 
 
 def config(args, method: str, variant: str):
     from ptmdd_ray.config import build_config
 
     return build_config({
-        "dataset": {"name": args.data},
-        "model": "ConvNetW32",
-        "distill": {"method": method, "ipc": args.ipc, "iterations": ITERS[method], "batch_real": 64},
-        "pool": {"archs": ["ConvNetW32"], "seeds": 2, "epoch": 2},
+        "dataset": {"name": args.data, **({"im_size": args.im_size} if args.im_size else {})},
+        "model": args.model,
+        "distill": {"method": method, "ipc": args.ipc, "iterations": iterations(args, method),
+                    "batch_real": args.batch_real},
+        "pool": {"archs": [args.pool_arch], "seeds": 2, "epoch": 2},
         "loss": {"clom": 1000.0 if variant == "clom" else 0.0, "cclom": 1.0 if variant == "cclom" else 0.0,
                  "cclom_batch": 256},
         "store": args.store,
@@ -60,6 +79,23 @@ def reset_peak_rss() -> None:
         pass
 
 
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def real_per_iteration(data, cfg) -> int:
+    """Real images one iteration embeds: DM all classes' batch (one size for all, the smallest
+    class bounds it); DC/DSA every class's batch in each outer step."""
+    counts = [int(i.numel()) for i in data.class_indices()]
+    d = cfg.distill
+    if d.method == "dm":
+        return len(counts) * min(d.batch_real, min(counts))
+    return d.outer_loop * sum(min(d.batch_real, c) for c in counts)
+
+
 def run_case(args, method: str, variant: str) -> dict:
     import torch
 
@@ -76,19 +112,35 @@ def run_case(args, method: str, variant: str) -> dict:
     warm = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": WARMUP[method]})
     distill(warm, cfg.model, data, 0, guide, progress=False)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_start = torch.cuda.memory_allocated(device) / 2**20
     base_rss = rss_mb("VmRSS")
     reset_peak_rss()
     out = distill(cfg.distill, cfg.model, data, 0, guide, progress=False)
-    row = {"method": method, "variant": variant, "seconds_per_iteration": out.seconds / out.iterations,
-           "iterations": out.iterations, "peak_rss_mb": rss_mb(), "peak_over_start_mb": rss_mb() - base_rss,
-           "device": str(device), "threads": torch.get_num_threads()}
+    per_it = out.seconds / out.iterations
+    row = {"method": method, "variant": variant, "seconds_per_iteration": per_it,
+           "run_seconds_per_iteration": per_it, "iterations": out.iterations,
+           "real_images_per_iteration": real_per_iteration(data, cfg),
+           "peak_rss_mb": rss_mb(), "peak_over_start_mb": rss_mb() - base_rss,
+           "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "im_size": data.im_size, "classes": data.num_classes,
+           "reference_seconds_per_iteration": None, "reference_iterations": 0}
     if device.type == "cuda":
-        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if variant in ("plain", "clom") and device.type == "cpu":
-        blocks, per_block = (6, 5) if method == "dm" else (2, 1)
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row["peak_cuda_over_start_mb"] = row["peak_cuda_mb"] - cuda_start
+        row["device_name"] = torch.cuda.get_device_name(device)
+        row["cuda"] = torch.version.cuda
+    if variant in ("plain", "clom"):  # the reference code has no CCLoM
+        n = iterations(args, method)
+        blocks = BLOCKS[method]
+        per_block = max(1, round(n / blocks))
         ours, ref = interleaved_times(cfg, data, guide, pool.ptms if variant == "clom" else None, blocks, per_block)
         row["seconds_per_iteration"], row["reference_seconds_per_iteration"] = ours, ref
+        row["reference_iterations"] = blocks * per_block
+    ours, ref = row["seconds_per_iteration"], row["reference_seconds_per_iteration"]
+    row["real_images_per_second"] = row["real_images_per_iteration"] / ours
+    row["speedup_vs_reference"] = ref / ours if ref else None
     return row
 
 
@@ -96,14 +148,17 @@ def interleaved_times(cfg, data, guide, ptms, blocks: int = 6, per_block: int = 
     """Ours vs the reference in alternating blocks, so that drifts of the machine hit both alike."""
     from ptmdd_ray.methods import distill
 
+    device = data.x_train.device
     ref_iter = reference_iteration(cfg, data, ptms)
     block = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": per_block})
     ours = ref = 0.0
     for b in range(blocks):
         ours += distill(block, cfg.model, data, b, guide, progress=False).seconds
+        sync(device)
         t0 = time.perf_counter()
         for k in range(per_block):
             ref_iter(b * per_block + k)
+        sync(device)
         ref += time.perf_counter() - t0
     n = blocks * per_block
     return ours / n, ref / n
@@ -120,16 +175,17 @@ def reference_iteration(cfg, data, ptms):
 
     np.random.seed(0)
     d = cfg.distill
+    device = data.x_train.device
     syn, syn_y = init_synthetic(data, d.ipc, "real", torch.Generator().manual_seed(0))
-    syn.requires_grad_(True)
+    syn, syn_y = syn.to(device).requires_grad_(True), syn_y.to(device)
     opt = torch.optim.SGD([syn], lr=d.lr_img, momentum=0.5)
-    indices = [i.numpy() for i in data.class_indices()]
+    indices = [i.cpu().numpy() for i in data.class_indices()]
     shape = (data.channels, data.num_classes, data.im_size)
     ptm = ptms[0].model if ptms else None
     alpha = cfg.loss.clom if ptm is not None else 0.0
 
     def it(k):
-        net = new_model(cfg.model, shape, seed=k)  # the original's default (NCHW) layout
+        net = new_model(cfg.model, shape, seed=k, device=device)  # the original's default (NCHW) layout
         if d.method == "dm":
             reference_dm_iteration(net, syn, syn_y, data.x_train, indices, opt, d.ipc, d.batch_real, d.dsa_strategy,
                                    ptm, alpha)
@@ -142,43 +198,107 @@ def reference_iteration(cfg, data, ptms):
     return it
 
 
-def main() -> None:
+def subset(values: list[str], allowed: tuple[str, ...], flag: str) -> list[str]:
+    """``--methods dm,dsa`` or ``--methods dm dsa`` (or ``"dm dsa"``): the named members of
+    ``allowed``, in its order; an unknown name is an error."""
+    names = [n for v in values for n in re.split(r"[,\s]+", v.strip().lower()) if n]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise SystemExit(f"bench_distill.py: error: {flag}: expected a subset of {','.join(allowed)}, got "
+                         f"{' '.join(values)!r}")
+    return [a for a in allowed if a in names]
+
+
+def case_command(args, method: str, variant: str) -> list[str]:
+    cmd = [sys.executable, __file__, "--case", f"{method}:{variant}", "--data", args.data, "--ipc", str(args.ipc),
+           "--store", args.store, "--device", args.device, "--model", args.model, "--pool-arch", args.pool_arch,
+           "--batch-real", str(args.batch_real), "--im-size", str(args.im_size)]
+    return cmd + (["--iterations", str(args.iterations)] if args.iterations else [])
+
+
+def settings(args, methods: list[str], variants: list[str], rows: list[dict]) -> dict:
+    first = rows[0] if rows else {}
+    if first:
+        torch_version, device = first["torch"], first["device"]
+    else:  # every case failed: say what this interpreter has
+        import torch
+
+        torch_version, device = torch.__version__, args.device
+    return {"data": args.data, "im_size": first.get("im_size"), "model": args.model, "pool_arch": args.pool_arch, "ipc": args.ipc,
+            "batch_real": args.batch_real, "iterations": {m: iterations(args, m) for m in methods},
+            "warmup": {m: WARMUP[m] for m in methods}, "methods": methods, "variants": variants,
+            "device": device, "device_requested": args.device, "device_name": first.get("device_name"),
+            "cuda": first.get("cuda"), "torch": torch_version, "threads": first.get("threads"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=f"parquet:{ROOT.parent / 'shared/data/cifar10-jpeg.parquet'}")
+    p.add_argument("--data", default=f"parquet:{ROOT.parent / 'shared/data/cifar10-jpeg.parquet'}",
+                   help="a dataset name (digits, cifar10, ...) or parquet:PATH (default: the shared CIFAR-10)")
+    p.add_argument("--im-size", type=int, default=0, help="resize the images to this many pixels (default: the data's)")
     p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--model", default="ConvNetW32", help="the matching network (ConvNet = width 128, the papers')")
+    p.add_argument("--pool-arch", default="ConvNetW32", help="architecture of the 2 PTMs of the CLoM/CCLoM pool")
+    p.add_argument("--batch-real", type=int, default=64, help="real images per class per matching step")
+    p.add_argument("--iterations", type=int, default=0,
+                   help=f"timed iterations per case (default per method: {ITERS}); the reference comparison "
+                        "runs about as many of each, in alternating blocks")
     p.add_argument("--store", default=str(ROOT / "ptm_store"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--methods", default="dc,dsa,dm")
-    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
-    p.add_argument("--json", help="also write the rows to this JSON file")
-    args = p.parse_args()
+    p.add_argument("--methods", nargs="+", default=["dc,dsa,dm"], help="a subset of dc,dsa,dm (comma or space separated)")
+    p.add_argument("--variants", nargs="+", default=["plain,clom,cclom"],
+                   help="a subset of plain,clom,cclom (comma or space separated)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
+    p.add_argument("--out", help="also write the JSON object to this file")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
+    args = p.parse_args(argv)
+    if args.iterations < 0 or args.ipc < 1 or args.batch_real < 1:
+        p.error("--iterations must be >= 0, --ipc and --batch-real >= 1")
     if args.case:
         method, variant = args.case.split(":")
         print(json.dumps(run_case(args, method, variant)))
-        return
-    rows = []
-    wanted = args.methods.split(",")
+        return 0
+    methods = subset(args.methods, METHODS, "--methods")
+    variants = subset(args.variants, VARIANTS, "--variants")
+    table = sys.stderr if args.json else sys.stdout
+    rows, results, failed = [], {}, {}
     print(f"{'method':<8}{'variant':<9}{'s/iter':>10}{'reference':>11}{'speed-up':>10}{'peak RSS MB':>13}"
-          f"{'distill +MB':>13}")
+          f"{'distill +MB':>13}", file=table, flush=True)
     for method, variant in CASES:
-        if method not in wanted:
+        if method not in methods or variant not in variants:
             continue
-        cmd = [sys.executable, __file__, "--case", f"{method}:{variant}", "--data", args.data, "--ipc", str(args.ipc),
-               "--store", args.store, "--device", args.device]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{method:<8}{variant:<9} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        proc = subprocess.run(case_command(args, method, variant), capture_output=True, text=True)
+        row = None
+        if proc.returncode == 0:
+            try:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                pass
+        if row is None:
+            reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            failed[f"{method}:{variant}"] = reason
+            print(f"{method:<8}{variant:<9} failed: {reason}", file=table, flush=True)
+            if args.json:
+                print(proc.stderr[-3000:], file=sys.stderr, flush=True)
             continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        ref, ours = row.get("reference_seconds_per_iteration"), row["seconds_per_iteration"]
+        results.setdefault(method, {})[variant] = {k: v for k, v in row.items() if k not in ("method", "variant")}
+        ref, ours = row["reference_seconds_per_iteration"], row["seconds_per_iteration"]
         ref_s = f"{ref:.4f}" if ref else "-"
-        ratio = f"{ref / ours:.2f}x" if ref else "-"
+        ratio = f"{row['speedup_vs_reference']:.2f}x" if ref else "-"
+        cuda = f"  (CUDA peak {row['peak_cuda_mb']:.0f} MB)" if "peak_cuda_mb" in row else ""
         print(f"{method:<8}{variant:<9}{ours:>10.4f}{ref_s:>11}{ratio:>10}{row['peak_rss_mb']:>13.0f}"
-              f"{row['peak_over_start_mb']:>13.0f}", flush=True)
+              f"{row['peak_over_start_mb']:>13.0f}{cuda}", file=table, flush=True)
+    report = {"benchmark": "bench_distill", "settings": settings(args, methods, variants, rows), "results": results,
+              "failed": failed}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(json.dumps(report, indent=2), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,13 +32,13 @@ def _distance_wb(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
         gwr = gwr.reshape(shape[0], shape[1] * shape[2])
         gws = gws.reshape(shape[0], shape[1] * shape[2])
     elif len(shape) == 1:
-        return torch.tensor(0.0)
+        return torch.tensor(0.0, device=gwr.device)
     return torch.sum(1 - torch.sum(gwr * gws, dim=-1)
                      / (torch.norm(gwr, dim=-1) * torch.norm(gws, dim=-1) + 0.000001))
 
 
 def _match_loss(gw_syn, gw_real) -> torch.Tensor:
-    dis = torch.tensor(0.0)
+    dis = torch.tensor(0.0, device=gw_real[0].device)
     for ig in range(len(gw_real)):
         dis += _distance_wb(gw_real[ig], gw_syn[ig])
     return dis
@@ -50,7 +50,7 @@ def _epoch(loader, net, optimizer, criterion, strategy, size):
     for img, lab in loader:
         img = img.float()
         if strategy != "none":
-            params = augment.sample(strategy, img.shape[0], size)
+            params = augment.sample(strategy, img.shape[0], size, device=img.device)
             img = augment.apply(img, params)
         lab = lab.long()
         output = net(img)
@@ -72,6 +72,7 @@ def reference_dc_iteration(net, syn, syn_y, images_all, indices_class, opt_img, 
     opt_net = torch.optim.SGD(net.parameters(), lr=lr_net)
     criterion = nn.CrossEntropyLoss()
     classes, size = len(indices_class), syn.shape[-1]
+    device = syn.device  # the original sends every tensor to args.device
 
     def get_images(c, n):
         return images_all[np.random.permutation(indices_class[c])[:n]]
@@ -85,16 +86,16 @@ def reference_dc_iteration(net, syn, syn_y, images_all, indices_class, opt_img, 
             for m in net.modules():
                 if "BatchNorm" in m._get_name():
                     m.eval()
-        loss = torch.tensor(0.0)
+        loss = torch.tensor(0.0, device=device)
         for c in range(classes):
             img_real = get_images(c, batch_real)
-            lab_real = torch.ones((img_real.shape[0],), dtype=torch.long) * c
+            lab_real = torch.ones((img_real.shape[0],), dtype=torch.long, device=device) * c
             img_syn = syn[c * ipc:(c + 1) * ipc].reshape((ipc, syn.shape[1], size, size))
-            lab_syn = torch.ones((ipc,), dtype=torch.long) * c
+            lab_syn = torch.ones((ipc,), dtype=torch.long, device=device) * c
             if strategy != "none":
-                aug = augment.sample(strategy, 1, size)
-                img_real = augment.apply(img_real, aug, torch.zeros(img_real.shape[0], dtype=torch.long))
-                img_syn = augment.apply(img_syn, aug, torch.zeros(ipc, dtype=torch.long))
+                aug = augment.sample(strategy, 1, size, device=device)
+                img_real = augment.apply(img_real, aug, torch.zeros(img_real.shape[0], dtype=torch.long, device=device))
+                img_syn = augment.apply(img_syn, aug, torch.zeros(ipc, dtype=torch.long, device=device))
             gw_real = torch.autograd.grad(criterion(net(img_real), lab_real), params)
             gw_real = list(g.detach().clone() for g in gw_real)
             gw_syn = torch.autograd.grad(criterion(net(img_syn), lab_syn), params, create_graph=True)

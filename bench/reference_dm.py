@@ -19,14 +19,15 @@ def reference_dm_iteration(net, syn, syn_y, images_all, indices_class, opt, ipc,
         p.requires_grad = False
     net.train()
     classes = len(indices_class)
-    loss = torch.tensor(0.0)
+    device = syn.device  # the original: torch.tensor(0.0).to(args.device), parameters sent to the device
+    loss = torch.tensor(0.0, device=device)
     for c in range(classes):
         idx = np.random.permutation(indices_class[c])[:batch_real]
         img_real = images_all[idx]
         img_syn = syn[c * ipc:(c + 1) * ipc]
-        params = augment.sample(strategy, 1, syn.shape[-1])
-        img_real = augment.apply(img_real, params, torch.zeros(img_real.shape[0], dtype=torch.long))
-        img_syn = augment.apply(img_syn, params, torch.zeros(ipc, dtype=torch.long))
+        params = augment.sample(strategy, 1, syn.shape[-1], device=device)
+        img_real = augment.apply(img_real, params, torch.zeros(img_real.shape[0], dtype=torch.long, device=device))
+        img_syn = augment.apply(img_syn, params, torch.zeros(ipc, dtype=torch.long, device=device))
         output_real = net.embed(img_real).detach()
         output_syn = net.embed(img_syn)
         loss += torch.sum((torch.mean(output_real, dim=0) - torch.mean(output_syn, dim=0)) ** 2)

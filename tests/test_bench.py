@@ -1,5 +1,9 @@
 """The yardsticks in bench/ compute what the package computes, so the speed ratios in
 BENCHMARKS.md compare like with like (same loss, different loop structure)."""
+import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +74,53 @@ def test_reference_dc_iteration_matches_per_class_gradients_and_updates_the_set(
                                  outer_loop=1, inner_loop=1, lr_net=0.01, batch_train=256)
     assert got * classes == pytest.approx(expected, rel=1e-4)  # it returns the per-class mean
     assert not torch.allclose(before, syn.detach())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict:
+    # one thread per process: the bench's cases run beside whatever else the machine runs, and
+    # oversubscribed cores would make a tiny case take minutes
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_bench_distill_json_prints_one_object_with_dm_against_its_reference(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_distill.py"), "--methods", "dm", "--json",
+                           "--data", "digits", "--im-size", "8", "--ipc", "1", "--batch-real", "16",
+                           "--iterations", "2", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # the whole of stdout is one JSON object; the table went to stderr
+    assert "s/iter" in proc.stderr and report == json.loads((tmp_path / "b.json").read_text())
+    s = report["settings"]
+    assert (s["model"], s["ipc"], s["batch_real"], s["data"], s["device"]) == ("ConvNetW32", 1, 16, "digits", "cpu")
+    assert s["iterations"] == {"dm": 2} and s["torch"] == torch.__version__ and s["date"]
+    assert report["failed"] == {} and list(report["results"]) == ["dm"]
+    dm = report["results"]["dm"]
+    assert list(dm) == ["plain", "clom", "cclom"]
+    for variant, r in dm.items():
+        assert r["seconds_per_iteration"] > 0 and r["real_images_per_second"] > 0 and r["iterations"] == 2
+        if variant == "cclom":  # the reference code has no CCLoM
+            assert r["reference_seconds_per_iteration"] is None and r["speedup_vs_reference"] is None
+            continue
+        ref = r["reference_seconds_per_iteration"]
+        assert ref > 0 and r["reference_iterations"] == 6
+        assert r["speedup_vs_reference"] == pytest.approx(ref / r["seconds_per_iteration"])
+
+
+def test_bench_distill_refuses_an_unknown_method():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_distill.py"), "--methods", "dm,dx", "--json"],
+                          capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode != 0 and "--methods: expected a subset of dc,dsa,dm" in proc.stderr and not proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script measures for minutes: run it by hand")
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gpu_check: no CUDA device here (torch.cuda.is_available() is False" in proc.stdout
+    assert re.search(r"gpu_check: \d+ tests? collected", proc.stdout), proc.stdout  # its tests import here
