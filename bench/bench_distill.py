@@ -54,7 +54,7 @@ def config(args, method: str, variant: str):
         "dataset": {"name": args.data, **({"im_size": args.im_size} if args.im_size else {})},
         "model": args.model,
         "distill": {"method": method, "ipc": args.ipc, "iterations": iterations(args, method),
-                    "batch_real": args.batch_real},
+                    "batch_real": args.batch_real, "compile": not args.no_compile},
         "pool": {"archs": [args.pool_arch], "seeds": 2, "epoch": 2},
         "loss": {"clom": 1000.0 if variant == "clom" else 0.0, "cclom": 1.0 if variant == "cclom" else 0.0,
                  "cclom_batch": 256},
@@ -110,7 +110,9 @@ def run_case(args, method: str, variant: str) -> dict:
     pool = resolve_pool(cfg, data, device, progress=False)
     guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, 0) or None
     warm = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": WARMUP[method]})
-    distill(warm, cfg.model, data, 0, guide, progress=False)
+    t_warm = time.perf_counter()
+    distill(warm, cfg.model, data, 0, guide, progress=False)  # DM: includes torch.compile's compilation
+    warmup_seconds = time.perf_counter() - t_warm
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -125,7 +127,8 @@ def run_case(args, method: str, variant: str) -> dict:
            "peak_rss_mb": rss_mb(), "peak_over_start_mb": rss_mb() - base_rss,
            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "im_size": data.im_size, "classes": data.num_classes,
-           "reference_seconds_per_iteration": None, "reference_iterations": 0}
+           "reference_seconds_per_iteration": None, "reference_iterations": 0,
+           "compile": bool(cfg.distill.compile and method == "dm"), "warmup_seconds": warmup_seconds}
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         row["peak_cuda_over_start_mb"] = row["peak_cuda_mb"] - cuda_start
@@ -213,7 +216,8 @@ def case_command(args, method: str, variant: str) -> list[str]:
     cmd = [sys.executable, __file__, "--case", f"{method}:{variant}", "--data", args.data, "--ipc", str(args.ipc),
            "--store", args.store, "--device", args.device, "--model", args.model, "--pool-arch", args.pool_arch,
            "--batch-real", str(args.batch_real), "--im-size", str(args.im_size)]
-    return cmd + (["--iterations", str(args.iterations)] if args.iterations else [])
+    return cmd + (["--iterations", str(args.iterations)] if args.iterations else []) + (
+        ["--no-compile"] if args.no_compile else [])
 
 
 def settings(args, methods: list[str], variants: list[str], rows: list[dict]) -> dict:
@@ -226,7 +230,7 @@ def settings(args, methods: list[str], variants: list[str], rows: list[dict]) ->
         torch_version, device = torch.__version__, args.device
     return {"data": args.data, "im_size": first.get("im_size"), "model": args.model, "pool_arch": args.pool_arch, "ipc": args.ipc,
             "batch_real": args.batch_real, "iterations": {m: iterations(args, m) for m in methods},
-            "warmup": {m: WARMUP[m] for m in methods}, "methods": methods, "variants": variants,
+            "warmup": {m: WARMUP[m] for m in methods}, "compile": not args.no_compile, "methods": methods, "variants": variants,
             "device": device, "device_requested": args.device, "device_name": first.get("device_name"),
             "cuda": first.get("cuda"), "torch": torch_version, "threads": first.get("threads"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         "runs about as many of each, in alternating blocks")
     p.add_argument("--store", default=str(ROOT / "ptm_store"))
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-compile", action="store_true",
+                   help="DM eager (default: through torch.compile, as DM runs of >= 1000 iterations are)")
     p.add_argument("--methods", nargs="+", default=["dc,dsa,dm"], help="a subset of dc,dsa,dm (comma or space separated)")
     p.add_argument("--variants", nargs="+", default=["plain,clom,cclom"],
                    help="a subset of plain,clom,cclom (comma or space separated)")

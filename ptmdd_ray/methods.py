@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import augment, losses
+from .compiled import CompiledCall
 from .config import DistillConfig
 from .data import ImageData
 from .train import new_model, train_classifier
@@ -121,12 +122,14 @@ def init_synthetic(data: ImageData, ipc: int, init: str, gen: torch.Generator) -
 CPU_CHUNK = 128
 
 
-def embed_chunked(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``net.embed(x)``, in cache-sized chunks on the CPU (identical result: the matching nets
-    normalise per sample, and BatchNorm nets are never chunked)."""
+def embed_chunked(net: nn.Module, x: torch.Tensor, embed: CompiledCall | None = None) -> torch.Tensor:
+    """``net.embed(x)`` (through ``embed``, a compiled call, if given), in cache-sized chunks on the
+    CPU (identical result: the matching nets normalise per sample, and BatchNorm nets are never
+    chunked)."""
+    call = (lambda c: embed(net, c)) if embed is not None else net.embed
     if x.device.type != "cpu" or x.shape[0] <= CPU_CHUNK or _has_batchnorm(net):
-        return net.embed(x)
-    return torch.cat([net.embed(c) for c in x.split(CPU_CHUNK)])
+        return call(x)
+    return torch.cat([call(c) for c in x.split(CPU_CHUNK)])
 
 
 def _has_batchnorm(net: nn.Module) -> bool:
@@ -147,16 +150,18 @@ def _groups(classes: int, per_class: int, device) -> torch.Tensor:
 Guide = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None):
-    """One DM update: match class-mean embeddings of real and synthetic images under a random net."""
+def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None,
+            embed: CompiledCall | None = None):
+    """One DM update: match class-mean embeddings of real and synthetic images under a random net
+    (its passes through ``embed``, a compiled call, if given)."""
     _frozen(net).train()
     real = sampler.batch_all(cfg.batch_real)
     per = real.shape[0] // classes
     params = augment.sample(cfg.dsa_strategy, classes, syn.shape[-1], gen, syn.device)
     with torch.no_grad():
-        real_feat = embed_chunked(net, augment.apply(real, params, _groups(classes, per, syn.device)))
+        real_feat = embed_chunked(net, augment.apply(real, params, _groups(classes, per, syn.device)), embed)
     syn_aug = augment.apply(syn, params, _groups(classes, ipc, syn.device))
-    syn_feat = embed_chunked(net, syn_aug)
+    syn_feat = embed_chunked(net, syn_aug, embed)
     loss = losses.distribution_distance(
         syn_feat.view(classes, ipc, -1).mean(1), real_feat.view(classes, per, -1).mean(1))
     if guide is not None:
@@ -252,6 +257,9 @@ def distill(
         loss.backward()
         opt.step()
 
+    embed = None  # DM's compiled embedding (distill.compile), made from the first network
+    if cfg.compile and cfg.method == "dm" and hasattr(guide, "compile"):
+        guide.compile()
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), desc=f"distill {cfg.method}", disable=not progress, leave=False,
                initial=start, total=cfg.iterations)
@@ -259,7 +267,9 @@ def distill(
         net = new_model(model, shape, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)), device=device,
                         channels_last=cfg.method == "dm")
         if cfg.method == "dm":
-            loss = dm_step(net, syn, syn_y, sampler, cfg, ipc, classes, gen, guide)
+            if cfg.compile and embed is None:
+                embed = CompiledCall(net, "embed")
+            loss = dm_step(net, syn, syn_y, sampler, cfg, ipc, classes, gen, guide, embed)
             update(loss)
             step_losses = [loss.detach()]
         else:

@@ -242,6 +242,7 @@ class PTMGuide:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self._features: dict[int, torch.Tensor] = {}  # id(PTM model) -> embeddings of real_x
+        self._calls: dict[str, tuple] = {}  # arch -> compiled (forward, embed), see compile()
 
     @classmethod
     def from_config(cls, loss, ptms: list[PTM], real: ImageData, seed: int) -> PTMGuide:
@@ -250,6 +251,14 @@ class PTMGuide:
 
     def __bool__(self) -> bool:
         return bool(self.archs)
+
+    def compile(self) -> None:
+        """Run the PTMs' passes on the synthetic images through ``torch.compile`` (one compilation
+        per architecture serves all its PTMs; see :mod:`ptmdd_ray.compiled`)."""
+        from .compiled import CompiledCall
+
+        for arch, ptms in self.by_arch.items():
+            self._calls[arch] = (CompiledCall(ptms[0].model, "forward"), CompiledCall(ptms[0].model, "embed"))
 
     def get_state(self) -> dict[str, Any]:
         """Its random states (which PTM each step draws, CCLoM's real batches), for a checkpoint:
@@ -268,11 +277,13 @@ class PTMGuide:
         ptm = self.rng.choice(self.by_arch[arch]).model
         alpha, beta = weight_for(self.clom, arch), weight_for(self.cclom, arch)
         loss = syn.new_zeros(())
+        forward, embed = self._calls.get(arch, (None, None))
         if alpha > 0:
-            loss = loss + alpha * losses.clom(ptm(syn), syn_y)
+            loss = loss + alpha * losses.clom(forward(ptm, syn) if forward else ptm(syn), syn_y)
         if beta > 0:
             idx = torch.randint(self.real_x.shape[0], (self.cclom_batch,), generator=self.gen).to(self.real_x.device)
-            loss = loss + beta * losses.cclom(ptm.embed(syn), self.real_features(ptm, idx), syn_y, self.real_y[idx])
+            feats = embed(ptm, syn) if embed else ptm.embed(syn)
+            loss = loss + beta * losses.cclom(feats, self.real_features(ptm, idx), syn_y, self.real_y[idx])
         return loss
 
     @torch.no_grad()

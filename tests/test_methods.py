@@ -118,3 +118,15 @@ def test_a_run_resumed_from_its_saved_state_ends_as_the_uninterrupted_one(digits
     fresh = distill(cfg.distill, cfg.model, digits, seed=3, guide=_guide(digits), progress=False,
                     resume=DistillState(**{**state.__dict__, "gen": torch.Generator().manual_seed(9).get_state()}))
     assert not torch.equal(fresh.images, full.images)  # the saved random state is what makes it exact
+
+
+def test_compiled_dm_follows_the_eager_run(digits):
+    """``distill.compile``: DM (+ CLoM and CCLoM) through torch.compile takes the eager run's path
+    up to float rounding."""
+    eager = _cfg("dm", iterations=3, log_every=1, compile=False)
+    compiled = _cfg("dm", iterations=3, log_every=1, compile=True)
+    a = distill(eager.distill, eager.model, digits, seed=1, guide=_guide(digits), progress=False)
+    b = distill(compiled.distill, compiled.model, digits, seed=1, guide=_guide(digits), progress=False)
+    assert [i for i, _ in a.loss_history] == [i for i, _ in b.loss_history]
+    assert all(abs(x - y) <= 1e-4 * abs(x) for (_, x), (_, y) in zip(a.loss_history, b.loss_history))
+    assert torch.allclose(a.images, b.images, atol=1e-3)
