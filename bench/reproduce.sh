@@ -64,6 +64,10 @@ for s in $STUDIES; do
              --set "control={loss.cclom: 0.0}"
              --set "claims=[{claim: PTMs of a disjoint label space help through CCLoM (beta best on validation), better: {loss.cclom: best}, than: control},
              {claim: CCLoM at beta 1000 from a disjoint label space beats plain DM, better: {loss.cclom: 1000.0}, than: control}]") ;;
+    compiled)  # issue 14's accuracy check: plain DM and DM + CLoM (alpha 100) through torch.compile, the same
+      # seeds as loss_weights_alpha (pair them: bench/compare_studies.py compiled loss_weights_alpha)
+      extra=(--set "base.pool.source=$SRC" --set name=$s --set base.distill.compile=true
+             --set "sweep={loss.clom: {grid: [0.0, 100.0]}}" --set matrix=null --set control=null --set "claims=[]") ;;
     overtrained)  # Finding 2 where PTMs fit their data: checkpoints 2..150 of 150-epoch runs on 500 images/class
       extra=(--set "base.pool.source=$SRC" --set name=$s --set base.pretrain.epochs=150 --set base.pool.epoch=150
              --set "base.pretrain.save_epochs=[2, 10, 30, 75, 150]" --set base.loss.clom=$ALPHA
@@ -79,7 +83,7 @@ for s in $STUDIES; do
     *) extra=(--set "base.pool.source=$SRC") ;;
   esac
   file=${s%_ipc1}; file=${file%_alpha}; file=${file%_beta1}  # loss_weights_*: loss_weights.yaml
-  case $s in cclom_strength|disjoint) file=loss_weights ;; overtrained) file=epochs ;; esac
+  case $s in cclom_strength|disjoint|compiled) file=loss_weights ;; overtrained) file=epochs ;; esac
   ${PTMDD:-.venv/bin/ptmdd} study "studies/$file.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" ${RESUME:+--resume} || true
   ${PTMDD:-.venv/bin/ptmdd} report "$s" --results "$OUT/results" --out "$OUT/report/$s"
 done

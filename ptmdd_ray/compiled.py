@@ -52,7 +52,7 @@ _compiled = torch.compile(_functional, dynamic=False)
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 # One _Call per architecture and method, so that a later run in this process (a benchmark's
 # blocks, a reused worker) finds its graphs compiled: the compiled graphs are guarded on it.
-_CALLS: dict[tuple[str, str], _Call] = {}
+_CALLS: dict[tuple[str, str, bool], _Call] = {}
 
 
 class CompiledCall:
@@ -62,9 +62,12 @@ class CompiledCall:
 
     def __init__(self, template: nn.Module, method: str = "embed"):
         self.method = method
-        key = (repr(template), method)
-        self._call = _CALLS.setdefault(key, _Call(template, method))
+        self.arch = repr(template)
         self._fn: Callable | None = _compiled
+
+    def _call_for(self, net: nn.Module) -> _Call:
+        """The template of ``net``'s architecture *and mode* (train/eval: dropout, norms differ)."""
+        return _CALLS.setdefault((self.arch, self.method, net.training), _Call(net, self.method))
 
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._fn is None or not compilable(net):
@@ -72,7 +75,7 @@ class CompiledCall:
         state = {f"net.{k}": v for k, v in net.named_parameters()}
         state.update({f"net.{k}": v for k, v in net.named_buffers()})
         try:
-            return self._fn(self._call, state, x)
+            return self._fn(self._call_for(net), state, x)
         except Exception as e:  # noqa: BLE001 - inductor's failures are many (no compiler, an op it lacks)
             log.warning("torch.compile unavailable (%s: %s); running eager", type(e).__name__, str(e)[:200])
             self._fn = None
