@@ -72,6 +72,8 @@ class CompiledCall:
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._fn is None or not compilable(net):
             return getattr(net, self.method)(x)
+        if x.dim() == 4:  # one layout, whatever produced x (each DSA op leaves its own): one graph, not six
+            x = x.contiguous(memory_format=torch.channels_last)
         state = {f"net.{k}": v for k, v in net.named_parameters()}
         state.update({f"net.{k}": v for k, v in net.named_buffers()})
         try:
