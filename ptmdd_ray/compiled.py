@@ -50,6 +50,9 @@ _compiled = torch.compile(_functional, dynamic=False)
 # synthetic set, a PTM's forward and embedding): past dynamo's default of 8 it would fall back to
 # eager without a word.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+# Compile in this process: a pool of compile workers would outlive the compilation and compete with
+# the run for the CPU its trial was given (1 core by default).
+torch._inductor.config.compile_threads = 1
 # One _Call per architecture and method, so that a later run in this process (a benchmark's
 # blocks, a reused worker) finds its graphs compiled: the compiled graphs are guarded on it.
 _CALLS: dict[tuple[str, str, bool], _Call] = {}
