@@ -70,7 +70,10 @@ class CompiledCall:
 
     def _call_for(self, net: nn.Module) -> _Call:
         """The template of ``net``'s architecture *and mode* (train/eval: dropout, norms differ)."""
-        return _CALLS.setdefault((self.arch, self.method, net.training), _Call(net, self.method))
+        key = (self.arch, self.method, net.training)
+        if key not in _CALLS:  # not setdefault: that would build a _Call on every pass
+            _CALLS[key] = _Call(net, self.method)
+        return _CALLS[key]
 
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._fn is None or not compilable(net):
