@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
@@ -349,6 +350,17 @@ def memory_mb() -> dict[str, float]:
     return out
 
 
+def process_start_time() -> float:
+    """When this process started (unix time, to ~10 ms; nan off Linux): a trial's worker start-up
+    is the time from it to the trial function's first line."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def object_store_mb() -> dict[str, float]:
     """``objstore.node_mb``: the object-store bytes of this trial's node while it holds the data."""
     from .service import object_store_bytes
@@ -383,8 +395,16 @@ class TuneCheckpoints:
     def __init__(self, every: int, key: str, experiment_uri: str | None = None):
         self.every, self.key, self.experiment_uri = every, key, experiment_uri
         self.file = f"distill_state-{key}.safetensors"
+        self.seconds = {"load": 0.0, "save": 0.0}  # spent looking for states and saving them
 
     def load(self):
+        t0 = time.perf_counter()
+        try:
+            return self._load()
+        finally:
+            self.seconds["load"] += time.perf_counter() - t0
+
+    def _load(self):
         from ray import tune
 
         from .methods import DistillState
@@ -404,10 +424,12 @@ class TuneCheckpoints:
 
         from .artifacts import write_tensors
 
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             write_tensors(Path(d, self.file), state.tensors(), {"state": state.meta(), "extra": extra, "key": self.key})
             tune.report({"distill.iteration": state.iteration, "distill.checkpoint": state.iteration,
                          "trial.final": 0.0}, checkpoint=tune.Checkpoint.from_directory(d))
+        self.seconds["save"] += time.perf_counter() - t0
 
     def _stored(self) -> list:
         """This trial's states anywhere under the experiment (``<trial dir>/checkpoint_*/``)."""
@@ -539,7 +561,7 @@ def _results_location(results: str, mlflow_uri: str | None) -> tuple[str, str | 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
               results: str = "runs/studies", resume: bool = False, search_trials: int = 0,
               optuna_storage: str | None = None, share_data: bool = True, prune: bool = False,
-              select_on_test: bool = False, quiet: bool = False) -> dict[str, Any]:
+              select_on_test: bool = False, quiet: bool = False, reuse_actors: bool = True) -> dict[str, Any]:
     """Run the sweep (or, with ``search_trials``, the Optuna search) with Ray Tune, a local Ray
     when no address is given; returns a summary.
 
@@ -560,9 +582,10 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     from .data import ImageData, load_data
     from .methods import DivergenceError
     from .pipeline import check_ipc, run_distill
-    from .service import RayRepository
+    from .service import RayRepository, get_store_actor
     from .store import CheckpointStore
 
+    stages = {"start": time.time()}  # the driver's phases (unix times): the summary's "timing"
     spec = study.spec
     first = study.trial_config(study.grid[0], 0)
     check_selection(study, bool(search_trials), prune, select_on_test)
@@ -584,7 +607,12 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
         store_uri = str(Path(store_uri).expanduser().resolve())
     CheckpointStore(store_uri).check_writable()
+    stages["checked"] = time.time()
     connect_ray(address)
+    stages["ray"] = time.time()
+    # the store actor (a worker process of its own) starts while the driver opens MLflow and Tune
+    # sets up, rather than while the first trials wait for it
+    get_store_actor(store_uri)
     if local_results:
         Path(local_results).mkdir(parents=True, exist_ok=True)
     # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
@@ -606,13 +634,16 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     # swept dataset key, or seed-dependent per-class subsets).
     shared = share_data and not any(k.startswith("dataset.") for k in swept) and not (
         first.dataset.train_per_class or first.dataset.test_per_class)
+    stages["parent"] = time.time()
     data_ref = ray.put(data.to_arrays()) if shared else None
     del data
 
     def trial(config: dict) -> None:
+        marks = {"enter": time.time()}  # the trial's phases (unix times), in its final report as time.*
         ctx = tune.get_context()
         run = tracking.TrialRun(mlflow_uri, parent, trial_key(config))
         done, failed = run.claim()
+        marks["claimed"] = time.time()
         if done is not None:  # finished before a driver crash: report it, do not run it again
             tune.report({**done, "trial.reused": 1.0, "trial.final": 1.0})
             return
@@ -632,6 +663,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                         "ptmdd.run_name": name,
                         "ptmdd.sample": str(sample), "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str),
                         **where})
+        marks["started"] = time.time()
         memory: dict[str, float] = {}
 
         every = max(cfg.distill.log_every, (cfg.distill.iterations or 0) // 20)  # ~20 progress reports
@@ -651,11 +683,14 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         try:
             data = ImageData.from_arrays(ray.get(data_ref)) if data_ref is not None else None
             memory.update(object_store_mb())
+            marks["data"] = time.time()
             result = run_distill(cfg, out, progress=False, on_log=on_log, repo=repo, data=data,
                                  on_eval=on_eval if metric_split(spec.metric) == along else None,
                                  checkpoints=checkpoints)
+            marks["distilled"] = time.time()
             on_log(-1, 0.0)
             run.finish(result, out, memory)
+            marks["logged"] = time.time()
         except SystemExit:  # how Tune ends a trial its scheduler stopped (pruning)
             run.end("KILLED", {"ptmdd.stopped": "pruned by the scheduler on its intermediate evaluations"})
             raise
@@ -664,8 +699,13 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                **({"ptmdd.deterministic": "true"} if isinstance(e, (DivergenceError, ConfigError))
                                   else {})})
             raise
+        marks["process"] = process_start_time()
         tune.report({**tracking.metrics_of(result), **memory, **placement, "trial.final": 1.0,
-                     "mlflow.logged": float(run.online)})
+                     "mlflow.logged": float(run.online), **{f"time.{k}": v for k, v in marks.items()},
+                     "time.pool_s": result["pool_stats"]["seconds"], "time.baseline_wait_s":
+                     result["timing"].get("baseline_wait_seconds", 0.0), "time.guide_s":
+                     result["timing"].get("guide_seconds", 0.0), "time.checkpoint_load_s": checkpoints.seconds["load"],
+                     "time.checkpoint_save_s": checkpoints.seconds["save"]})
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     # progress reports (iteration, loss) come between the scored ones: Tune must not demand the
@@ -703,13 +743,16 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                                     max_t=max(first.distill.iterations, first.eval.every),
                                                     reduction_factor=2)
                                                 if prune else None),
-                                            num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
+                                            num_samples=num_samples, max_concurrent_trials=spec.max_concurrent,
+                                            reuse_actors=reuse_actors),
                 run_config=tune.RunConfig(name=exp_name, storage_path=results,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           verbose=0 if quiet else 1))
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            stages["fit"] = time.time()
             grid = tuner.fit()  # Tune prints its tables whatever its verbosity: quiet keeps them from stdout
+            stages["fitted"] = time.time()
     except BaseException:
         _close(tracking, mlflow_uri, parent, "FAILED", results, exp_path)
         raise
@@ -721,13 +764,14 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
              "sample": r.config.get("sample", 0), "metrics": r.metrics or {}, "error": r.error is not None}
             for r in grid]
     _summarise_parent(tracking, mlflow_uri, parent, study, rows, local_results, exp_name)
+    stages["summarised"] = time.time()
     _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results, exp_path)
     trials = [{"overrides": r["overrides"], "sample": r["sample"], spec.metric: r["metrics"].get(spec.metric),
                "acc.mean": r["metrics"].get("acc.mean"), "baseline.random.mean": r["metrics"].get("baseline.random.mean"),
                "pruned": not r["error"] and not r["metrics"].get("trial.final")} for r in rows]
     return {"parent_run_id": parent, "trials": trials, "errors": len(errors), "tracking_uri": mlflow_uri,
             "results": exp_path, "optuna_storage": storage, "kind": "search" if search_trials else "study",
-            "experiment_id": tracking.experiment_of(mlflow_uri, parent)}
+            "experiment_id": tracking.experiment_of(mlflow_uri, parent), "timing": {**stages, "end": time.time()}}
 
 
 def _summarise_parent(tracking, mlflow_uri: str, parent: str, study: Study, rows: list[dict[str, Any]],
