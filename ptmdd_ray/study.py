@@ -331,8 +331,18 @@ def trial_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def reset_peak_memory() -> None:
+    """Start this process's peak resident set (``VmHWM``) afresh: a trial's worker process may have
+    run earlier trials of the study (Tune reuses it), whose peaks are not this trial's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def memory_mb() -> dict[str, float]:
-    """This process's peak resident set and current private memory (MiB), from /proc (Linux).
+    """This process's peak resident set (since :func:`reset_peak_memory`) and current private
+    memory (MiB), from /proc (Linux).
     Pages mapped from the object store are shared, so ``mem.private_mb`` (a trial keeps its largest
     value seen during distillation) shows what a trial holds of its own."""
     out = {}
@@ -649,6 +659,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
             return
         if failed is not None:  # it would fail the same way again
             raise TrialFailed(f"{failed} (an earlier attempt of this trial; not run again)")
+        reset_peak_memory()
         sample = config.get("sample", 0)
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
         cfg = replace(study.trial_config(overrides, sample), store=store_uri)
