@@ -584,7 +584,11 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     iteration, and Optuna records them as PRUNED. Both choose on the study's metric, which must be a
     validation metric unless ``select_on_test`` (then the parent run is tagged
     ``ptmdd.select_on_test``). ``share_data=False`` loads the data set in every trial (only for the
-    memory benchmark); ``quiet`` silences Tune's progress table."""
+    memory benchmark); ``quiet`` silences Tune's progress table. A slot's trials run one after the
+    other in one worker process (Tune's ``reuse_actors``), which starts, imports torch and MLflow and
+    opens the tracking store once, not once per trial; ``reuse_actors=False`` starts a process per
+    trial (the scheduling benchmark's comparison). The summary's ``timing`` holds the driver's
+    stages (unix times); each trial's final Tune report, its phases (``time.*``)."""
     import ray
     from ray import tune
 
