@@ -87,8 +87,9 @@ def efficiency_table(tl: list[dict], t0: float, t1: float, slots: int, driver: d
     free = [(t0, None)] * slots  # (when the slot was freed, pid of the trial that held it)
     rows = []
     for t in tl:
-        i = max((j for j in range(slots) if free[j][0] <= t["enter"] + 1e-3), key=lambda j: free[j][0],
-                default=min(range(slots), key=lambda j: free[j][0]))
+        same = [j for j in range(slots) if free[j][1] == t["pid"]]  # a reused worker keeps its slot
+        i = same[0] if same else max((j for j in range(slots) if free[j][0] <= t["enter"] + 1e-3),
+                                     key=lambda j: free[j][0], default=min(range(slots), key=lambda j: free[j][0]))
         prev, prev_pid = free[i]
         work = t["distilled"] - t["data"] - t["baseline_wait_s"]  # idle while a neighbour evaluates the baseline
         rows.append({
@@ -119,6 +120,19 @@ def efficiency_table(tl: list[dict], t0: float, t1: float, slots: int, driver: d
     for k in ("worker", "mlflow", "work"):
         total = sum(r[f"trial_s.{k}"] for r in rows)
         out[f"sum_trial_s.{k}"], out[f"efficiency.{k}"] = total, total / slots / wall
+    # where the slots' time went (slots x wall, exactly): own work, waits for a neighbour's baseline,
+    # MLflow and data bookkeeping inside trials, gaps before trials (the first: the study's start-up)
+    # and the tails after each slot's last trial
+    first = {r["slot"]: r for r in reversed(rows)}
+    out["slot_s"] = {"work": out["sum_trial_s.work"], "baseline waits": sum(r["baseline_wait_s"] for r in rows),
+                     "in-trial bookkeeping": sum(r["claim_s"] + r["mlflow_start_s"] + r["data_s"] + r["mlflow_log_s"]
+                                                 for r in rows),
+                     "start-up (first gap per slot)": sum(r["gap_s"] for r in first.values()),
+                     "gaps between trials": sum(r["gap_s"] for r in rows) - sum(r["gap_s"] for r in first.values()),
+                     "tails": sum(out["tail_s"])}
+    later = [r for r in rows if r not in first.values()]
+    out["fixed_per_later_trial_s"] = statistics.fmean(
+        r["gap_s"] + r["claim_s"] + r["mlflow_start_s"] + r["data_s"] + r["mlflow_log_s"] for r in later) if later else None
     return out
 
 
@@ -126,14 +140,18 @@ def print_efficiency(name: str, e: dict) -> None:
     print(f"\n{name}: {e['trials']} trials, {e['slots']} slots, wall {e['wall_s']:.1f} s; tail (last trial end "
           f"to study end) per slot: {', '.join(f'{x:.1f}' for x in e['tail_s'])} s")
     for k, what in (("worker", "worker process start (or the slot's previous trial) to end"),
-                    ("mlflow", "MLflow run start to end"), ("work", "the pipeline's own work (pool, distill, eval, outputs; not baseline waits)")):
+                    ("mlflow", "MLflow run start to end"),
+                    ("work", "the pipeline's own work (pool, distill, eval, outputs; not baseline waits)")):
         print(f"  trial time = {what}: sum {e[f'sum_trial_s.{k}']:.1f} s, efficiency {e[f'efficiency.{k}']:.3f}")
     if "driver_s" in e:
         print("  driver: " + ", ".join(f"{k} {v:.1f} s" for k, v in e["driver_s"].items()))
+    total = e["slots"] * e["wall_s"]
+    print("  slot time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.1f} %)" for k, v in e["slot_s"].items()))
+    if e["fixed_per_later_trial_s"] is not None:
+        print(f"  fixed cost per trial after a slot's first (gap + MLflow + data): {e['fixed_per_later_trial_s']:.2f} s")
     cols = ["slot", "reused_process", "gap_s", "worker_start_s", "claim_s", "mlflow_start_s", "data_s", "pool_s",
             "guide_s", "ckpt_load_s", "distill_s", "ckpt_save_s", "eval_s", "baseline_wait_s", "outputs_other_s",
-            "mlflow_log_s", "trial_s.mlflow",
-            "trial_s.work"]
+            "mlflow_log_s", "trial_s.mlflow", "trial_s.work"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in e["rows"]:
         print("| " + " | ".join(str(r[c]) if isinstance(r[c], (bool, int)) else f"{r[c]:.2f}" for c in cols) + " |")

@@ -360,6 +360,19 @@ def memory_mb() -> dict[str, float]:
     return out
 
 
+def trial_dir(ctx) -> str:
+    """The running trial's directory, the one Tune copies into the experiment (``results``). A trial
+    in a fresh worker gets it from its context; a trial in a reused worker (``reuse_actors``) would
+    get the worker's working directory there (Ray 2.x's ``reset_config``), which is never copied, so
+    it is read from the trial's storage context, as the fresh worker's is."""
+    from ray.train._internal.session import get_session
+
+    try:
+        return get_session().storage.trial_driver_staging_path
+    except (AttributeError, RuntimeError):  # no storage context: what the context says
+        return ctx.get_trial_dir()
+
+
 def process_start_time() -> float:
     """When this process started (unix time, to ~10 ms; nan off Linux): a trial's worker start-up
     is the time from it to the trial function's first line."""
@@ -668,7 +681,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
         cfg = replace(study.trial_config(overrides, sample), store=store_uri)
         along = "val" if cfg.dataset.val_per_class > 0 else "test"  # pipeline.intermediate_split
-        out = Path(ctx.get_trial_dir()) / "out"
+        out = Path(trial_dir(ctx)) / "out"
         repo = RayRepository(store_uri)
         where = placement_tags(repo)
         placement = {"ray.gpus": float(len([g for g in where["ray.gpu_ids"].split(",") if g])),
