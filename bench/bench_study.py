@@ -10,6 +10,12 @@ Prints, per shipped study (run at its CPU scale on ``digits`` with a fresh check
   MLflow and the PTM trainings the trials waited for;
 - throughput: trials per hour of the ``epochs`` study at 1 and 2 concurrent trials on the warm
   store (no trainings), and the share of wall time outside trial work;
+- efficiency (``--efficiency``): a study of real-length trials on ``digits`` (IPC 10, 500 DM
+  iterations: 60+ s each on one core), 6 trials on 2 slots, its PTMs trained in a warm-up first
+  (``--cold``: also a run whose trials train them); wall time, the sum of trial times three ways
+  (worker process, MLflow run, the pipeline's own work) and efficiency on each, and per trial where
+  the fixed costs go (worker start and imports, MLflow claim and start, data, pool, distill, eval,
+  MLflow logging, the gap to the next trial in its slot);
 - memory (``--memory``): mean per-trial peak RSS and private memory of a tiny CIFAR-10 study
   (the Parquet, ~740 MB of float tensors) with the data set shared through the object store vs.
   loaded in every trial.
@@ -52,6 +58,143 @@ def run(study, out: Path, store: Path, name: str, share_data: bool = True) -> di
             "private_mb": statistics.fmean(r.data.metrics.get("mem.private_mb", float("nan")) for r in runs)}
 
 
+def trial_timelines(summary: dict) -> list[dict]:
+    """Each finished trial's phases (unix times, the ``time.*`` of its final Tune report) and its
+    MLflow run's start and end, read back from the experiment directory and the tracking store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    runs = client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}' and "
+                              "attributes.status = 'FINISHED'", max_results=10000)
+    by_trial = {r.data.tags["ptmdd.trial_id"]: r for r in runs}
+    out = []
+    for f in sorted(Path(summary["results"]).glob("*/result.json")):
+        final = [r for r in map(json.loads, f.read_text().splitlines()) if r.get("trial.final")]
+        if not final or final[-1]["trial_id"] not in by_trial:
+            continue
+        r, run = final[-1], by_trial[final[-1]["trial_id"]]
+        t = {k[5:]: v for k, v in r.items() if k.startswith("time.")}
+        t.update(run_start=run.info.start_time / 1000, run_end=run.info.end_time / 1000, pid=r["pid"],
+                 distill_s=r["distill.seconds"], eval_s=r["eval.seconds"], cached=r.get("baseline.random.cached", 0))
+        out.append(t)
+    return sorted(out, key=lambda t: t["enter"])
+
+
+def efficiency_table(tl: list[dict], t0: float, t1: float, slots: int, driver: dict | None = None) -> dict:
+    """Slots assigned by time (a trial takes the slot freed last before it entered); the three trial
+    times and their efficiencies; each trial's fixed costs and the idle gap before it in its slot."""
+    free = [(t0, None)] * slots  # (when the slot was freed, pid of the trial that held it)
+    rows = []
+    for t in tl:
+        same = [j for j in range(slots) if free[j][1] == t["pid"]]  # a reused worker keeps its slot
+        i = same[0] if same else max((j for j in range(slots) if free[j][0] <= t["enter"] + 1e-3),
+                                     key=lambda j: free[j][0], default=min(range(slots), key=lambda j: free[j][0]))
+        prev, prev_pid = free[i]
+        work = t["distilled"] - t["data"] - t["baseline_wait_s"]  # idle while a neighbour evaluates the baseline
+        rows.append({
+            "slot": i, "pid": t["pid"], "reused_process": prev_pid == t["pid"],
+            "gap_s": t["enter"] - prev,  # the slot idle: previous trial (or study start) to this one's first line
+            "worker_start_s": max(0.0, t["enter"] - max(t["process"], prev)),  # of the gap: in this process
+            "claim_s": t["claimed"] - t["enter"], "mlflow_start_s": t["started"] - t["claimed"],
+            "data_s": t["data"] - t["started"], "pool_s": t["pool_s"], "distill_s": t["distill_s"],
+            "eval_s": t["eval_s"], "baseline_wait_s": t["baseline_wait_s"], "baseline_cached": t["cached"],
+            "guide_s": t["guide_s"], "ckpt_load_s": t["checkpoint_load_s"], "ckpt_save_s": t["checkpoint_save_s"],
+            "outputs_other_s": work + t["baseline_wait_s"] - t["pool_s"] - t["guide_s"] - t["checkpoint_load_s"]
+            - t["distill_s"] - t["eval_s"],
+            "mlflow_log_s": t["logged"] - t["distilled"],
+            "trial_s.worker": t["logged"] - max(t["process"], prev), "trial_s.mlflow": t["run_end"] - t["run_start"],
+            "trial_s.work": work})
+        free[i] = (t["logged"], t["pid"])
+    wall = t1 - t0
+    out = {"trials": len(rows), "slots": slots, "wall_s": wall, "tail_s": [t1 - f for f, _ in free], "rows": rows}
+    if driver:  # the driver's phases before the first trial and after the last
+        d = {**driver, "first_enter": min(t["enter"] for t in tl), "last_end": max(f for f, _ in free)}
+        steps = [("checks and data", "start", "checked"), ("Ray start", "checked", "ray"),
+                 ("MLflow parent", "ray", "parent"), ("data put, Tune setup", "parent", "fit"),
+                 ("Tune to first trial's first line", "fit", "first_enter"),
+                 ("last trial end to Tune's end", "last_end", "fitted"), ("summary and report", "fitted", "summarised"),
+                 ("close", "summarised", "end")]
+        out["driver_s"] = {"before run_study": d["start"] - t0, **{n: d[b] - d[a] for n, a, b in steps},
+                           "after run_study": t1 - d["end"]}
+    for k in ("worker", "mlflow", "work"):
+        total = sum(r[f"trial_s.{k}"] for r in rows)
+        out[f"sum_trial_s.{k}"], out[f"efficiency.{k}"] = total, total / slots / wall
+    # where the slots' time went (slots x wall, exactly): own work, waits for a neighbour's baseline,
+    # MLflow and data bookkeeping inside trials, gaps before trials (the first: the study's start-up)
+    # and the tails after each slot's last trial
+    first = {r["slot"]: r for r in reversed(rows)}
+    out["slot_s"] = {"work": out["sum_trial_s.work"], "baseline waits": sum(r["baseline_wait_s"] for r in rows),
+                     "in-trial bookkeeping": sum(r["claim_s"] + r["mlflow_start_s"] + r["data_s"] + r["mlflow_log_s"]
+                                                 for r in rows),
+                     "start-up (first gap per slot)": sum(r["gap_s"] for r in first.values()),
+                     "gaps between trials": sum(r["gap_s"] for r in rows) - sum(r["gap_s"] for r in first.values()),
+                     "tails": sum(out["tail_s"])}
+    later = [r for r in rows if r not in first.values()]
+    out["fixed_per_later_trial_s"] = statistics.fmean(
+        r["gap_s"] + r["claim_s"] + r["mlflow_start_s"] + r["data_s"] + r["mlflow_log_s"] for r in later) if later else None
+    return out
+
+
+def print_efficiency(name: str, e: dict) -> None:
+    print(f"\n{name}: {e['trials']} trials, {e['slots']} slots, wall {e['wall_s']:.1f} s; tail (last trial end "
+          f"to study end) per slot: {', '.join(f'{x:.1f}' for x in e['tail_s'])} s")
+    for k, what in (("worker", "worker process start (or the slot's previous trial) to end"),
+                    ("mlflow", "MLflow run start to end"),
+                    ("work", "the pipeline's own work (pool, distill, eval, outputs; not baseline waits)")):
+        print(f"  trial time = {what}: sum {e[f'sum_trial_s.{k}']:.1f} s, efficiency {e[f'efficiency.{k}']:.3f}")
+    if "driver_s" in e:
+        print("  driver: " + ", ".join(f"{k} {v:.1f} s" for k, v in e["driver_s"].items()))
+    total = e["slots"] * e["wall_s"]
+    print("  slot time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.1f} %)" for k, v in e["slot_s"].items()))
+    if e["fixed_per_later_trial_s"] is not None:
+        print(f"  fixed cost per trial after a slot's first (gap + MLflow + data): {e['fixed_per_later_trial_s']:.2f} s")
+    cols = ["slot", "reused_process", "gap_s", "worker_start_s", "claim_s", "mlflow_start_s", "data_s", "pool_s",
+            "guide_s", "ckpt_load_s", "distill_s", "ckpt_save_s", "eval_s", "baseline_wait_s", "outputs_other_s",
+            "mlflow_log_s", "trial_s.mlflow", "trial_s.work"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in e["rows"]:
+        print("| " + " | ".join(str(r[c]) if isinstance(r[c], (bool, int)) else f"{r[c]:.2f}" for c in cols) + " |")
+
+
+def efficiency(args, out: Path) -> dict:
+    """Real-length trials, PTMs warm (and cold with ``--cold``); see the module docstring."""
+    import ray
+
+    from ptmdd_ray.pipeline import run_pretrain
+    from ptmdd_ray.study import load_study, run_study
+
+    sets = [f"base.distill.iterations={args.iterations}", f"base.distill.ipc={args.ipc}",
+            f"max_concurrent={args.slots}", "name=efficiency", *args.set]
+    study = load_study(ROOT / "bench" / "efficiency.yaml", sets)
+    warm = out / "store-warm"
+    if not (warm / "ptm").exists():  # the warm-up: the pool's PTMs, trained once, outside any study
+        t = time.perf_counter()
+        run_pretrain(replace(study.trial_config(study.grid[0], 0), store=str(warm)), progress=False)
+        print(f"warm-up: PTMs trained in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    rows = {}
+    for mode in (["cold"] if args.cold else []) + ["warm"] * args.repeats:
+        store = out / "store-run"
+        shutil.rmtree(store, ignore_errors=True)
+        if mode == "warm":
+            shutil.copytree(warm, store)  # the PTMs only: every run evaluates its baselines itself
+        results = out / "efficiency"
+        shutil.rmtree(results, ignore_errors=True)
+        t0 = time.time()
+        summary = run_study(study, store=str(store), results=str(results), quiet=True,
+                            **({"reuse_actors": False} if args.no_reuse else {}))
+        t1 = time.time()
+        assert summary["errors"] == 0, summary
+        e = efficiency_table(trial_timelines(summary), t0, t1, args.slots, summary.get("timing"))
+        key = f"{mode} store, {args.slots} slots" + (f" #{len(rows)}" if mode == "warm" and args.repeats > 1 else "")
+        rows[key] = e
+        print_efficiency(key, e)
+        if args.fresh_ray:
+            ray.shutdown()
+    ray.shutdown()
+    return rows
+
+
 def per_trial_trainings(study) -> int:
     """PTM runs the trials would train if each had its own store (one per (arch, seed) of its pool)."""
     from ptmdd_ray.config import uses_ptms
@@ -69,6 +212,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_study")
     ap.add_argument("--memory", action="store_true", help="only the shared vs per-trial memory comparison")
     ap.add_argument("--data", default="parquet:../shared/data/cifar10-jpeg.parquet")
+    ap.add_argument("--efficiency", action="store_true", help="only the real-length scheduling measurement")
+    ap.add_argument("--iterations", type=int, default=500, help="--efficiency: DM iterations per trial")
+    ap.add_argument("--ipc", type=int, default=10, help="--efficiency: images per class")
+    ap.add_argument("--slots", type=int, default=2, help="--efficiency: max_concurrent (1 CPU each)")
+    ap.add_argument("--cold", action="store_true", help="--efficiency: first a run whose trials train the PTMs")
+    ap.add_argument("--repeats", type=int, default=1, help="--efficiency: warm runs")
+    ap.add_argument("--no-reuse", action="store_true", help="--efficiency: a new worker process per trial")
+    ap.add_argument("--fresh-ray", action="store_true", help="--efficiency: a new local Ray for every run")
     args = ap.parse_args()
 
     import ray
@@ -78,6 +229,10 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     rows = {}
+    if args.efficiency:
+        rows = efficiency(args, out)
+        print(json.dumps(rows, indent=1), file=sys.stderr)
+        return
     if args.memory:
         sets = [f"base.dataset.name={args.data}", "base.distill.iterations=5", "base.distill.ipc=10",
                 "base.eval.epochs=2", "base.eval.runs=3", "base.eval.baseline=false", "base.dataset.im_size=32",

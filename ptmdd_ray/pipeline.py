@@ -120,6 +120,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     pool = resolve_pool(cfg, data, device, progress, repo=repo)
     pool_seconds = time.perf_counter() - t0
     guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, cfg.seed)
+    guide_seconds = time.perf_counter() - t0 - pool_seconds
 
     resume, extra = (checkpoints.load() if checkpoints else None) or (None, {})
     eval_history: list[tuple[int, float]] = [(int(i), float(a)) for i, a in extra.get("eval_history", [])]
@@ -150,8 +151,9 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
 
     # the baseline first: if a concurrent trial of the same seed is evaluating it, this one
     # evaluates its own set meanwhile and then reads the baseline back instead of idling
-    baseline, baseline_cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress, evaluate_synthetic) \
-        if cfg.eval.baseline else ({}, False)
+    waits: dict[str, float] = {}
+    baseline, baseline_cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress, evaluate_synthetic,
+                                                     waits=waits) if cfg.eval.baseline else ({}, False)
     if not acc:
         evaluate_synthetic()
     eval_seconds = time.perf_counter() - t1
@@ -168,7 +170,8 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
         "pool_stats": {"trainings": pool.trainings, "hits": pool.hits, "seconds": pool_seconds},
         "timing": {"distill_seconds": syn.seconds, "iterations": syn.iterations,
                    "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": eval_seconds,
-                   "baseline_cached": baseline_cached, "resumed_from": resume.iteration if resume else 0},
+                   "baseline_cached": baseline_cached, "resumed_from": resume.iteration if resume else 0,
+                   "baseline_wait_seconds": waits.get("lock", 0.0), "guide_seconds": guide_seconds},
         "loss_history": syn.loss_history,
         "eval_history": eval_history,
         "device": str(device),
@@ -241,7 +244,8 @@ def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[s
 
 
 def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool = True,
-                         while_busy: Callable[[], None] | None = None, reuse: bool = True) -> tuple[dict, bool]:
+                         while_busy: Callable[[], None] | None = None, reuse: bool = True,
+                         waits: dict[str, float] | None = None) -> tuple[dict, bool]:
     """The random-real baseline of ``ipc`` images per class, evaluated with ``cfg.eval``; returns
     ({split: {arch: summary}}, whether it came from the store). It depends only on the data, ``ipc``, the seed, the
     evaluation protocol and the device kind (runs are deterministic given these), not on how the set
@@ -249,8 +253,8 @@ def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool 
     same subset the same way. So it is evaluated once, under a store lock (concurrent trials of one
     seed wait for it rather than repeat it), and kept as a record in the store for later trials and
     studies. If another process is evaluating it, ``while_busy`` (the caller's other work) runs
-    before waiting for it. An unwritable store only costs the reuse; ``reuse=False`` leaves the
-    store alone."""
+    before waiting for it (``waits["lock"]``: the seconds then spent waiting). An unwritable store
+    only costs the reuse; ``reuse=False`` leaves the store alone."""
     def evaluate() -> dict:
         real_x, real_y = random_real_subset(data, ipc, cfg.seed)
         return evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real",
@@ -270,7 +274,10 @@ def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool 
             pass
         if not free:
             while_busy()
+    t0 = time.perf_counter()
     with store.lock(name):
+        if waits is not None:
+            waits["lock"] = time.perf_counter() - t0
         rec = store.record(name)
         if rec is not None and rec.get("ident") == ident:
             return rec["baseline"], True

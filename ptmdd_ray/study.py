@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
@@ -330,8 +331,18 @@ def trial_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def reset_peak_memory() -> None:
+    """Start this process's peak resident set (``VmHWM``) afresh: a trial's worker process may have
+    run earlier trials of the study (Tune reuses it), whose peaks are not this trial's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def memory_mb() -> dict[str, float]:
-    """This process's peak resident set and current private memory (MiB), from /proc (Linux).
+    """This process's peak resident set (since :func:`reset_peak_memory`) and current private
+    memory (MiB), from /proc (Linux).
     Pages mapped from the object store are shared, so ``mem.private_mb`` (a trial keeps its largest
     value seen during distillation) shows what a trial holds of its own."""
     out = {}
@@ -347,6 +358,30 @@ def memory_mb() -> dict[str, float]:
     except (OSError, ValueError, IndexError):
         pass
     return out
+
+
+def trial_dir(ctx) -> str:
+    """The running trial's directory, the one Tune copies into the experiment (``results``). A trial
+    in a fresh worker gets it from its context; a trial in a reused worker (``reuse_actors``) would
+    get the worker's working directory there (Ray 2.x's ``reset_config``), which is never copied, so
+    it is read from the trial's storage context, as the fresh worker's is."""
+    from ray.train._internal.session import get_session
+
+    try:
+        return get_session().storage.trial_driver_staging_path
+    except (AttributeError, RuntimeError):  # no storage context: what the context says
+        return ctx.get_trial_dir()
+
+
+def process_start_time() -> float:
+    """When this process started (unix time, to ~10 ms; nan off Linux): a trial's worker start-up
+    is the time from it to the trial function's first line."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def object_store_mb() -> dict[str, float]:
@@ -383,8 +418,16 @@ class TuneCheckpoints:
     def __init__(self, every: int, key: str, experiment_uri: str | None = None):
         self.every, self.key, self.experiment_uri = every, key, experiment_uri
         self.file = f"distill_state-{key}.safetensors"
+        self.seconds = {"load": 0.0, "save": 0.0}  # spent looking for states and saving them
 
     def load(self):
+        t0 = time.perf_counter()
+        try:
+            return self._load()
+        finally:
+            self.seconds["load"] += time.perf_counter() - t0
+
+    def _load(self):
         from ray import tune
 
         from .methods import DistillState
@@ -404,10 +447,12 @@ class TuneCheckpoints:
 
         from .artifacts import write_tensors
 
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             write_tensors(Path(d, self.file), state.tensors(), {"state": state.meta(), "extra": extra, "key": self.key})
             tune.report({"distill.iteration": state.iteration, "distill.checkpoint": state.iteration,
                          "trial.final": 0.0}, checkpoint=tune.Checkpoint.from_directory(d))
+        self.seconds["save"] += time.perf_counter() - t0
 
     def _stored(self) -> list:
         """This trial's states anywhere under the experiment (``<trial dir>/checkpoint_*/``)."""
@@ -539,7 +584,7 @@ def _results_location(results: str, mlflow_uri: str | None) -> tuple[str, str | 
 def run_study(study: Study, address: str | None = None, mlflow_uri: str | None = None, store: str | None = None,
               results: str = "runs/studies", resume: bool = False, search_trials: int = 0,
               optuna_storage: str | None = None, share_data: bool = True, prune: bool = False,
-              select_on_test: bool = False, quiet: bool = False) -> dict[str, Any]:
+              select_on_test: bool = False, quiet: bool = False, reuse_actors: bool = True) -> dict[str, Any]:
     """Run the sweep (or, with ``search_trials``, the Optuna search) with Ray Tune, a local Ray
     when no address is given; returns a summary.
 
@@ -552,7 +597,11 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     iteration, and Optuna records them as PRUNED. Both choose on the study's metric, which must be a
     validation metric unless ``select_on_test`` (then the parent run is tagged
     ``ptmdd.select_on_test``). ``share_data=False`` loads the data set in every trial (only for the
-    memory benchmark); ``quiet`` silences Tune's progress table."""
+    memory benchmark); ``quiet`` silences Tune's progress table. A slot's trials run one after the
+    other in one worker process (Tune's ``reuse_actors``), which starts, imports torch and MLflow and
+    opens the tracking store once, not once per trial; ``reuse_actors=False`` starts a process per
+    trial (the scheduling benchmark's comparison). The summary's ``timing`` holds the driver's
+    stages (unix times); each trial's final Tune report, its phases (``time.*``)."""
     import ray
     from ray import tune
 
@@ -560,9 +609,10 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     from .data import ImageData, load_data
     from .methods import DivergenceError
     from .pipeline import check_ipc, run_distill
-    from .service import RayRepository
+    from .service import RayRepository, get_store_actor
     from .store import CheckpointStore
 
+    stages = {"start": time.time()}  # the driver's phases (unix times): the summary's "timing"
     spec = study.spec
     first = study.trial_config(study.grid[0], 0)
     check_selection(study, bool(search_trials), prune, select_on_test)
@@ -584,7 +634,12 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     if "://" not in store_uri:  # trials run in directories of their own: one absolute path, one store actor
         store_uri = str(Path(store_uri).expanduser().resolve())
     CheckpointStore(store_uri).check_writable()
+    stages["checked"] = time.time()
     connect_ray(address)
+    stages["ray"] = time.time()
+    # the store actor (a worker process of its own) starts while the driver opens MLflow and Tune
+    # sets up, rather than while the first trials wait for it
+    get_store_actor(store_uri)
     if local_results:
         Path(local_results).mkdir(parents=True, exist_ok=True)
     # The local default keeps artifacts beside its database (MLflow's own default is ./mlruns of
@@ -606,23 +661,27 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
     # swept dataset key, or seed-dependent per-class subsets).
     shared = share_data and not any(k.startswith("dataset.") for k in swept) and not (
         first.dataset.train_per_class or first.dataset.test_per_class)
+    stages["parent"] = time.time()
     data_ref = ray.put(data.to_arrays()) if shared else None
     del data
 
     def trial(config: dict) -> None:
+        marks = {"enter": time.time()}  # the trial's phases (unix times), in its final report as time.*
         ctx = tune.get_context()
         run = tracking.TrialRun(mlflow_uri, parent, trial_key(config))
         done, failed = run.claim()
+        marks["claimed"] = time.time()
         if done is not None:  # finished before a driver crash: report it, do not run it again
             tune.report({**done, "trial.reused": 1.0, "trial.final": 1.0})
             return
         if failed is not None:  # it would fail the same way again
             raise TrialFailed(f"{failed} (an earlier attempt of this trial; not run again)")
+        reset_peak_memory()
         sample = config.get("sample", 0)
         overrides = config["overrides"] if "overrides" in config else {k: v for k, v in config.items() if k != "sample"}
         cfg = replace(study.trial_config(overrides, sample), store=store_uri)
         along = "val" if cfg.dataset.val_per_class > 0 else "test"  # pipeline.intermediate_split
-        out = Path(ctx.get_trial_dir()) / "out"
+        out = Path(trial_dir(ctx)) / "out"
         repo = RayRepository(store_uri)
         where = placement_tags(repo)
         placement = {"ray.gpus": float(len([g for g in where["ray.gpu_ids"].split(",") if g])),
@@ -632,6 +691,7 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                         "ptmdd.run_name": name,
                         "ptmdd.sample": str(sample), "ptmdd.point": json.dumps(overrides, sort_keys=True, default=str),
                         **where})
+        marks["started"] = time.time()
         memory: dict[str, float] = {}
 
         every = max(cfg.distill.log_every, (cfg.distill.iterations or 0) // 20)  # ~20 progress reports
@@ -651,11 +711,14 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
         try:
             data = ImageData.from_arrays(ray.get(data_ref)) if data_ref is not None else None
             memory.update(object_store_mb())
+            marks["data"] = time.time()
             result = run_distill(cfg, out, progress=False, on_log=on_log, repo=repo, data=data,
                                  on_eval=on_eval if metric_split(spec.metric) == along else None,
                                  checkpoints=checkpoints)
+            marks["distilled"] = time.time()
             on_log(-1, 0.0)
             run.finish(result, out, memory)
+            marks["logged"] = time.time()
         except SystemExit:  # how Tune ends a trial its scheduler stopped (pruning)
             run.end("KILLED", {"ptmdd.stopped": "pruned by the scheduler on its intermediate evaluations"})
             raise
@@ -664,8 +727,13 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                **({"ptmdd.deterministic": "true"} if isinstance(e, (DivergenceError, ConfigError))
                                   else {})})
             raise
+        marks["process"] = process_start_time()
         tune.report({**tracking.metrics_of(result), **memory, **placement, "trial.final": 1.0,
-                     "mlflow.logged": float(run.online)})
+                     "mlflow.logged": float(run.online), **{f"time.{k}": v for k, v in marks.items()},
+                     "time.pool_s": result["pool_stats"]["seconds"], "time.baseline_wait_s":
+                     result["timing"].get("baseline_wait_seconds", 0.0), "time.guide_s":
+                     result["timing"].get("guide_seconds", 0.0), "time.checkpoint_load_s": checkpoints.seconds["load"],
+                     "time.checkpoint_save_s": checkpoints.seconds["save"]})
 
     trainable = tune.with_resources(trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     # progress reports (iteration, loss) come between the scored ones: Tune must not demand the
@@ -703,13 +771,16 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
                                                     max_t=max(first.distill.iterations, first.eval.every),
                                                     reduction_factor=2)
                                                 if prune else None),
-                                            num_samples=num_samples, max_concurrent_trials=spec.max_concurrent),
+                                            num_samples=num_samples, max_concurrent_trials=spec.max_concurrent,
+                                            reuse_actors=reuse_actors),
                 run_config=tune.RunConfig(name=exp_name, storage_path=results,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           verbose=0 if quiet else 1))
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            stages["fit"] = time.time()
             grid = tuner.fit()  # Tune prints its tables whatever its verbosity: quiet keeps them from stdout
+            stages["fitted"] = time.time()
     except BaseException:
         _close(tracking, mlflow_uri, parent, "FAILED", results, exp_path)
         raise
@@ -721,13 +792,14 @@ def run_study(study: Study, address: str | None = None, mlflow_uri: str | None =
              "sample": r.config.get("sample", 0), "metrics": r.metrics or {}, "error": r.error is not None}
             for r in grid]
     _summarise_parent(tracking, mlflow_uri, parent, study, rows, local_results, exp_name)
+    stages["summarised"] = time.time()
     _close(tracking, mlflow_uri, parent, "FAILED" if errors else "FINISHED", results, exp_path)
     trials = [{"overrides": r["overrides"], "sample": r["sample"], spec.metric: r["metrics"].get(spec.metric),
                "acc.mean": r["metrics"].get("acc.mean"), "baseline.random.mean": r["metrics"].get("baseline.random.mean"),
                "pruned": not r["error"] and not r["metrics"].get("trial.final")} for r in rows]
     return {"parent_run_id": parent, "trials": trials, "errors": len(errors), "tracking_uri": mlflow_uri,
             "results": exp_path, "optuna_storage": storage, "kind": "search" if search_trials else "study",
-            "experiment_id": tracking.experiment_of(mlflow_uri, parent)}
+            "experiment_id": tracking.experiment_of(mlflow_uri, parent), "timing": {**stages, "end": time.time()}}
 
 
 def _summarise_parent(tracking, mlflow_uri: str, parent: str, study: Study, rows: list[dict[str, Any]],

@@ -1,4 +1,5 @@
 """`ptmdd study` end to end on a real local Ray, with a real MLflow SQLite store read back."""
+import json
 import os
 import re
 import signal
@@ -440,6 +441,12 @@ def test_mlflow_going_away_mid_study_loses_no_result(tmp_path):
         assert "report" in err and "--sync" in err  # the driver says how to log what is pending
         pending = list((tmp_path / "results").glob("tiny/*/out/mlflow_pending.json"))
         assert 1 <= len(pending) <= 2
+        # one slot: the three trials ran in one worker process, one after the other, and each left
+        # its outputs in its own directory of the experiment (a reused worker's too)
+        reports = [json.loads(line) for f in (tmp_path / "results").glob("tiny/*/result.json")
+                   for line in f.read_text().splitlines()]
+        assert len({r["trial_id"] for r in reports}) == 3 and len({r["pid"] for r in reports}) == 1
+        assert len(list((tmp_path / "results").glob("tiny/*/out/result.json"))) == 3
         server = _mlflow_server(tmp_path, port)
         rep = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "report", "tiny", "--sync", "--mlflow-uri", url,
                               "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")],
