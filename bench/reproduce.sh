@@ -68,6 +68,11 @@ for s in $STUDIES; do
       # seeds as loss_weights_alpha (pair them: bench/compare_studies.py compiled loss_weights_alpha)
       extra=(--set "base.pool.source=$SRC" --set name=$s --set base.distill.compile=true
              --set "sweep={loss.clom: {grid: [0.0, 100.0]}}" --set matrix=null --set control=null --set "claims=[]") ;;
+    compiled_seeds|eager_seeds)  # plain DM at seeds 3-5, through torch.compile or eager, to grow the compiled
+      # check's n (bench/compare_studies.py compiled,compiled_seeds loss_weights_alpha,eager_seeds)
+      c=false; [ "$s" = compiled_seeds ] && c=true
+      extra=(--set "base.pool.source=$SRC" --set name=$s --set base.distill.compile=$c --set base.seed=3
+             --set "sweep={loss.clom: {grid: [0.0]}}" --set matrix=null --set control=null --set "claims=[]") ;;
     overtrained)  # Finding 2 where PTMs fit their data: checkpoints 2..150 of 150-epoch runs on 500 images/class
       extra=(--set "base.pool.source=$SRC" --set name=$s --set base.pretrain.epochs=150 --set base.pool.epoch=150
              --set "base.pretrain.save_epochs=[2, 10, 30, 75, 150]" --set base.loss.clom=$ALPHA
@@ -83,7 +88,7 @@ for s in $STUDIES; do
     *) extra=(--set "base.pool.source=$SRC") ;;
   esac
   file=${s%_ipc1}; file=${file%_alpha}; file=${file%_beta1}  # loss_weights_*: loss_weights.yaml
-  case $s in cclom_strength|disjoint|compiled) file=loss_weights ;; overtrained) file=epochs ;; esac
+  case $s in cclom_strength|disjoint|compiled|compiled_seeds|eager_seeds) file=loss_weights ;; overtrained) file=epochs ;; esac
   ${PTMDD:-.venv/bin/ptmdd} study "studies/$file.yaml" "${COMMON[@]}" "${extra[@]}" --results "$OUT/results" --store "$OUT/store" ${RESUME:+--resume} || true
   ${PTMDD:-.venv/bin/ptmdd} report "$s" --results "$OUT/results" --out "$OUT/report/$s"
 done
