@@ -15,7 +15,9 @@ iterations / 6 for DM), so the ratio is free of machine drift. The PTM pool (2 P
 
 ``--json`` prints exactly one JSON object on stdout (the settings and, per method and variant,
 ``seconds_per_iteration``, ``real_images_per_second``, ``reference_seconds_per_iteration`` and
-``speedup_vs_reference`` = reference s/it / ours where the reference ran, else null); the table and
+``speedup_vs_reference`` = reference s/it / ours where the reference ran, else null; there also
+``block_speedups``, each block's ratio against its neighbour, and their ``median_block_speedup``,
+which a burst of load elsewhere on the machine moves less than the ratio of totals); the table and
 any progress go to stderr. ``--out FILE`` writes the same object to a file. Exit status 1 if a case
 failed (it is listed under ``failed``).
 """
@@ -26,6 +28,7 @@ import datetime
 import json
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -139,32 +142,37 @@ def run_case(args, method: str, variant: str) -> dict:
         blocks = BLOCKS[method]
         per_block = max(1, round(n / blocks))
         ours, ref = interleaved_times(cfg, data, guide, pool.ptms if variant == "clom" else None, blocks, per_block)
-        row["seconds_per_iteration"], row["reference_seconds_per_iteration"] = ours, ref
-        row["reference_iterations"] = blocks * per_block
+        n = blocks * per_block
+        row["seconds_per_iteration"], row["reference_seconds_per_iteration"] = sum(ours) / n, sum(ref) / n
+        row["reference_iterations"] = n
+        # each block's ratio against its neighbour: a burst of load elsewhere on the machine spoils a
+        # block or two, not the median
+        row["block_speedups"] = [r / o for o, r in zip(ours, ref)]
+        row["median_block_speedup"] = statistics.median(row["block_speedups"])
     ours, ref = row["seconds_per_iteration"], row["reference_seconds_per_iteration"]
     row["real_images_per_second"] = row["real_images_per_iteration"] / ours
     row["speedup_vs_reference"] = ref / ours if ref else None
     return row
 
 
-def interleaved_times(cfg, data, guide, ptms, blocks: int = 6, per_block: int = 5) -> tuple[float, float]:
-    """Ours vs the reference in alternating blocks, so that drifts of the machine hit both alike."""
+def interleaved_times(cfg, data, guide, ptms, blocks: int = 6, per_block: int = 5) -> tuple[list[float], list[float]]:
+    """Ours vs the reference in alternating blocks, so that drifts of the machine hit both alike:
+    the seconds of each block, ours and the reference's."""
     from ptmdd_ray.methods import distill
 
     device = data.x_train.device
     ref_iter = reference_iteration(cfg, data, ptms)
     block = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": per_block})
-    ours = ref = 0.0
+    ours, ref = [], []
     for b in range(blocks):
-        ours += distill(block, cfg.model, data, b, guide, progress=False).seconds
+        ours.append(distill(block, cfg.model, data, b, guide, progress=False).seconds)
         sync(device)
         t0 = time.perf_counter()
         for k in range(per_block):
             ref_iter(b * per_block + k)
         sync(device)
-        ref += time.perf_counter() - t0
-    n = blocks * per_block
-    return ours / n, ref / n
+        ref.append(time.perf_counter() - t0)
+    return ours, ref
 
 
 def reference_iteration(cfg, data, ptms):
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = subset(args.variants, VARIANTS, "--variants")
     table = sys.stderr if args.json else sys.stdout
     rows, results, failed = [], {}, {}
-    print(f"{'method':<8}{'variant':<9}{'s/iter':>10}{'reference':>11}{'speed-up':>10}{'peak RSS MB':>13}"
+    print(f"{'method':<8}{'variant':<9}{'s/iter':>10}{'reference':>11}{'speed-up':>10}{'median':>8}{'peak RSS MB':>13}"
           f"{'distill +MB':>13}", file=table, flush=True)
     for method, variant in CASES:
         if method not in methods or variant not in variants:
@@ -293,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         ref, ours = row["reference_seconds_per_iteration"], row["seconds_per_iteration"]
         ref_s = f"{ref:.4f}" if ref else "-"
         ratio = f"{row['speedup_vs_reference']:.2f}x" if ref else "-"
+        median = f"{row['median_block_speedup']:.2f}x" if ref else "-"
         cuda = f"  (CUDA peak {row['peak_cuda_mb']:.0f} MB)" if "peak_cuda_mb" in row else ""
-        print(f"{method:<8}{variant:<9}{ours:>10.4f}{ref_s:>11}{ratio:>10}{row['peak_rss_mb']:>13.0f}"
+        print(f"{method:<8}{variant:<9}{ours:>10.4f}{ref_s:>11}{ratio:>10}{median:>8}{row['peak_rss_mb']:>13.0f}"
               f"{row['peak_over_start_mb']:>13.0f}{cuda}", file=table, flush=True)
     report = {"benchmark": "bench_distill", "settings": settings(args, methods, variants, rows), "results": results,
               "failed": failed}

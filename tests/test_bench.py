@@ -110,6 +110,8 @@ def test_bench_distill_json_prints_one_object_with_dm_against_its_reference(tmp_
         ref = r["reference_seconds_per_iteration"]
         assert ref > 0 and r["reference_iterations"] == 6
         assert r["speedup_vs_reference"] == pytest.approx(ref / r["seconds_per_iteration"])
+        assert len(r["block_speedups"]) == 6 and min(r["block_speedups"]) <= r["median_block_speedup"] <= max(
+            r["block_speedups"])
 
 
 def test_bench_distill_refuses_an_unknown_method():
