@@ -114,7 +114,7 @@ def run_case(args, method: str, variant: str) -> dict:
     guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, 0) or None
     warm = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": WARMUP[method]})
     t_warm = time.perf_counter()
-    distill(warm, cfg.model, data, 0, guide, progress=False)  # DM: includes torch.compile's compilation
+    distill(warm, cfg.model, data, 0, guide, progress=False)  # includes torch.compile's compilation
     warmup_seconds = time.perf_counter() - t_warm
     if device.type == "cuda":
         sync(device)
@@ -131,7 +131,7 @@ def run_case(args, method: str, variant: str) -> dict:
            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "im_size": data.im_size, "classes": data.num_classes,
            "reference_seconds_per_iteration": None, "reference_iterations": 0,
-           "compile": bool(cfg.distill.compile and method == "dm"), "warmup_seconds": warmup_seconds}
+           "compile": bool(cfg.distill.compile), "warmup_seconds": warmup_seconds}
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         row["peak_cuda_over_start_mb"] = row["peak_cuda_mb"] - cuda_start
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=str(ROOT / "ptm_store"))
     p.add_argument("--device", default="auto")
     p.add_argument("--no-compile", action="store_true",
-                   help="DM eager (default: through torch.compile, as DM runs of >= 1000 iterations are)")
+                   help="eager passes (default: through torch.compile: DM's embeddings, DC/DSA's inner-loop training)")
     p.add_argument("--methods", nargs="+", default=["dc,dsa,dm"], help="a subset of dc,dsa,dm (comma or space separated)")
     p.add_argument("--variants", nargs="+", default=["plain,clom,cclom"],
                    help="a subset of plain,clom,cclom (comma or space separated)")

@@ -60,12 +60,15 @@ def train_classifier(
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
     mixed_precision: bool = True,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """SGD with cross-entropy for ``epochs`` passes over (x, y), shuffled with ``gen``.
 
     ``dsa_strategy`` augments every batch with independent per-image DSA parameters.
     ``on_epoch(e, model)`` runs after 1-based epoch ``e`` (checkpointing hooks in here).
-    ``optimizer`` lets DC's inner loop keep one optimiser across calls."""
+    ``optimizer`` lets DC's inner loop keep one optimiser across calls. ``forward(model, x)``
+    replaces ``model(x)``: a compiled call (:class:`ptmdd_ray.compiled.CompiledCall`), whose
+    backward pass inductor compiles too."""
     device = x.device
     if optimizer is None:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -83,7 +86,7 @@ def train_classifier(
             params = augment.sample(dsa_strategy, xb.shape[0], size, gen, device)
             xb = augment.apply(xb, params)
             with amp:
-                loss = F.cross_entropy(model(xb), y[idx])
+                loss = F.cross_entropy(model(xb) if forward is None else forward(model, xb), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
