@@ -236,7 +236,7 @@ def test_a_search_refuses_to_choose_on_test_accuracy(tmp_path):
 
 
 def test_a_study_on_an_address_with_no_cluster_fails_before_anything(tmp_path):
-    from conftest import free_port
+    from helpers import free_port
 
     study = Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml"
     port = free_port()
@@ -250,7 +250,7 @@ def test_a_study_on_an_address_with_no_cluster_fails_before_anything(tmp_path):
                                            ("credentials", "access denied")])
 def test_a_study_on_a_bad_s3_store_fails_before_anything(tmp_path, s3, fault, needle):
     """An S3 store that cannot be used is named in one line before Ray starts; nothing is written."""
-    from conftest import free_port
+    from helpers import free_port
 
     env = dict(s3.env)
     store = s3.uri

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, TINY_BASE, is_loopback, listening, rest, session_pids, stop_session
+from helpers import BIN, TINY_BASE, is_loopback, listening, rest, session_pids, stop_session
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

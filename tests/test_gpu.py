@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_BASE
+from helpers import TINY_BASE
 from ptmdd_ray.config import build_config
 from ptmdd_ray.data import load_data
 from ptmdd_ray.evaluate import random_real_subset

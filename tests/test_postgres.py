@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, TINY_BASE, free_port, is_loopback, listening, stop_server, stop_session, together, wait_http
+from helpers import BIN, TINY_BASE, free_port, is_loopback, listening, stop_server, stop_session, together, wait_http
 
 STUDY = {
     "metric": "val.acc.mean",

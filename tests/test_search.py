@@ -2,7 +2,7 @@
 import optuna
 import pytest
 
-from conftest import together
+from helpers import together
 
 from ptmdd_ray.search import TrialSeededTPESampler, open_storage
 

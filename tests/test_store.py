@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from helpers import free_port
 from ptmdd_ray.store import CheckpointStore, IntegrityError, StoreError, check_key
 
 

@@ -13,20 +13,7 @@ import yaml
 
 from ptmdd_ray.config import ConfigError
 from ptmdd_ray.study import load_study
-from conftest import TINY_BASE, free_port, is_loopback, listening, session_pids, stop_session, wait_http
-
-STUDY = {
-    "metric": "val.acc.mean",
-    "name": "tiny",
-    "base": TINY_BASE,
-    "sweep": {"loss.clom": {"grid": [0.0, 30.0]}},
-    "search": {"loss.clom": {"loguniform": [1.0, 100.0]}, "loss.cclom": {"uniform": [0.0, 1.0]}},
-    "samples": 1,
-    "max_concurrent": 2,
-    "matrix": "loss.clom",
-    "control": {"loss.clom": 0.0},
-    "claims": [{"claim": "CLoM helps", "better": {"loss.clom": 30.0}, "than": "control"}],
-}
+from helpers import STUDY, TINY_BASE, free_port, is_loopback, listening, session_pids, stop_session, wait_http
 
 
 def _write(tmp_path, study):

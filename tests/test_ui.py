@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, stop_server, stop_session, wait_http
-from test_study import STUDY
+from helpers import free_port, stop_server, stop_session, wait_http
+from helpers import STUDY
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")  # Debian's chromium-driver (bash .ci/setup installs it)
 ML = "workflowType=machine_learning"  # the UI's "Model training" mode (its default is GenAI)
