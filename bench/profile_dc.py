@@ -1,6 +1,6 @@
 """Where one DC/DSA iteration's time goes: the inner loop's network training vs the matching.
 
-    .venv/bin/python bench/profile_dc.py [--method dsa] [--data parquet:../shared/data/cifar10-jpeg.parquet]
+    .venv/bin/python bench/profile_dc.py [--method dsa] [--compile] [--data parquet:../shared/data/cifar10-jpeg.parquet]
 
 CIFAR-10, ConvNetW32, IPC 10 (10 outer steps, 9 x 50 inner epochs), batch_real 64; one warm-up
 iteration, then one timed one with the inner training timed separately.
@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="dc", choices=["dc", "dsa"])
+    ap.add_argument("--compile", action="store_true", help="distill.compile: the inner loop through torch.compile")
     ap.add_argument("--data", default=f"parquet:{ROOT.parent / 'shared/data/cifar10-jpeg.parquet'}")
     args = ap.parse_args()
 
@@ -27,7 +28,8 @@ def main() -> None:
     from ptmdd_ray.data import load_data
 
     cfg = build_config({"dataset": {"name": args.data}, "model": "ConvNetW32",
-                        "distill": {"method": args.method, "ipc": 10, "iterations": 1, "batch_real": 64}})
+                        "distill": {"method": args.method, "ipc": 10, "iterations": 1, "batch_real": 64,
+                                                                        "compile": args.compile}})
     data = load_data(cfg.dataset, 0)
     inner = [0.0]
     train = methods.train_classifier
@@ -44,7 +46,7 @@ def main() -> None:
     t0 = time.perf_counter()
     methods.distill(cfg.distill, cfg.model, data, 1, progress=False)
     total = time.perf_counter() - t0
-    print(f"{args.method}: {total:.2f} s/iter; inner-loop training {inner[0]:.2f} s ({100 * inner[0] / total:.0f} %), "
+    print(f"{args.method}{' (compiled)' if args.compile else ''}: {total:.2f} s/iter; inner-loop training {inner[0]:.2f} s ({100 * inner[0] / total:.0f} %), "
           f"matching {total - inner[0]:.2f} s")
 
 
