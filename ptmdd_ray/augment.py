@@ -10,6 +10,8 @@ image gives the independent augmentation used when training evaluation networks.
 As in the reference implementation, a strategy ``a_b_c`` applies one op drawn uniformly per call;
 ``color`` is brightness, saturation and contrast in sequence; ``crop`` is a translation by up to
 1/8 of the image with zero padding. Default magnitudes are those of the DSA paper's ``ParamDiffAug``.
+The op names and the strategy check are torch-free, in :mod:`ptmdd_ray.config` (the config checks
+``distill.dsa_strategy`` with them).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import DSA_OPS, check_strategy
+
 SCALE = 1.2
 ROTATE_DEG = 15.0
 CROP_RATIO = 0.125
@@ -26,19 +30,6 @@ CUTOUT_RATIO = 0.5
 BRIGHTNESS = 1.0
 SATURATION = 2.0
 CONTRAST = 0.5
-
-OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-
-
-def check_strategy(strategy: str) -> list[str]:
-    """Ops of a strategy string (``"none"`` -> []); raises ValueError on an unknown op."""
-    if strategy in ("none", ""):
-        return []
-    ops = strategy.split("_")
-    for op in ops:
-        if op not in OPS:
-            raise ValueError(f"unknown DSA op {op!r} in {strategy!r} (known: {', '.join(OPS)})")
-    return ops
 
 
 @dataclass(frozen=True)
@@ -155,3 +146,4 @@ def _cutout(x, v):
 
 
 _APPLY = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, "scale": _scale, "rotate": _rotate}
+assert tuple(_APPLY) == DSA_OPS, "config.DSA_OPS names the ops implemented here"

@@ -29,19 +29,6 @@ from .train import new_model, train_classifier
 
 log = logging.getLogger(__name__)
 
-# (outer_loop, inner_loop) of DC/DSA, Zhao et al.'s published table.
-PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
-
-
-def loops_for_ipc(ipc: int) -> tuple[int, int]:
-    """DC/DSA outer and inner loop counts. Off the published table the same pattern continues:
-    ``outer = min(ipc, 50)`` updates of the synthetic set per network, each followed by
-    ``inner ~= 500 / ipc`` (clamped to 10..50) epochs of network training on it."""
-    if ipc in PUBLISHED_LOOPS:
-        return PUBLISHED_LOOPS[ipc]
-    return min(ipc, 50), int(min(50, max(10, round(500 / ipc))))
-
-
 class DivergenceError(RuntimeError):
     """The distillation loss became NaN or infinite (e.g. a learning rate far too large)."""
 

@@ -5,9 +5,10 @@ Every model is a :class:`Net`: a ``features`` trunk that ends in a flat ``(N, D)
 classifier(embed(x))``. Distribution matching needs ``embed``; gradient matching and
 evaluation need ``forward``; keeping both on one shape makes every method arch-agnostic.
 
-Names are parsed, not enumerated: fixed families live in :data:`_FAMILIES`, and ConvNet
-variants (``ConvNetD4``, ``ConvNetW64``, ``ConvNetBN``, ``ConvNetD4W64MP`` ...) are read by
-one regex. Spatial sizes are computed arithmetically from ``im_size`` (no dry run, so no
+Names are parsed, not enumerated, in :mod:`ptmdd_ray.archs` (torch-free, so the config checks
+them without torch): fixed families have a builder in :data:`_BUILDERS`, and ConvNet variants
+(``ConvNetD4``, ``ConvNetW64``, ``ConvNetBN``, ``ConvNetD4W64MP`` ...) are parsed into the
+ConvNet builder's options. Spatial sizes are computed arithmetically from ``im_size`` (no dry run, so no
 BatchNorm statistics are touched at construction), and any 2x2 pooling that would act on a
 map smaller than 2 px is replaced by ``nn.Identity`` so every size in 8..64 px works while
 layer indices (and therefore state-dict keys) stay the same across sizes.
@@ -15,16 +16,13 @@ layer indices (and therefore state-dict keys) stay the same across sizes.
 from __future__ import annotations
 
 import math
-import re
 from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 
-
-class ModelSpecError(ValueError):
-    """An architecture name or shape argument that :func:`build_model` cannot honour."""
+from .archs import FAMILIES, ModelSpecError, available, convnet_options, is_known
 
 
 # Instance norm is the DD default (DC code spells it GroupNorm(C, C)): statistics are per
@@ -193,9 +191,9 @@ def _resnet18(channels, num_classes, im_size, norm="instancenorm", ap=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry
+# Registry: a builder per fixed family of :data:`ptmdd_ray.archs.FAMILIES`, ConvNet variants by parse
 
-_FAMILIES: dict[str, Callable[..., Net]] = {
+_BUILDERS: dict[str, Callable[..., Net]] = {
     "MLP": _mlp,
     "LeNet": _lenet,
     "AlexNet": _alexnet,
@@ -206,64 +204,18 @@ _FAMILIES: dict[str, Callable[..., Net]] = {
     "ResNet18BN": partial(_resnet18, norm="batchnorm"),
     "ResNet18BN_AP": partial(_resnet18, norm="batchnorm", ap=True),
 }
-
-_CONVNET_RE = re.compile(r"^ConvNet(?:D(\d+))?(?:W(\d+))?(BN|IN|LN|GN|NN)?(AP|MP|NP)?"
-                         r"(Sigmoid|Relu|LeakyRelu)?$")
-_NORM_TOKENS = {"BN": "batchnorm", "IN": "instancenorm", "LN": "layernorm", "GN": "groupnorm",
-                "NN": "none"}
-_POOL_TOKENS = {"AP": "avgpooling", "MP": "maxpooling", "NP": "none"}
-_ACT_TOKENS = {"Sigmoid": "sigmoid", "Relu": "relu", "LeakyRelu": "leakyrelu"}
-
-_CONVNET_NAMES = (["ConvNet"] + [f"ConvNetD{d}" for d in (1, 2, 3, 4)]
-                  + [f"ConvNetW{w}" for w in (32, 64, 128, 256)]
-                  + [f"ConvNet{t}" for t in _NORM_TOKENS] + [f"ConvNet{t}" for t in _POOL_TOKENS]
-                  + [f"ConvNet{t}" for t in _ACT_TOKENS])
+assert tuple(_BUILDERS) == FAMILIES, "archs.FAMILIES and models._BUILDERS name the same families"
 
 
-def _convnet_options(name: str) -> dict | None:
-    """Parse a ConvNet variant name into ``_convnet`` keyword options (None if not one)."""
-    m = _CONVNET_RE.match(name)
-    if m is None:
+def _builder(name: str) -> Callable[..., Net] | None:
+    if not is_known(name):
         return None
-    depth, width, norm, pool, act = m.groups()
-    opts: dict = {}
-    if depth is not None:
-        opts["depth"] = int(depth)
-    if width is not None:
-        opts["width"] = int(width)
-    if any(opts.get(k, 1) < 1 for k in ("depth", "width")):
-        return None
-    if norm:
-        opts["norm"] = _NORM_TOKENS[norm]
-    if pool:
-        opts["pool"] = _POOL_TOKENS[pool]
-    if act:
-        opts["act"] = _ACT_TOKENS[act]
-    return opts
-
-
-def _resolve(name: object) -> Callable[..., Net] | None:
-    if not isinstance(name, str):
-        return None
-    if name in _FAMILIES:
-        return _FAMILIES[name]
-    opts = _convnet_options(name)
-    return None if opts is None else partial(_convnet, **opts)
-
-
-def is_known(name: str) -> bool:
-    """True iff :func:`build_model` accepts ``name``."""
-    return _resolve(name) is not None
-
-
-def available() -> list[str]:
-    """Canonical names (ConvNet variants may also be combined, e.g. ``ConvNetD4W64``)."""
-    return list(_CONVNET_NAMES) + list(_FAMILIES)
+    return _BUILDERS.get(name) or partial(_convnet, **convnet_options(name))
 
 
 def build_model(name: str, channels: int, num_classes: int, im_size: int) -> nn.Module:
     """Build architecture ``name`` for (N, channels, im_size, im_size) inputs, in train mode."""
-    builder = _resolve(name)
+    builder = _builder(name)
     if builder is None:
         raise ModelSpecError(f"unknown architecture {name!r} (known: {', '.join(available())})")
     for arg, value in (("channels", channels), ("num_classes", num_classes), ("im_size", im_size)):

@@ -19,7 +19,8 @@ import torch
 
 from . import __version__, artifacts
 from .config import Config, ConfigError, source_dataset, to_dict, uses_ptms, weight_for
-from .data import ImageData, load_data, source_id
+from .data import ImageData, load_data
+from .sources import source_id
 from .evaluate import evaluate_set, random_real_subset
 from .methods import DistillState, distill
 from .pool import PTM_DATA_SEED, PTM, PTMGuide, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs

@@ -359,7 +359,7 @@ def dataset_input(cfg: Config | dict):
     import mlflow
 
     from .config import DatasetConfig, from_dict
-    from .data import source_id  # lazy: data imports torch
+    from .sources import source_id
 
     ds = cfg.dataset if isinstance(cfg, Config) else from_dict(DatasetConfig, cfg["dataset"], "dataset.")
     cut = {k: v for k, v in to_dict(ds).items() if k not in ("root", "download", "cache_dir")}

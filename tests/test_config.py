@@ -2,7 +2,9 @@
 one-line errors that start with the offending dotted key. Pure and fast: nothing is trained."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,9 +16,11 @@ from ptmdd_ray.config import (
     ConfigError,
     build_config,
     flatten,
+    json_schema,
     load_config,
     load_yaml,
     parse_override,
+    to_dict,
 )
 
 
@@ -310,3 +314,65 @@ def test_anchor_paths_makes_relative_paths_absolute_and_leaves_the_rest():
     other = anchor_paths({"dataset": {"name": "cifar10"}, "pool": {"source": "parquet:p.parquet"}, "store": "st"}, "/b")
     assert other == {"dataset": {"name": "cifar10", "root": "/b/data"}, "pool": {"source": "parquet:/b/p.parquet"},
                      "store": "/b/st"}
+
+
+# --------------------------------------------------------------------------- JSON Schema
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+
+
+def schema_of(schema: dict, key: str) -> dict:
+    """The schema of dotted ``key``, following ``$ref`` and the mapping branch of an ``anyOf``."""
+    node = schema
+    for part in key.split("."):
+        options = node.get("anyOf", [node])
+        node = next(o for o in options if "$ref" in o or "properties" in o)
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        assert part in node["properties"], f"{key}: {part!r} is not in the schema"
+        node = node["properties"][part]
+    return node
+
+
+def keys_of(data: dict, prefix: str = "") -> list[str]:
+    """Every dotted key a config mapping uses (weight maps are values, not sections)."""
+    out = []
+    for k, v in data.items():
+        out.append(prefix + k)
+        if isinstance(v, dict) and k not in ("clom", "cclom"):
+            out += keys_of(v, f"{prefix}{k}.")
+    return out
+
+
+def test_json_schema_covers_every_dotted_key_with_its_default_and_meaning():
+    schema = json.loads(json.dumps(json_schema()))  # plain JSON
+    flat = flatten(to_dict(Config()))
+    for key, default in flat.items():
+        node = schema_of(schema, key)
+        assert node.get("description"), key
+        assert node["default"] == default, key
+    assert schema_of(schema, "distill.method")["enum"] == ["dc", "dsa", "dm"]
+    assert None in schema_of(schema, "distill.init")["enum"]
+    assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_study_configs_fit_the_json_schema(path):
+    data = yaml.safe_load(path.read_text())
+    base = data.get("base", data)
+    if isinstance(base, str):
+        base = yaml.safe_load((path.parent / base).read_text())
+    schema = json_schema()
+    for key in keys_of(base):
+        schema_of(schema, key)
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(base, schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_json_schema_rejects_unknown_keys_and_wrong_types():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json_schema()
+    for text, _ in BAD[:5]:  # what from_dict rejects by shape alone
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(yaml.safe_load(text), schema, cls=jsonschema.Draft202012Validator)

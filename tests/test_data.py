@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ptmdd_ray import data
+from ptmdd_ray import data, sources
 from ptmdd_ray.config import ConfigError, DatasetConfig
 from ptmdd_ray.data import load_data
 
@@ -41,7 +41,7 @@ def test_digits_default_shapes_and_split():
 
 
 def test_digits_train_test_disjoint():
-    x_tr, y_tr, x_te, y_te, names = data.load_uint8(digits())
+    x_tr, y_tr, x_te, y_te, names = sources.load_uint8(digits())
     assert x_tr.shape[1:] == (8, 8, 1) and x_tr.dtype == np.uint8 and x_tr.max() == 255
     assert len(x_tr) + len(x_te) == 1797
     from sklearn.datasets import load_digits
@@ -85,7 +85,7 @@ def test_class_subset_relabels():
     d = data.load_data(digits(classes=[5, 3]))
     assert d.classes == ["5", "3"] and d.num_classes == 2
     assert set(d.y_train.tolist()) == {0, 1}
-    _, y_tr, _, _, _ = data.load_uint8(digits())
+    _, y_tr, _, _, _ = sources.load_uint8(digits())
     assert (d.y_train == 0).sum().item() == int((y_tr == 5).sum())
     with pytest.raises(ConfigError, match=r"^dataset\.classes"):
         data.load_data(digits(classes=[12]))
@@ -142,12 +142,12 @@ def test_parquet_loads_and_caches(tmp_path, monkeypatch):
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
     # second load, in a fresh process state, must come from the .npz without decoding
-    data._load_uint8_cached.cache_clear()
+    sources._load_uint8_cached.cache_clear()
 
     def boom(*a, **k):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(data, "_decode_images", boom)
+    monkeypatch.setattr(sources, "_decode_images", boom)
     d2 = data.load_data(ds)
     assert torch.equal(d.x_train, d2.x_train) and d2.classes == d.classes
     assert files[0].stat().st_mtime_ns == mtime and len(list(cache.glob("*.npz"))) == 1
@@ -155,7 +155,7 @@ def test_parquet_loads_and_caches(tmp_path, monkeypatch):
 
 def test_parquet_default_cache_next_to_file(tmp_path):
     p = _write_parquet(tmp_path / "tiny.parquet")
-    data.load_uint8(DatasetConfig(name=f"parquet:{p}"))
+    sources.load_uint8(DatasetConfig(name=f"parquet:{p}"))
     assert len(list((tmp_path / ".ptmdd_cache").glob("*.npz"))) == 1
 
 
@@ -167,7 +167,7 @@ def test_parquet_read_only_dir_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(home_cache))
     src.chmod(0o555)
     try:
-        data.load_uint8(DatasetConfig(name=f"parquet:{p}"))
+        sources.load_uint8(DatasetConfig(name=f"parquet:{p}"))
     finally:
         src.chmod(0o755)
     assert not (src / ".ptmdd_cache").exists()
@@ -249,16 +249,16 @@ def test_imagefolder(tmp_path):
 )
 def test_check_dataset_config_errors(kw, key):
     with pytest.raises(ConfigError) as e:
-        data.check_dataset_config(DatasetConfig(**kw), "dataset")
+        sources.check_dataset_config(DatasetConfig(**kw), "dataset")
     assert str(e.value).startswith(key + ":")
     assert "\n" not in str(e.value)
 
 
 def test_check_dataset_config_ok(tmp_path):
-    data.check_dataset_config(digits(im_size=32, classes=[0, 9], domain="lowres"), "pool.source")
+    sources.check_dataset_config(digits(im_size=32, classes=[0, 9], domain="lowres"), "pool.source")
     p = _write_parquet(tmp_path / "ok.parquet")
-    data.check_dataset_config(DatasetConfig(name=f"parquet:{p}"), "dataset")
-    assert data.DOMAINS == ("none", "grayscale", "lowres", "invert")
+    sources.check_dataset_config(DatasetConfig(name=f"parquet:{p}"), "dataset")
+    assert sources.DOMAINS == ("none", "grayscale", "lowres", "invert")
 
 
 def test_arrays_round_trip_without_copying_read_only_buffers():

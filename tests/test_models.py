@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from ptmdd_ray import models
-from ptmdd_ray.models import ModelSpecError, available, build_model, is_known
+from ptmdd_ray.archs import ModelSpecError, available, is_known
+from ptmdd_ray.models import build_model
 
 CANONICAL = [
     "ConvNet", "ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4",

@@ -1,0 +1,199 @@
+"""What can be set: the config's sections as frozen dataclasses, one line of meaning per setting.
+
+Each field's ``help`` (and, for a fixed vocabulary, its ``choices``) is what ``ptmdd config`` prints
+and what :func:`~ptmdd_ray.config.json_schema` publishes for editors. ``None`` in a field means "the
+published default for the chosen method", filled in by :func:`~ptmdd_ray.config.resolve`. The three
+readers at the end (:func:`weight_for`, :func:`uses_ptms`, :func:`source_dataset`) answer questions
+about a resolved config that several modules ask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..sources import DOMAINS
+
+METHODS = ("dc", "dsa", "dm")
+INITS = ("real", "noise")
+PRECISIONS = ("bf16", "fp32")
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A field with its default and its one-line meaning (and its allowed values, if a fixed set).
+    A list default is copied for every instance."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which images, and how they are shaped. ``name`` is ``digits`` (embedded, offline), a torchvision
+    name (``cifar10``, ``cifar100``, ``mnist``, ``fashionmnist``, ``svhn``), ``parquet:PATH`` or
+    ``imagefolder:PATH``. ``domain`` and ``classes`` derive a new domain or label space from it, which
+    is how PTMs from "elsewhere" are made for the domain-match study.
+
+    ``val_per_class`` holds out that many *training* images per class as a validation split, with
+    a fixed seed, before anything else sees the data: every choice (a search, a pruning, a
+    default) is made on it, and the test split only reports. The held-out images are drawn per
+    class of the full label space, so a PTM source reading the same files with another class
+    subset or domain holds out the same images and never trains on the target's validation set."""
+
+    name: str = setting("digits",
+        "digits (embedded), cifar10, cifar100, mnist, fashionmnist, svhn, parquet:PATH or imagefolder:PATH")
+    root: str = setting("data", "directory of the torchvision data sets")
+    download: bool = setting(False, "let torchvision download the data set into root")
+    im_size: int | None = setting(None, "image side in pixels; null: native size (digits: 16, upsampled from 8)")
+    train_per_class: int | None = setting(None, "training images per class; null: all")
+    test_per_class: int | None = setting(None, "test images per class; null: all")
+    domain: str = setting("none", "derived domain: none, grayscale, lowres or invert", choices=DOMAINS)
+    classes: list[int] | None = setting(None, "keep only these class indices (a new label space); null: all")
+    val_per_class: int = setting(0,
+        "training images per class held out as the validation split that every choice reads; 0: none")
+    cache_dir: str | None = setting(None,
+        "cache of the decoded images; null: beside the data, else ~/.cache/ptmdd_ray")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation method. ``None`` fields take the method's published default (see
+    :data:`METHOD_DEFAULTS` and :func:`loops_for_ipc`)."""
+
+    method: str = setting("dm", "distillation method: dc, dsa or dm", choices=METHODS)
+    ipc: int = setting(10, "synthetic images per class")
+    iterations: int | None = setting(None, "distillation iterations; null: the method's published default")
+    lr_img: float | None = setting(None,
+        "SGD learning rate of the synthetic images; null: the method's published default")
+    lr_net: float = setting(0.01,
+        "learning rate of the network trained on the synthetic set between matchings (DC, DSA)")
+    momentum_img: float = setting(0.5, "SGD momentum of the synthetic images")
+    batch_real: int = setting(256, "real images per class in each matching batch")
+    batch_train: int = setting(256, "batch size of the network trained on the synthetic set (DC, DSA)")
+    init: str | None = setting(None, "initial synthetic images: real (random real images) or noise; null: the "
+                               "method's published default", choices=INITS)
+    outer_loop: int | None = setting(None,
+        "DC/DSA synthetic-set updates per network; null: the published table for the IPC")
+    inner_loop: int | None = setting(None,
+        "DC/DSA network epochs on the synthetic set between updates; null: the published table for the IPC")
+    dsa_strategy: str | None = setting(None,
+        "DSA augmentations, e.g. color_crop_cutout_flip_scale_rotate; null: the method's published default")
+    log_every: int = setting(10, "record the matching loss every this many iterations")
+    compile: bool | None = setting(None,
+        "run DM's network passes through torch.compile (~2x per iteration on the CPU, after a one-off compilation of "
+        "~30-60 s); null: on for DM runs of >= 1000 iterations")
+    checkpoint_every: int = setting(0,
+        "a study trial checkpoints its state every this many iterations, so that a retried or resumed trial goes on "
+        "from there; 0: every tenth of the run")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The PTM pool: ``archs`` × ``seeds`` models, each the checkpoint at ``epoch`` of a pretraining
+    run on ``source``. Nm = number of seeds, Na = len(archs); ``archs: []`` means no PTM.
+    ``seeds`` is a count (seeds 0..n-1) or an explicit list. ``source`` is a dataset name (inheriting
+    the target's size and subset options) or a full dataset mapping; ``None`` means the target."""
+
+    archs: list[str] = setting([], "architectures of the PTM pool (Na = their number); []: no PTM")
+    seeds: int | list[int] = setting(1, "PTMs per arch (Nm): a count (seeds 0..n-1) or a list of seeds")
+    epoch: int = setting(5, "the checkpoint epoch of each PTM's pretraining run")
+    source: str | DatasetConfig | None = setting(None,
+        "the PTMs' data: a name (inheriting the target's size and subsets) or a mapping; null: the target")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How a PTM is trained. Defaults follow the paper's code: a 150-epoch run, SGD lr 0.01, momentum
+    0.9, weight decay 5e-3, lr x0.1 at 1/3 and 2/3 of the run, batch 256, no augmentation.
+    ``epochs`` is the length of the run, i.e. its lr schedule: epoch 2 of a 150-epoch run is a
+    different model from epoch 2 of a 2-epoch run. A run is only trained as far as the largest
+    epoch asked for (``pool.epoch`` and ``save_epochs``), saving each of them on the way, so early
+    (sub-optimal) PTMs cost only their own epochs."""
+
+    epochs: int = setting(150, "length of a pretraining run, i.e. its lr schedule (x0.1 at 1/3 and 2/3)")
+    lr: float = setting(0.01, "SGD learning rate of PTM pretraining")
+    momentum: float = setting(0.9, "SGD momentum of PTM pretraining")
+    weight_decay: float = setting(5e-3, "weight decay of PTM pretraining")
+    batch: int = setting(256, "batch size of PTM pretraining")
+    save_epochs: list[int] = setting([], "further epochs to checkpoint on the way (besides pool.epoch)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The paper's PTM losses. ``clom`` (alpha) and ``cclom`` (beta) are a weight or a map
+    {arch: weight}. ``clom: None`` means the per-method default (:data:`METHOD_DEFAULTS`) when the
+    pool is non-empty, else 0. ``augmented: false``
+    applies them to the raw synthetic set instead, as the reference code did (an ablation knob)."""
+
+    clom: float | dict[str, float] | None = setting(None,
+        "CLoM weight α: number or {arch: weight}; null: the method's published default (0 without pool.archs)")
+    cclom: float | dict[str, float] = setting(0.0, "CCLoM weight β: a number or {arch: weight}")
+    cclom_batch: int = setting(256, "real images in CCLoM's contrastive batch")
+    augmented: bool = setting(True,
+        "PTM losses on the DSA-augmented images the matching term sees; false: raw images (reference code)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol: ``runs`` fresh models per arch trained on the synthetic set, SGD
+    momentum 0.9, weight decay 5e-4, lr x0.1 at half of ``epochs``, each tested on the test split
+    and (with ``dataset.val_per_class``) the validation split. ``augment`` (DSA augmentation while
+    training them) defaults per method as in the reference code: off for DC, on for DSA and DM. The
+    random real subset of the same IPC is evaluated the same way when ``baseline`` is on."""
+
+    archs: list[str] | None = setting(None,
+        "architectures trained on the synthetic set to evaluate it; null: the matching model")
+    runs: int = setting(3, "fresh models trained per eval arch")
+    epochs: int = setting(300, "training epochs of each evaluation model (lr x0.1 at half)")
+    lr: float = setting(0.01, "SGD learning rate of the evaluation models")
+    momentum: float = setting(0.9, "SGD momentum of the evaluation models")
+    weight_decay: float = setting(5e-4, "weight decay of the evaluation models")
+    batch: int = setting(256, "batch size of the evaluation models")
+    augment: bool | None = setting(None,
+        "DSA augmentation while training the evaluation models; null: the method's published default")
+    baseline: bool = setting(True, "also evaluate a random real subset of the same IPC")
+    every: int = setting(0,
+        "also evaluate every this many iterations (1 run per arch, validation if held out); 0: at the end only")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run: the data set, the matching model, the method, the PTM pool and its pretraining, the
+    PTM losses, the evaluation, and where PTMs are stored and on what device it all runs."""
+
+    seed: int = setting(0, "random seed of the run (a study adds the sample index)")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: str = setting("ConvNet", "network used for matching (and the default eval arch)")
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    store: str = setting("ptm_store", "PTM checkpoint store: a directory or a pyarrow.fs URI (s3://...)")
+    device: str = setting("auto", "auto, cpu or cuda[:N]")
+    precision: str = setting("bf16", "on CUDA: bf16 autocast in PTM pretraining and evaluation; fp32: off",
+                             choices=PRECISIONS)
+
+
+# --------------------------------------------------------------------------- reading a resolved config
+
+def weight_for(w: float | dict[str, float], arch: str) -> float:
+    """The weight of one arch from a number or an {arch: weight} map (missing arch: 0)."""
+    return float(w.get(arch, 0.0)) if isinstance(w, dict) else float(w)
+
+
+def uses_ptms(cfg: Config) -> bool:
+    """True when some pool arch has a non-zero CLoM or CCLoM weight (else the pool is idle)."""
+    return any(weight_for(cfg.loss.clom or 0.0, a) > 0 or weight_for(cfg.loss.cclom, a) > 0 for a in cfg.pool.archs)
+
+
+def source_dataset(cfg: Config) -> DatasetConfig:
+    """The dataset the pool's PTMs are trained on. A bare name (like a mapping, see
+    :func:`~ptmdd_ray.config.build_config`) inherits the target's image size, root, cache and subset
+    sizes, but none of its domain or class subset."""
+    src = cfg.pool.source
+    if src is None:
+        return cfg.dataset
+    if isinstance(src, str):
+        return replace(cfg.dataset, name=src, domain="none", classes=None)
+    return src
