@@ -171,7 +171,7 @@ def reference_iteration(cfg, data, ptms):
     import numpy as np
     import torch
 
-    from ptmdd_ray.methods import init_synthetic
+    from ptmdd_ray.synthetic import init_synthetic
     from ptmdd_ray.train import new_model
     from reference_dc import reference_dc_iteration
     from reference_dm import reference_dm_iteration

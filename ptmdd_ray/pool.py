@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import losses
 from .config import Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, weight_for
 from .data import ImageData
-from .methods import embed_chunked
+from .models import embed_chunked
 from .store import Checkpoint, CheckpointStore, IntegrityError
 from .train import accuracy, new_model, train_classifier
 
