@@ -101,8 +101,8 @@ def run_case(args, method: str, variant: str) -> dict:
 
     from ptmdd_ray.data import load_data
     from ptmdd_ray.methods import distill
-    from ptmdd_ray.pipeline import pick_device, resolve_pool
-    from ptmdd_ray.pool import PTMGuide
+    from ptmdd_ray.pipeline import pick_device
+    from ptmdd_ray.pool import PTMGuide, resolve_pool
 
     cfg = config(args, method, variant)
     device = pick_device(cfg.device)

@@ -21,10 +21,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import losses
-from .config import Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, weight_for
-from .data import ImageData
+from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, uses_ptms,
+                     weight_for)
+from .data import ImageData, load_data
 from .models import embed_chunked
-from .store import Checkpoint, CheckpointStore, IntegrityError
+from .store import Checkpoint, CheckpointRepository, CheckpointStore, IntegrityError
 from .train import accuracy, new_model, train_classifier
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,10 @@ class PTMRepository:
     """Resolves PTM specs to checkpoints: reuse what the store has, train what is missing (every
     requested epoch of a run in one go). Single flight comes from the store's lock on the run (a
     flock locally, a lease object on S3), so it holds across processes, nodes and clusters: the
-    first caller trains, with its own device and resources, and the others wait, then load."""
+    first caller trains, with its own device and resources, and the others wait, then load.
+    The :class:`~ptmdd_ray.store.CheckpointRepository` of a local (or object) store; the Ray
+    service's :class:`~ptmdd_ray.service.RayRepository` serves stored checkpoints through its
+    actor instead (:meth:`stored`)."""
 
     def __init__(self, store: CheckpointStore, progress: bool = True):
         self.store = store
@@ -140,6 +144,10 @@ class PTMRepository:
 
     def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
             load_source: Callable[[], ImageData]) -> Checkpoint:
+        """The checkpoint of ``spec`` at ``epoch`` (:class:`~ptmdd_ray.store.CheckpointRepository`):
+        the stored one if intact (:meth:`stored`; a damaged one is quarantined), else the run is
+        trained here and saved (:func:`train_run`), or, if another process trained it while this
+        one waited for the run's lock, loaded as a hit."""
         key = spec.key(epoch)
         while True:
             ckpt = self.stored(key)
@@ -211,6 +219,55 @@ def check_compatible(ptm_data_shape: tuple[int, int, int], ptm_classes: list[str
     if needs_labels and list(ptm_classes) != list(target.classes):
         raise ConfigError("loss.clom: the pool's label space differs from the target's "
                           "(use loss.cclom for PTMs from another label space)")
+
+
+@dataclass
+class Pool:
+    """A resolved pool: its PTMs, and how many of them were trained and reused to resolve it."""
+
+    ptms: list[PTM]
+    trainings: int
+    hits: int
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return [{"id": p.key, "arch": p.arch, "seed": p.seed, "epoch": p.epoch,
+                 "test_accuracy": p.test_accuracy, "train_accuracy": p.train_accuracy} for p in self.ptms]
+
+
+def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
+                 repo: CheckpointRepository | None = None, idle: bool = False) -> Pool:
+    """Load the pool's PTMs through ``repo`` (default: a :class:`PTMRepository` on ``cfg.store``),
+    training the missing ones on ``pool.source``, and check that they fit ``target``. A pool
+    whose weights are all zero is idle and is not resolved (the plain method) unless ``idle``."""
+    if not cfg.pool.archs or not (idle or uses_ptms(cfg)):
+        return Pool([], 0, 0)
+    repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
+    load_source = _source_loader(cfg, target, device)
+    needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
+    hits0, trainings0 = repo.hits, repo.trainings
+    ptms = []
+    for spec in pool_specs(cfg):
+        ckpt = repo.get(spec, cfg.pool.epoch, save_epochs(cfg), load_source)
+        check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels)
+        ptms.append(load_ptm(ckpt, device))
+    return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0)
+
+
+def _source_loader(cfg: Config, target: ImageData, device: torch.device) -> Callable[[], ImageData]:
+    """The data the pool's PTMs train on, loaded on the first call (only a training needs them).
+    A PTM's training data is a function of its spec alone (never of this run's seed), so a stored
+    checkpoint means the same model whichever run trained it: ``target`` serves only when it is
+    that same data."""
+    src_cfg = source_dataset(cfg)
+    cache: dict[str, ImageData] = {}
+
+    def load_source() -> ImageData:
+        if "src" not in cache:
+            same = src_cfg == cfg.dataset and (cfg.seed == PTM_DATA_SEED or not src_cfg.train_per_class)
+            cache["src"] = target if same else load_data(src_cfg, PTM_DATA_SEED).to(device)
+        return cache["src"]
+
+    return load_source
 
 
 class PTMGuide:

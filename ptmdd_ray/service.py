@@ -105,8 +105,9 @@ def get_store_actor(uri: str):
 
 
 class RayRepository(PTMRepository):
-    """The PTM repository of a trial on Ray: stored checkpoints come through the store actor;
-    missing ones are trained here, under the store's lock (see the module docstring)."""
+    """The PTM repository (:class:`~ptmdd_ray.store.CheckpointRepository`) of a trial on Ray:
+    stored checkpoints come through the store actor; missing ones are trained here, under the
+    store's lock (see the module docstring)."""
 
     def __init__(self, uri: str):
         super().__init__(CheckpointStore(uri), progress=False)
