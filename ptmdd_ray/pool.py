@@ -1,5 +1,6 @@
-"""PTM pools: pretraining, resolution against the checkpoint store, and the guide that turns a pool
-into the CLoM/CCLoM loss of one distillation step.
+"""PTM pools: their specs, their resolution (:func:`resolve_pool`, through a repository whose
+:meth:`PTMRepository.get` reuses what the store holds intact and trains what is missing), the
+pretraining, and the guide that turns a pool into the CLoM/CCLoM loss of one distillation step.
 
 A PTM is identified by how it was made: (arch, seed, source dataset/domain, optimiser settings,
 length of the run). That spec hashes to a run id; the checkpoint of epoch e of that run is the store
@@ -25,7 +26,7 @@ from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_
                      weight_for)
 from .data import ImageData, load_data
 from .models import embed_chunked
-from .store import Checkpoint, CheckpointRepository, CheckpointStore, IntegrityError
+from .store import Checkpoint, CheckpointRepository, CheckpointStore, load_checked
 from .train import accuracy, new_model, train_classifier
 
 log = logging.getLogger(__name__)
@@ -75,152 +76,6 @@ def save_epochs(cfg: Config) -> list[int]:
     return sorted({cfg.pool.epoch, *cfg.pretrain.save_epochs})
 
 
-def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
-             ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]]:
-    """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
-    (schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation); return
-    {epoch: (state_dict, {"test": accuracy, "train": accuracy})} for the requested epochs: the
-    train accuracy says how far a checkpoint fits its data (an over-trained PTM is near 1)."""
-    t = spec.pretrain
-    shape = (data.channels, data.num_classes, data.im_size)
-    model = new_model(spec.arch, shape, seed=spec.seed, device=data.x_train.device)
-    gen = torch.Generator().manual_seed(spec.seed)
-    wanted = set(epochs_to_save)
-    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
-    amp = spec.precision == "bf16"
-    last = max(wanted)
-    bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
-
-    def on_epoch(e: int, m: nn.Module) -> None:
-        bar.update(1)
-        if e in wanted:
-            acc = {"test": accuracy(m, data.x_test, data.y_test, mixed_precision=amp),
-                   "train": accuracy(m, data.x_train, data.y_train, mixed_precision=amp)}
-            out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc)
-            bar.set_postfix(epoch=e, test_acc=f"{acc['test']:.3f}", train_acc=f"{acc['train']:.3f}")
-
-    train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
-                     weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
-                     gen=gen, on_epoch=on_epoch, mixed_precision=amp)
-    bar.close()
-    return out
-
-
-@dataclass
-class PTM:
-    """A loaded, frozen pre-trained model and its record."""
-
-    arch: str
-    seed: int
-    epoch: int
-    key: str
-    test_accuracy: float
-    model: nn.Module
-    train_accuracy: float | None = None  # None: stored before train accuracies were recorded
-
-
-class PTMRepository:
-    """Resolves PTM specs to checkpoints: reuse what the store has, train what is missing (every
-    requested epoch of a run in one go). Single flight comes from the store's lock on the run (a
-    flock locally, a lease object on S3), so it holds across processes, nodes and clusters: the
-    first caller trains, with its own device and resources, and the others wait, then load.
-    The :class:`~ptmdd_ray.store.CheckpointRepository` of a local (or object) store; the Ray
-    service's :class:`~ptmdd_ray.service.RayRepository` serves stored checkpoints through its
-    actor instead (:meth:`stored`)."""
-
-    def __init__(self, store: CheckpointStore, progress: bool = True):
-        self.store = store
-        self.progress = progress
-        self.trainings = 0
-        self.hits = 0
-
-    def stored(self, key: str) -> Checkpoint | None:
-        """The intact stored checkpoint ``key`` (counted as a hit), or None. The Ray service
-        overrides this to serve through its store actor."""
-        ckpt = load_checked(self.store, key)
-        if ckpt is not None:
-            self.store.count(hits=1)
-        return ckpt
-
-    def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
-            load_source: Callable[[], ImageData]) -> Checkpoint:
-        """The checkpoint of ``spec`` at ``epoch`` (:class:`~ptmdd_ray.store.CheckpointRepository`):
-        the stored one if intact (:meth:`stored`; a damaged one is quarantined), else the run is
-        trained here and saved (:func:`train_run`), or, if another process trained it while this
-        one waited for the run's lock, loaded as a hit."""
-        key = spec.key(epoch)
-        while True:
-            ckpt = self.stored(key)
-            if ckpt is not None:
-                self.hits += 1
-                return ckpt
-            if train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress):
-                self.trainings += 1
-                return self.store.load(key)
-            # another process trained it while we waited for the run's lock: load it as a hit
-
-
-def load_checked(store: CheckpointStore, key: str) -> Checkpoint | None:
-    """The checkpoint if the store has it intact; None if it is missing or fails its sha256
-    check, in which case it is quarantined (never loaded) so that it is trained again."""
-    if not store.has(key):
-        return None
-    try:
-        return store.load(key)
-    except IntegrityError as e:
-        log.warning("%s", e)
-        store.quarantine(key)
-        return None
-
-
-def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
-              data: ImageData | Callable[[], ImageData], progress: bool = False) -> list[str]:
-    """Pretrain ``spec`` and save every requested epoch the store does not have yet; returns the
-    keys written. Under the run's store lock, so that processes sharing a local store (two
-    studies, each with its own Ray) train a run once: the second finds the epochs written and
-    returns [] without training. ``data`` may be a callable, called only when training."""
-    store.check_writable()
-    with store.lock(f"train-{spec.run_id}"):
-        missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
-        if not missing:
-            return []
-        data = data() if callable(data) else data
-        log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
-        keys = []
-        for e, (state, acc) in pretrain(spec, missing, data, progress).items():
-            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
-                    "train_accuracy": acc["train"],
-                    "run_id": spec.run_id, "spec": spec.identity(),
-                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
-            store.save(spec.key(e), state, meta)
-            keys.append(spec.key(e))
-        store.count(trainings=1)
-        return keys
-
-
-def load_ptm(ckpt: Checkpoint, device) -> PTM:
-    m = ckpt.meta
-    channels, num_classes, im_size = m["shape"]
-    model = new_model(m["arch"], (channels, num_classes, im_size), seed=0, device="cpu", channels_last=True)
-    model.load_state_dict(ckpt.tensors)
-    model = model.to(device).eval().requires_grad_(False)  # frozen once; eval: BN PTMs must not drift
-    train = m.get("train_accuracy")
-    return PTM(m["arch"], m["seed"], m["epoch"], ckpt.key, float(m["test_accuracy"]), model,
-               None if train is None else float(train))
-
-
-def check_compatible(ptm_data_shape: tuple[int, int, int], ptm_classes: list[str], target: ImageData,
-                     needs_labels: bool) -> None:
-    """PTMs must accept the target's images; CLoM also needs the target's label space."""
-    channels, _, im_size = ptm_data_shape
-    if (channels, im_size) != (target.channels, target.im_size):
-        raise ConfigError(f"pool.source: PTM input {channels}x{im_size}px does not match the target's "
-                          f"{target.channels}x{target.im_size}px (set pool.source.im_size)")
-    if needs_labels and list(ptm_classes) != list(target.classes):
-        raise ConfigError("loss.clom: the pool's label space differs from the target's "
-                          "(use loss.cclom for PTMs from another label space)")
-
-
 @dataclass
 class Pool:
     """A resolved pool: its PTMs, and how many of them were trained and reused to resolve it."""
@@ -268,6 +123,139 @@ def _source_loader(cfg: Config, target: ImageData, device: torch.device) -> Call
         return cache["src"]
 
     return load_source
+
+
+class PTMRepository:
+    """Resolves PTM specs to checkpoints: reuse what the store has, train what is missing (every
+    requested epoch of a run in one go). Single flight comes from the store's lock on the run (a
+    flock locally, a lease object on S3), so it holds across processes, nodes and clusters: the
+    first caller trains, with its own device and resources, and the others wait, then load.
+    The :class:`~ptmdd_ray.store.CheckpointRepository` of a local (or object) store; the Ray
+    service's :class:`~ptmdd_ray.service.RayRepository` serves stored checkpoints through its
+    actor instead (:meth:`stored`)."""
+
+    def __init__(self, store: CheckpointStore, progress: bool = True):
+        self.store = store
+        self.progress = progress
+        self.trainings = 0
+        self.hits = 0
+
+    def stored(self, key: str) -> Checkpoint | None:
+        """The intact stored checkpoint ``key`` (counted as a hit), or None. The Ray service
+        overrides this to serve through its store actor."""
+        ckpt = load_checked(self.store, key)
+        if ckpt is not None:
+            self.store.count(hits=1)
+        return ckpt
+
+    def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
+            load_source: Callable[[], ImageData]) -> Checkpoint:
+        """The checkpoint of ``spec`` at ``epoch`` (:class:`~ptmdd_ray.store.CheckpointRepository`):
+        the stored one if intact (:meth:`stored`; a damaged one is quarantined), else the run is
+        trained here and saved (:func:`train_run`), or, if another process trained it while this
+        one waited for the run's lock, loaded as a hit."""
+        key = spec.key(epoch)
+        while True:
+            ckpt = self.stored(key)
+            if ckpt is not None:
+                self.hits += 1
+                return ckpt
+            if train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress):
+                self.trainings += 1
+                return self.store.load(key)
+            # another process trained it while we waited for the run's lock: load it as a hit
+
+
+def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
+              data: ImageData | Callable[[], ImageData], progress: bool = False) -> list[str]:
+    """Pretrain ``spec`` and save every requested epoch the store does not have yet; returns the
+    keys written. Under the run's store lock, so that processes sharing a local store (two
+    studies, each with its own Ray) train a run once: the second finds the epochs written and
+    returns [] without training. ``data`` may be a callable, called only when training."""
+    store.check_writable()
+    with store.lock(f"train-{spec.run_id}"):
+        missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
+        if not missing:
+            return []
+        data = data() if callable(data) else data
+        log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
+        keys = []
+        for e, (state, acc) in pretrain(spec, missing, data, progress).items():
+            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
+                    "train_accuracy": acc["train"],
+                    "run_id": spec.run_id, "spec": spec.identity(),
+                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
+            store.save(spec.key(e), state, meta)
+            keys.append(spec.key(e))
+        store.count(trainings=1)
+        return keys
+
+
+def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
+             ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
+    (schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation); return
+    {epoch: (state_dict, {"test": accuracy, "train": accuracy})} for the requested epochs: the
+    train accuracy says how far a checkpoint fits its data (an over-trained PTM is near 1)."""
+    t = spec.pretrain
+    shape = (data.channels, data.num_classes, data.im_size)
+    model = new_model(spec.arch, shape, seed=spec.seed, device=data.x_train.device)
+    gen = torch.Generator().manual_seed(spec.seed)
+    wanted = set(epochs_to_save)
+    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
+    amp = spec.precision == "bf16"
+    last = max(wanted)
+    bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
+
+    def on_epoch(e: int, m: nn.Module) -> None:
+        bar.update(1)
+        if e in wanted:
+            acc = {"test": accuracy(m, data.x_test, data.y_test, mixed_precision=amp),
+                   "train": accuracy(m, data.x_train, data.y_train, mixed_precision=amp)}
+            out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc)
+            bar.set_postfix(epoch=e, test_acc=f"{acc['test']:.3f}", train_acc=f"{acc['train']:.3f}")
+
+    train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
+                     weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
+                     gen=gen, on_epoch=on_epoch, mixed_precision=amp)
+    bar.close()
+    return out
+
+
+@dataclass
+class PTM:
+    """A loaded, frozen pre-trained model and its record."""
+
+    arch: str
+    seed: int
+    epoch: int
+    key: str
+    test_accuracy: float
+    model: nn.Module
+    train_accuracy: float | None = None  # None: stored before train accuracies were recorded
+
+
+def load_ptm(ckpt: Checkpoint, device) -> PTM:
+    m = ckpt.meta
+    channels, num_classes, im_size = m["shape"]
+    model = new_model(m["arch"], (channels, num_classes, im_size), seed=0, device="cpu", channels_last=True)
+    model.load_state_dict(ckpt.tensors)
+    model = model.to(device).eval().requires_grad_(False)  # frozen once; eval: BN PTMs must not drift
+    train = m.get("train_accuracy")
+    return PTM(m["arch"], m["seed"], m["epoch"], ckpt.key, float(m["test_accuracy"]), model,
+               None if train is None else float(train))
+
+
+def check_compatible(ptm_data_shape: tuple[int, int, int], ptm_classes: list[str], target: ImageData,
+                     needs_labels: bool) -> None:
+    """PTMs must accept the target's images; CLoM also needs the target's label space."""
+    channels, _, im_size = ptm_data_shape
+    if (channels, im_size) != (target.channels, target.im_size):
+        raise ConfigError(f"pool.source: PTM input {channels}x{im_size}px does not match the target's "
+                          f"{target.channels}x{target.im_size}px (set pool.source.im_size)")
+    if needs_labels and list(ptm_classes) != list(target.classes):
+        raise ConfigError("loss.clom: the pool's label space differs from the target's "
+                          "(use loss.cclom for PTMs from another label space)")
 
 
 class PTMGuide:

@@ -23,8 +23,8 @@ import numpy as np
 import ray
 import torch
 
-from .pool import PTMRepository, load_checked
-from .store import Checkpoint, CheckpointStore
+from .pool import PTMRepository
+from .store import Checkpoint, CheckpointStore, load_checked
 
 log = logging.getLogger(__name__)
 

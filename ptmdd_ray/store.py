@@ -386,3 +386,16 @@ class CheckpointStore:
                 self.delete(key)
                 removed["corrupt"] += 1
         return removed
+
+
+def load_checked(store: CheckpointStore, key: str) -> Checkpoint | None:
+    """The checkpoint if the store has it intact; None if it is missing or fails its sha256
+    check, in which case it is quarantined (never loaded) so that it is trained again."""
+    if not store.has(key):
+        return None
+    try:
+        return store.load(key)
+    except IntegrityError as e:
+        log.warning("%s", e)
+        store.quarantine(key)
+        return None
