@@ -104,8 +104,8 @@ def run_case(args, method: str, variant: str) -> dict:
 
     from ptmdd_ray.data import load_data
     from ptmdd_ray.methods import distill
-    from ptmdd_ray.pipeline import pick_device, resolve_pool
-    from ptmdd_ray.pool import PTMGuide
+    from ptmdd_ray.pipeline import pick_device
+    from ptmdd_ray.pool import PTMGuide, resolve_pool
 
     cfg = config(args, method, variant)
     device = pick_device(cfg.device)
@@ -179,7 +179,7 @@ def reference_iteration(cfg, data, ptms):
     import numpy as np
     import torch
 
-    from ptmdd_ray.methods import init_synthetic
+    from ptmdd_ray.synthetic import init_synthetic
     from ptmdd_ray.train import new_model
     from reference_dc import reference_dc_iteration
     from reference_dm import reference_dm_iteration

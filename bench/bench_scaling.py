@@ -33,8 +33,7 @@ def main() -> None:
     from ptmdd_ray.config import build_config
     from ptmdd_ray.data import load_data
     from ptmdd_ray.methods import distill
-    from ptmdd_ray.pipeline import resolve_pool
-    from ptmdd_ray.pool import PTMGuide
+    from ptmdd_ray.pool import PTMGuide, resolve_pool
 
     full = load_data(build_config({"dataset": {"name": args.data}}).dataset, 0)
 

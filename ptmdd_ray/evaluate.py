@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import DSA_STRATEGY, EvalConfig
 from .data import ImageData
-from .methods import init_synthetic
+from .synthetic import init_synthetic
 from .train import accuracy, new_model, train_classifier
 
 

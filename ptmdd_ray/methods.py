@@ -25,6 +25,8 @@ from . import augment, losses
 from .compiled import CompiledCall
 from .config import DistillConfig
 from .data import ImageData
+from .models import embed_chunked, has_batchnorm
+from .synthetic import RealSampler, init_synthetic
 from .train import new_model, train_classifier
 
 log = logging.getLogger(__name__)
@@ -73,56 +75,6 @@ class Distilled:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
-class RealSampler:
-    """Seeded per-class batches of real images."""
-
-    def __init__(self, data: ImageData, gen: torch.Generator):
-        self.x = data.x_train
-        self.indices = [i.to(self.x.device) for i in data.class_indices()]
-        self.gen = gen
-
-    def batch(self, c: int, n: int) -> torch.Tensor:
-        idx = self.indices[c]
-        pick = torch.randperm(idx.numel(), generator=self.gen)[: min(n, idx.numel())]
-        return self.x[idx[pick.to(idx.device)]]
-
-    def batch_all(self, n: int) -> torch.Tensor:
-        """``n`` images of every class, class-major: shape (classes * n, C, H, W)."""
-        n = min(n, min(i.numel() for i in self.indices))
-        return torch.cat([self.batch(c, n) for c in range(len(self.indices))])
-
-
-def init_synthetic(data: ImageData, ipc: int, init: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` images per class, class-major: random real images (``real``) or N(0, 1) noise."""
-    labels = torch.arange(data.num_classes).repeat_interleave(ipc)
-    if init == "real":
-        sampler = RealSampler(data, gen)
-        images = torch.cat([sampler.batch(c, ipc) for c in range(data.num_classes)]).cpu()
-    else:
-        images = torch.randn((labels.numel(), data.channels, data.im_size, data.im_size), generator=gen)
-    return images.float().clone(), labels
-
-
-# On the CPU a forward pass is memory-bound: feeding ~128 images at a time keeps activations in
-# cache and runs ~2x faster than one 640-image batch (bench/bench_distill.py). GPUs want the
-# whole batch at once.
-CPU_CHUNK = 128
-
-
-def embed_chunked(net: nn.Module, x: torch.Tensor, embed: CompiledCall | None = None) -> torch.Tensor:
-    """``net.embed(x)`` (through ``embed``, a compiled call, if given), in cache-sized chunks on the
-    CPU (identical result: the matching nets normalise per sample, and BatchNorm nets are never
-    chunked)."""
-    call = (lambda c: embed(net, c)) if embed is not None else net.embed
-    if x.device.type != "cpu" or x.shape[0] <= CPU_CHUNK or _has_batchnorm(net):
-        return call(x)
-    return torch.cat([call(c) for c in x.split(CPU_CHUNK)])
-
-
-def _has_batchnorm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-
-
 def _frozen(net: nn.Module) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(False)
@@ -159,7 +111,7 @@ def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
 def _freeze_batchnorm(net: nn.Module, sampler: RealSampler, classes: int) -> None:
     """DC's treatment of BatchNorm: set the statistics from a real batch, then hold them fixed so
     that per-class batches (all one label) do not distort them."""
-    if not _has_batchnorm(net):
+    if not has_batchnorm(net):
         return
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     net.train()
@@ -231,10 +183,7 @@ def distill(
     device = data.x_train.device
     gen = torch.Generator().manual_seed(seed)
     classes, ipc = data.num_classes, cfg.ipc
-    images, labels = init_synthetic(data, ipc, cfg.init, gen)
-    if resume is not None:  # in the fresh run's memory layout (a saved tensor comes back contiguous,
-        images = torch.empty_like(images).copy_(resume.images)  # and the layout picks the kernels)
-    syn = images.to(device).requires_grad_(True)
+    syn, labels = _initial_set(data, cfg, gen, resume)
     syn_y = labels.to(device)
     opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
     sampler = RealSampler(data, gen)
@@ -267,20 +216,41 @@ def distill(
                 embed = CompiledCall(net, "forward")
             step_losses = dc_step(net, syn, syn_y, sampler, cfg, ipc, classes, gen, guide, update, embed)
         if it % cfg.log_every == 0 or it == cfg.iterations - 1:
-            value = float(torch.stack(step_losses).mean())
-            if not math.isfinite(value) or not torch.isfinite(syn).all():
-                raise DivergenceError(f"distillation diverged at iteration {it} (loss {value}); lower distill.lr_img")
-            history.append((it, value))
-            bar.set_postfix(loss=f"{value:.4g}")
-            if on_log is not None:
-                on_log(it, value)
-        if on_every is not None and every > 0 and (it + 1) % every == 0 and it + 1 < cfg.iterations:
+            _record_loss(it, step_losses, syn, history, bar, on_log)
+        if on_every is not None and _due(it + 1, every, cfg.iterations):
             on_every(it + 1, syn.detach().clone(), labels)
-        if on_state is not None and state_every > 0 and (it + 1) % state_every == 0 and it + 1 < cfg.iterations:
+        if on_state is not None and _due(it + 1, state_every, cfg.iterations):
             on_state(_snapshot(it + 1, syn, opt, gen, guide, history, before + time.perf_counter() - t0))
     if not torch.isfinite(syn).all():
         raise DivergenceError("distillation diverged: non-finite synthetic pixels; lower distill.lr_img")
     return Distilled(syn.detach().cpu(), labels, before + time.perf_counter() - t0, cfg.iterations, history)
+
+
+def _initial_set(data: ImageData, cfg: DistillConfig, gen: torch.Generator, resume: DistillState | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The synthetic set to optimise (on the data's device, with grad) and its labels: freshly
+    initialised, or the resumed state's images (the initialisation still draws from ``gen``)."""
+    images, labels = init_synthetic(data, cfg.ipc, cfg.init, gen)
+    if resume is not None:  # in the fresh run's memory layout (a saved tensor comes back contiguous,
+        images = torch.empty_like(images).copy_(resume.images)  # and the layout picks the kernels)
+    return images.to(data.x_train.device).requires_grad_(True), labels
+
+
+def _record_loss(it: int, step_losses: list[torch.Tensor], syn: torch.Tensor, history: list[tuple[int, float]],
+                 bar, on_log: Callable[[int, float], None] | None) -> None:
+    """Log iteration ``it``'s mean loss; stop on a divergence (a non-finite loss or pixel)."""
+    value = float(torch.stack(step_losses).mean())
+    if not math.isfinite(value) or not torch.isfinite(syn).all():
+        raise DivergenceError(f"distillation diverged at iteration {it} (loss {value}); lower distill.lr_img")
+    history.append((it, value))
+    bar.set_postfix(loss=f"{value:.4g}")
+    if on_log is not None:
+        on_log(it, value)
+
+
+def _due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic callback fires after ``done`` iterations: every ``every``, not after the last."""
+    return every > 0 and done % every == 0 and done < total
 
 
 def _snapshot(done: int, syn: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator, guide,

@@ -1,32 +1,34 @@
 """End-to-end jobs on one :class:`~ptmdd_ray.config.Config`: pretrain the pool if needed, distill,
-evaluate against the random-real baseline, write the artifacts. The CLI and (later) Ray Tune trials
-call these; they do no argument parsing and no printing.
+evaluate against the random-real baseline, write the artifacts. The CLI and Ray Tune trials call
+these; they do no argument parsing and no printing.
 
-Every check that needs the data (IPC vs class sizes, PTM compatibility) runs before anything is
-written, and the output directory is only populated at the very end, file by atomic file.
+:func:`run_distill` is its steps in order, each one call: the target data, the pool
+(:func:`ptmdd_ray.pool.resolve_pool`), the distillation (:func:`distill_set`, with its evaluations
+along the way and its checkpoints), the evaluation (:func:`ptmdd_ray.baseline.evaluate_against_baseline`),
+the result and its files. Every check that needs the data (IPC vs class sizes, PTM compatibility)
+runs before anything is written, and the output directory is only populated at the very end, file
+by atomic file.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from . import __version__, artifacts
-from .config import Config, ConfigError, source_dataset, to_dict, uses_ptms, weight_for
+from .baseline import Scores, evaluate_against_baseline, random_real_baseline
+from .config import Config, ConfigError, source_dataset, to_dict
 from .data import ImageData, load_data
-from .sources import source_id
-from .evaluate import evaluate_set, random_real_subset
-from .methods import DistillState, distill
-from .pool import PTM_DATA_SEED, PTM, PTMGuide, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs
-from .store import CheckpointStore, StoreError
+from .evaluate import evaluate_set
+from .methods import Distilled, DistillState, distill
+from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
+from .store import CheckpointRepository
 
-log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def pick_device(name: str) -> torch.device:
@@ -50,45 +52,6 @@ def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
                           f"has only {smallest} training images")
 
 
-@dataclass
-class Pool:
-    ptms: list[PTM]
-    trainings: int
-    hits: int
-
-    def manifest(self) -> list[dict[str, Any]]:
-        return [{"id": p.key, "arch": p.arch, "seed": p.seed, "epoch": p.epoch,
-                 "test_accuracy": p.test_accuracy, "train_accuracy": p.train_accuracy} for p in self.ptms]
-
-
-def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
-                 repo: PTMRepository | None = None, idle: bool = False) -> Pool:
-    """Load the pool's PTMs from the store, training the missing ones on ``pool.source``. A pool
-    whose weights are all zero is idle and is not resolved (the plain method) unless ``idle``."""
-    if not cfg.pool.archs or not (idle or uses_ptms(cfg)):
-        return Pool([], 0, 0)
-    repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
-    src_cfg = source_dataset(cfg)
-    cache: dict[str, ImageData] = {}
-
-    def load_source() -> ImageData:
-        # A PTM's training data is a function of its spec alone (never of this run's seed), so a
-        # stored checkpoint means the same model whichever run trained it.
-        if "src" not in cache:
-            same = src_cfg == cfg.dataset and (cfg.seed == PTM_DATA_SEED or not src_cfg.train_per_class)
-            cache["src"] = target if same else load_data(src_cfg, PTM_DATA_SEED).to(device)
-        return cache["src"]
-
-    needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
-    hits0, trainings0 = repo.hits, repo.trainings
-    ptms = []
-    for spec in pool_specs(cfg):
-        ckpt = repo.get(spec, cfg.pool.epoch, save_epochs(cfg), load_source)
-        check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels)
-        ptms.append(load_ptm(ckpt, device))
-    return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0)
-
-
 class Checkpoints(Protocol):
     """Where a run keeps its distillation state along the way, every ``every`` iterations, to go
     on from it after a crash (a study trial: Tune's checkpoints). ``extra``: the pipeline's own
@@ -101,7 +64,7 @@ class Checkpoints(Protocol):
 
 
 def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = True,
-                on_log: Callable[[int, float], None] | None = None, repo=None,
+                on_log: Callable[[int, float], None] | None = None, repo: CheckpointRepository | None = None,
                 data: ImageData | None = None, on_eval: Callable[[int, float], None] | None = None,
                 checkpoints: Checkpoints | None = None) -> dict[str, Any]:
     """Pretrain-if-needed, distill, evaluate; write ``result.json``, ``synthetic.parquet`` and
@@ -113,75 +76,106 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     With ``checkpoints`` the distillation goes on from the last saved state, if any, and saves its
     state along the way."""
     device = pick_device(cfg.device)
+    data = target_data(cfg, data, device)
+    pool, pool_seconds = _timed(resolve_pool, cfg, data, device, progress, repo=repo)
+    guide, guide_seconds = _timed(PTMGuide.from_config, cfg.loss, pool.ptms, data, cfg.seed)
+    run = distill_set(cfg, data, guide, progress, on_log, on_eval, checkpoints)
+    scores = evaluate_against_baseline(cfg, data, run.syn.images, run.syn.labels, progress)
+    result = result_record(cfg, device, pool, run, scores, {"pool": pool_seconds, "guide": guide_seconds})
+    if out is not None:
+        write_outputs(Path(out), result, run.syn.images, run.syn.labels, data, cfg)
+    return result
+
+
+def target_data(cfg: Config, data: ImageData | None, device: torch.device) -> ImageData:
+    """``cfg.dataset`` (loaded unless given) on ``device``, once its class sizes are checked
+    against ``distill.ipc``."""
     data = data if data is not None else load_data(cfg.dataset, cfg.seed)
     check_ipc(data, cfg.distill.ipc)
-    data = data.to(device)
+    return data.to(device)
 
+
+def _timed(step: Callable[..., T], *args, **kwargs) -> tuple[T, float]:
+    """``step(*args, **kwargs)`` and the seconds it took."""
     t0 = time.perf_counter()
-    pool = resolve_pool(cfg, data, device, progress, repo=repo)
-    pool_seconds = time.perf_counter() - t0
-    guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, cfg.seed)
-    guide_seconds = time.perf_counter() - t0 - pool_seconds
+    return step(*args, **kwargs), time.perf_counter() - t0
 
+
+@dataclass
+class DistillRun:
+    """A distillation as the pipeline ran it: the set, its evaluations along the way (on
+    ``eval_split``) and the iteration it went on from (0: from the start)."""
+
+    syn: Distilled
+    eval_history: list[tuple[int, float]]
+    eval_split: str
+    resumed_from: int
+
+
+def distill_set(cfg: Config, data: ImageData, guide: PTMGuide, progress: bool = True,
+                on_log: Callable[[int, float], None] | None = None,
+                on_eval: Callable[[int, float], None] | None = None,
+                checkpoints: Checkpoints | None = None) -> DistillRun:
+    """Distill ``cfg.distill`` on ``data`` (with ``guide``, if it has PTMs), evaluating the set
+    along the way (:class:`IntermediateEvals`); with ``checkpoints``, going on from the last saved
+    state and saving it (with the evaluations so far) along the way."""
     resume, extra = (checkpoints.load() if checkpoints else None) or (None, {})
-    eval_history: list[tuple[int, float]] = [(int(i), float(a)) for i, a in extra.get("eval_history", [])]
-    quick = replace(cfg.eval, runs=1)
-    amp = cfg.precision == "bf16"
-    along = intermediate_split(data)
-
-    def intermediate(it: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-        acc = evaluate_set(images, labels, data, quick, cfg.seed, False, splits=(along,), mixed_precision=amp)[along]
-        mean = sum(a["mean"] for a in acc.values()) / len(acc)
-        eval_history.append((it, mean))
-        if on_eval is not None:
-            on_eval(it, mean)
+    along = IntermediateEvals(cfg, data, extra.get("eval_history", []), on_eval)
 
     def save_state(state: DistillState) -> None:
-        checkpoints.save(state, {"eval_history": eval_history})
+        checkpoints.save(state, {"eval_history": along.history})
 
     syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log,
-                  cfg.eval.every, intermediate, resume=resume, state_every=checkpoints.every if checkpoints else 0,
+                  cfg.eval.every, along, resume=resume, state_every=checkpoints.every if checkpoints else 0,
                   on_state=save_state if checkpoints else None)
+    return DistillRun(syn, along.history, along.split, resume.iteration if resume else 0)
 
-    t1 = time.perf_counter()
-    acc: dict[str, dict] = {}
 
-    def evaluate_synthetic() -> None:
-        acc.update(evaluate_set(syn.images, syn.labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
-                                mixed_precision=amp))
+class IntermediateEvals:
+    """The evaluations along the way (``eval.every``): one run per arch of ``cfg.eval``, no
+    baseline, scored on :func:`intermediate_split`; ``history`` holds (iteration, mean accuracy)
+    (starting from a resumed run's), and ``on_eval`` hears each."""
 
-    # the baseline first: if a concurrent trial of the same seed is evaluating it, this one
-    # evaluates its own set meanwhile and then reads the baseline back instead of idling
-    waits: dict[str, float] = {}
-    baseline, baseline_cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress, evaluate_synthetic,
-                                                     waits=waits) if cfg.eval.baseline else ({}, False)
-    if not acc:
-        evaluate_synthetic()
-    eval_seconds = time.perf_counter() - t1
+    def __init__(self, cfg: Config, data: ImageData, history: list, on_eval: Callable[[int, float], None] | None):
+        self.data, self.seed, self.on_eval = data, cfg.seed, on_eval
+        self.quick = replace(cfg.eval, runs=1)
+        self.amp = cfg.precision == "bf16"
+        self.split = intermediate_split(data)
+        self.history: list[tuple[int, float]] = [(int(i), float(a)) for i, a in history]
 
-    result = {
+    def __call__(self, it: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        acc = evaluate_set(images, labels, self.data, self.quick, self.seed, False, splits=(self.split,),
+                           mixed_precision=self.amp)[self.split]
+        mean = sum(a["mean"] for a in acc.values()) / len(acc)
+        self.history.append((it, mean))
+        if self.on_eval is not None:
+            self.on_eval(it, mean)
+
+
+def result_record(cfg: Config, device: torch.device, pool: Pool, run: DistillRun, scores: Scores,
+                  seconds: dict[str, float]) -> dict[str, Any]:
+    """The mapping ``result.json`` holds (``seconds``: of the steps before the distillation)."""
+    syn = run.syn
+    return {
         "version": __version__,
         "config": to_dict(cfg),
-        "accuracy": acc["test"],
-        "baseline_random": baseline.get("test"),
-        "val_accuracy": acc.get("val"),
-        "baseline_random_val": baseline.get("val"),
-        "eval_split": along,  # the split of eval_history
+        "accuracy": scores.accuracy["test"],
+        "baseline_random": scores.baseline.get("test"),
+        "val_accuracy": scores.accuracy.get("val"),
+        "baseline_random_val": scores.baseline.get("val"),
+        "eval_split": run.eval_split,  # the split of eval_history
         "pool": pool.manifest(),
-        "pool_stats": {"trainings": pool.trainings, "hits": pool.hits, "seconds": pool_seconds},
+        "pool_stats": {"trainings": pool.trainings, "hits": pool.hits, "seconds": seconds["pool"]},
         "timing": {"distill_seconds": syn.seconds, "iterations": syn.iterations,
-                   "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": eval_seconds,
-                   "baseline_cached": baseline_cached, "resumed_from": resume.iteration if resume else 0,
-                   "baseline_wait_seconds": waits.get("lock", 0.0), "guide_seconds": guide_seconds},
+                   "seconds_per_iteration": syn.seconds / max(1, syn.iterations), "eval_seconds": scores.seconds,
+                   "baseline_cached": scores.baseline_cached, "resumed_from": run.resumed_from,
+                   "baseline_wait_seconds": scores.baseline_wait_seconds, "guide_seconds": seconds["guide"]},
         "loss_history": syn.loss_history,
-        "eval_history": eval_history,
+        "eval_history": run.eval_history,
         "device": str(device),
         "synthetic": "synthetic.parquet",
         "image": "synthetic.png",
     }
-    if out is not None:
-        write_outputs(Path(out), result, syn.images, syn.labels, data, cfg)
-    return result
 
 
 def intermediate_split(data: ImageData) -> str:
@@ -233,55 +227,3 @@ def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, progre
         base, _ = random_real_baseline(cfg, data, ipc, progress, reuse=False)
         out["baseline_random"], out["baseline_random_val"] = base["test"], base.get("val")
     return out
-
-
-def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[str, Any]]:
-    """The store record name of a random-real baseline and what it identifies: everything the
-    evaluation depends on (the source's files, the subset, ipc, seed, protocol, device kind)."""
-    ident = {"data": source_id(cfg.dataset), "dataset": to_dict(cfg.dataset), "ipc": ipc, "seed": cfg.seed,
-             "eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("baseline", "every")},
-             "device": data.x_train.device.type, "precision": cfg.precision, "version": __version__}
-    return "baseline-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24], ident
-
-
-def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool = True,
-                         while_busy: Callable[[], None] | None = None, reuse: bool = True,
-                         waits: dict[str, float] | None = None) -> tuple[dict, bool]:
-    """The random-real baseline of ``ipc`` images per class, evaluated with ``cfg.eval``; returns
-    ({split: {arch: summary}}, whether it came from the store). It depends only on the data, ``ipc``, the seed, the
-    evaluation protocol and the device kind (runs are deterministic given these), not on how the set
-    it is compared with was made: every grid point of a study that shares a seed would evaluate the
-    same subset the same way. So it is evaluated once, under a store lock (concurrent trials of one
-    seed wait for it rather than repeat it), and kept as a record in the store for later trials and
-    studies. If another process is evaluating it, ``while_busy`` (the caller's other work) runs
-    before waiting for it (``waits["lock"]``: the seconds then spent waiting). An unwritable store
-    only costs the reuse; ``reuse=False`` leaves the store alone."""
-    def evaluate() -> dict:
-        real_x, real_y = random_real_subset(data, ipc, cfg.seed)
-        return evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real",
-                            mixed_precision=cfg.precision == "bf16")
-
-    if not reuse:
-        return evaluate(), False
-    try:
-        store = CheckpointStore(cfg.store)
-        store.check_writable()
-    except StoreError as e:
-        log.warning("%s; the random-real baseline is evaluated without reuse", e)
-        return evaluate(), False
-    name, ident = baseline_record(cfg, data, ipc)
-    if while_busy is not None:
-        with store.lock(name, wait=False) as free:
-            pass
-        if not free:
-            while_busy()
-    t0 = time.perf_counter()
-    with store.lock(name):
-        if waits is not None:
-            waits["lock"] = time.perf_counter() - t0
-        rec = store.record(name)
-        if rec is not None and rec.get("ident") == ident:
-            return rec["baseline"], True
-        baseline = evaluate()
-        store.put_record(name, {"ident": ident, "baseline": baseline})
-    return baseline, False

@@ -1,5 +1,6 @@
-"""PTM pools: pretraining, resolution against the checkpoint store, and the guide that turns a pool
-into the CLoM/CCLoM loss of one distillation step.
+"""PTM pools: their specs, their resolution (:func:`resolve_pool`, through a repository whose
+:meth:`PTMRepository.get` reuses what the store holds intact and trains what is missing), the
+pretraining, and the guide that turns a pool into the CLoM/CCLoM loss of one distillation step.
 
 A PTM is identified by how it was made: (arch, seed, source dataset/domain, optimiser settings,
 length of the run). That spec hashes to a run id; the checkpoint of epoch e of that run is the store
@@ -21,10 +22,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import losses
-from .config import Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, weight_for
-from .data import ImageData
-from .methods import embed_chunked
-from .store import Checkpoint, CheckpointStore, IntegrityError
+from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, uses_ptms,
+                     weight_for)
+from .data import ImageData, load_data
+from .models import embed_chunked
+from .store import Checkpoint, CheckpointRepository, CheckpointStore, load_checked
 from .train import accuracy, new_model, train_classifier
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,121 @@ def save_epochs(cfg: Config) -> list[int]:
     return sorted({cfg.pool.epoch, *cfg.pretrain.save_epochs})
 
 
+@dataclass
+class Pool:
+    """A resolved pool: its PTMs, and how many of them were trained and reused to resolve it."""
+
+    ptms: list[PTM]
+    trainings: int
+    hits: int
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return [{"id": p.key, "arch": p.arch, "seed": p.seed, "epoch": p.epoch,
+                 "test_accuracy": p.test_accuracy, "train_accuracy": p.train_accuracy} for p in self.ptms]
+
+
+def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
+                 repo: CheckpointRepository | None = None, idle: bool = False) -> Pool:
+    """Load the pool's PTMs through ``repo`` (default: a :class:`PTMRepository` on ``cfg.store``),
+    training the missing ones on ``pool.source``, and check that they fit ``target``. A pool
+    whose weights are all zero is idle and is not resolved (the plain method) unless ``idle``."""
+    if not cfg.pool.archs or not (idle or uses_ptms(cfg)):
+        return Pool([], 0, 0)
+    repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
+    load_source = _source_loader(cfg, target, device)
+    needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
+    hits0, trainings0 = repo.hits, repo.trainings
+    ptms = []
+    for spec in pool_specs(cfg):
+        ckpt = repo.get(spec, cfg.pool.epoch, save_epochs(cfg), load_source)
+        check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels)
+        ptms.append(load_ptm(ckpt, device))
+    return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0)
+
+
+def _source_loader(cfg: Config, target: ImageData, device: torch.device) -> Callable[[], ImageData]:
+    """The data the pool's PTMs train on, loaded on the first call (only a training needs them).
+    A PTM's training data is a function of its spec alone (never of this run's seed), so a stored
+    checkpoint means the same model whichever run trained it: ``target`` serves only when it is
+    that same data."""
+    src_cfg = source_dataset(cfg)
+    cache: dict[str, ImageData] = {}
+
+    def load_source() -> ImageData:
+        if "src" not in cache:
+            same = src_cfg == cfg.dataset and (cfg.seed == PTM_DATA_SEED or not src_cfg.train_per_class)
+            cache["src"] = target if same else load_data(src_cfg, PTM_DATA_SEED).to(device)
+        return cache["src"]
+
+    return load_source
+
+
+class PTMRepository:
+    """Resolves PTM specs to checkpoints: reuse what the store has, train what is missing (every
+    requested epoch of a run in one go). Single flight comes from the store's lock on the run (a
+    flock locally, a lease object on S3), so it holds across processes, nodes and clusters: the
+    first caller trains, with its own device and resources, and the others wait, then load.
+    The :class:`~ptmdd_ray.store.CheckpointRepository` of a local (or object) store; the Ray
+    service's :class:`~ptmdd_ray.service.RayRepository` serves stored checkpoints through its
+    actor instead (:meth:`stored`)."""
+
+    def __init__(self, store: CheckpointStore, progress: bool = True):
+        self.store = store
+        self.progress = progress
+        self.trainings = 0
+        self.hits = 0
+
+    def stored(self, key: str) -> Checkpoint | None:
+        """The intact stored checkpoint ``key`` (counted as a hit), or None. The Ray service
+        overrides this to serve through its store actor."""
+        ckpt = load_checked(self.store, key)
+        if ckpt is not None:
+            self.store.count(hits=1)
+        return ckpt
+
+    def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
+            load_source: Callable[[], ImageData]) -> Checkpoint:
+        """The checkpoint of ``spec`` at ``epoch`` (:class:`~ptmdd_ray.store.CheckpointRepository`):
+        the stored one if intact (:meth:`stored`; a damaged one is quarantined), else the run is
+        trained here and saved (:func:`train_run`), or, if another process trained it while this
+        one waited for the run's lock, loaded as a hit."""
+        key = spec.key(epoch)
+        while True:
+            ckpt = self.stored(key)
+            if ckpt is not None:
+                self.hits += 1
+                return ckpt
+            if train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress):
+                self.trainings += 1
+                return self.store.load(key)
+            # another process trained it while we waited for the run's lock: load it as a hit
+
+
+def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
+              data: ImageData | Callable[[], ImageData], progress: bool = False) -> list[str]:
+    """Pretrain ``spec`` and save every requested epoch the store does not have yet; returns the
+    keys written. Under the run's store lock, so that processes sharing a local store (two
+    studies, each with its own Ray) train a run once: the second finds the epochs written and
+    returns [] without training. ``data`` may be a callable, called only when training."""
+    store.check_writable()
+    with store.lock(f"train-{spec.run_id}"):
+        missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
+        if not missing:
+            return []
+        data = data() if callable(data) else data
+        log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
+        keys = []
+        for e, (state, acc) in pretrain(spec, missing, data, progress).items():
+            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
+                    "train_accuracy": acc["train"],
+                    "run_id": spec.run_id, "spec": spec.identity(),
+                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
+            store.save(spec.key(e), state, meta)
+            keys.append(spec.key(e))
+        store.count(trainings=1)
+        return keys
+
+
 def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
              ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]]:
     """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
@@ -116,78 +233,6 @@ class PTM:
     test_accuracy: float
     model: nn.Module
     train_accuracy: float | None = None  # None: stored before train accuracies were recorded
-
-
-class PTMRepository:
-    """Resolves PTM specs to checkpoints: reuse what the store has, train what is missing (every
-    requested epoch of a run in one go). Single flight comes from the store's lock on the run (a
-    flock locally, a lease object on S3), so it holds across processes, nodes and clusters: the
-    first caller trains, with its own device and resources, and the others wait, then load."""
-
-    def __init__(self, store: CheckpointStore, progress: bool = True):
-        self.store = store
-        self.progress = progress
-        self.trainings = 0
-        self.hits = 0
-
-    def stored(self, key: str) -> Checkpoint | None:
-        """The intact stored checkpoint ``key`` (counted as a hit), or None. The Ray service
-        overrides this to serve through its store actor."""
-        ckpt = load_checked(self.store, key)
-        if ckpt is not None:
-            self.store.count(hits=1)
-        return ckpt
-
-    def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
-            load_source: Callable[[], ImageData]) -> Checkpoint:
-        key = spec.key(epoch)
-        while True:
-            ckpt = self.stored(key)
-            if ckpt is not None:
-                self.hits += 1
-                return ckpt
-            if train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress):
-                self.trainings += 1
-                return self.store.load(key)
-            # another process trained it while we waited for the run's lock: load it as a hit
-
-
-def load_checked(store: CheckpointStore, key: str) -> Checkpoint | None:
-    """The checkpoint if the store has it intact; None if it is missing or fails its sha256
-    check, in which case it is quarantined (never loaded) so that it is trained again."""
-    if not store.has(key):
-        return None
-    try:
-        return store.load(key)
-    except IntegrityError as e:
-        log.warning("%s", e)
-        store.quarantine(key)
-        return None
-
-
-def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
-              data: ImageData | Callable[[], ImageData], progress: bool = False) -> list[str]:
-    """Pretrain ``spec`` and save every requested epoch the store does not have yet; returns the
-    keys written. Under the run's store lock, so that processes sharing a local store (two
-    studies, each with its own Ray) train a run once: the second finds the epochs written and
-    returns [] without training. ``data`` may be a callable, called only when training."""
-    store.check_writable()
-    with store.lock(f"train-{spec.run_id}"):
-        missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
-        if not missing:
-            return []
-        data = data() if callable(data) else data
-        log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
-        keys = []
-        for e, (state, acc) in pretrain(spec, missing, data, progress).items():
-            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
-                    "train_accuracy": acc["train"],
-                    "run_id": spec.run_id, "spec": spec.identity(),
-                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
-            store.save(spec.key(e), state, meta)
-            keys.append(spec.key(e))
-        store.count(trainings=1)
-        return keys
 
 
 def load_ptm(ckpt: Checkpoint, device) -> PTM:

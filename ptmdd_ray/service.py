@@ -23,8 +23,8 @@ import numpy as np
 import ray
 import torch
 
-from .pool import PTMRepository, load_checked
-from .store import Checkpoint, CheckpointStore
+from .pool import PTMRepository
+from .store import Checkpoint, CheckpointStore, load_checked
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ def get_store_actor(uri: str):
 
 
 class RayRepository(PTMRepository):
-    """The PTM repository of a trial on Ray: stored checkpoints come through the store actor;
-    missing ones are trained here, under the store's lock (see the module docstring)."""
+    """The PTM repository (:class:`~ptmdd_ray.store.CheckpointRepository`) of a trial on Ray:
+    stored checkpoints come through the store actor; missing ones are trained here, under the
+    store's lock (see the module docstring)."""
 
     def __init__(self, uri: str):
         super().__init__(CheckpointStore(uri), progress=False)

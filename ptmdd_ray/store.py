@@ -23,9 +23,10 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow.fs as pafs
 import torch
@@ -53,6 +54,34 @@ class Checkpoint:
     key: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
+
+
+class RunSpec(Protocol):
+    """What names a PTM's pretraining run (:class:`ptmdd_ray.pool.PTMSpec`): the run's id (what
+    its lock is named after) and the key of its checkpoint of each epoch."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    def key(self, epoch: int) -> str: ...
+
+
+@runtime_checkable
+class CheckpointRepository(Protocol):
+    """Where a pool's PTM checkpoints come from (``run_distill(repo=...)``,
+    :func:`ptmdd_ray.pool.resolve_pool`). :meth:`get` returns the checkpoint of ``spec``'s run at
+    ``epoch``: the stored one if it is intact, else one this caller trains (every epoch of
+    ``epochs_to_save`` the store lacks, on ``load_source()``, under the run's lock) and stores.
+    ``trainings`` and ``hits`` count what this repository trained and reused.
+
+    Implemented over a local or object store by :class:`ptmdd_ray.pool.PTMRepository`, and
+    through the Ray store actor of a cluster by :class:`ptmdd_ray.service.RayRepository`."""
+
+    trainings: int
+    hits: int
+
+    def get(self, spec: RunSpec, epoch: int, epochs_to_save: list[int],
+            load_source: Callable[[], Any]) -> Checkpoint: ...
 
 
 def check_key(key: str) -> str:
@@ -357,3 +386,16 @@ class CheckpointStore:
                 self.delete(key)
                 removed["corrupt"] += 1
         return removed
+
+
+def load_checked(store: CheckpointStore, key: str) -> Checkpoint | None:
+    """The checkpoint if the store has it intact; None if it is missing or fails its sha256
+    check, in which case it is quarantined (never loaded) so that it is trained again."""
+    if not store.has(key):
+        return None
+    try:
+        return store.load(key)
+    except IntegrityError as e:
+        log.warning("%s", e)
+        store.quarantine(key)
+        return None

@@ -25,8 +25,8 @@ PACKAGE = ROOT / "ptmdd_ray"
 LAYERS: list[tuple[str, list[str]]] = [
     ("light: no torch", ["__init__", "errors", "archs", "sources", "config", "search", "s3"]),
     ("torch building blocks and storage", ["augment", "losses", "models", "compiled", "store", "artifacts"]),
-    ("tensors and training", ["data", "train"]),
-    ("distillation, the PTM pool, evaluation", ["methods", "pool", "evaluate"]),
+    ("tensors and training", ["data", "train", "synthetic"]),
+    ("distillation, the PTM pool, evaluation", ["methods", "pool", "evaluate", "baseline"]),
     ("jobs and services", ["pipeline", "service", "tracking"]),
     ("studies and reports", ["study", "report"]),
     ("command line", ["cli"]),

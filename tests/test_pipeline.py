@@ -5,7 +5,8 @@ import time
 
 from ptmdd_ray.config import load_config
 from ptmdd_ray.data import load_data
-from ptmdd_ray.pipeline import baseline_record, random_real_baseline, run_distill
+from ptmdd_ray.baseline import baseline_record, random_real_baseline
+from ptmdd_ray.pipeline import run_distill
 from ptmdd_ray.store import CheckpointStore
 
 TINY = ["dataset.name=digits", "model=ConvNetW32", "distill.ipc=1", "distill.iterations=3", "distill.batch_real=16",

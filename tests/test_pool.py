@@ -4,9 +4,8 @@ import torch
 from ptmdd_ray import losses
 from ptmdd_ray.config import ConfigError, build_config
 from ptmdd_ray.data import load_data
-from ptmdd_ray.pipeline import resolve_pool
-from ptmdd_ray.pool import PTMGuide, PTMSpec, pool_specs, save_epochs
-from ptmdd_ray.store import CheckpointStore, IntegrityError
+from ptmdd_ray.pool import PTMGuide, PTMRepository, PTMSpec, pool_specs, resolve_pool, save_epochs
+from ptmdd_ray.store import CheckpointRepository, CheckpointStore, IntegrityError
 
 DEVICE = torch.device("cpu")
 
@@ -56,6 +55,25 @@ def test_resolution_reuses_what_exists_and_trains_what_is_missing(tmp_path):
     again = resolve_pool(cfg, data, DEVICE, progress=False)
     for p, q in zip(pool.ptms, again.ptms):
         assert all(torch.equal(a, b) for a, b in zip(p.model.state_dict().values(), q.model.state_dict().values()))
+
+
+def _serve(repo: CheckpointRepository, spec, data):
+    """What resolve_pool asks of a repository, and all it asks: through the Protocol only."""
+    return repo.get(spec, 1, [1, 3], lambda: data), (repo.trainings, repo.hits)
+
+
+def test_the_local_repository_serves_through_the_checkpoint_repository_protocol(tmp_path):
+    cfg = _cfg(tmp_path, seeds=1)
+    data = load_data(cfg.dataset)
+    repo = PTMRepository(CheckpointStore(cfg.store), progress=False)
+    assert isinstance(repo, CheckpointRepository)
+    spec = pool_specs(cfg)[0]
+    first, counts = _serve(repo, spec, data)
+    assert counts == (1, 0) and first.key == spec.key(1) and first.meta["epoch"] == 1
+    again, counts = _serve(repo, spec, data)
+    assert counts == (1, 1)  # trained once, then served from the store
+    assert all(torch.equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
+    assert CheckpointStore(cfg.store).has(spec.key(3))  # the run's other epoch, saved on the way
 
 
 def _asdict(cfg):

@@ -10,10 +10,9 @@ ray = pytest.importorskip("ray")
 
 from ptmdd_ray.config import build_config  # noqa: E402
 from ptmdd_ray.data import load_data  # noqa: E402
-from ptmdd_ray.pipeline import resolve_pool  # noqa: E402
-from ptmdd_ray.pool import pool_specs  # noqa: E402
+from ptmdd_ray.pool import pool_specs, resolve_pool  # noqa: E402
 from ptmdd_ray.service import RayRepository, get_store_actor, init_local_ray  # noqa: E402
-from ptmdd_ray.store import CheckpointStore  # noqa: E402
+from ptmdd_ray.store import CheckpointRepository, CheckpointStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +78,13 @@ def test_pipeline_resolves_a_pool_through_the_actor(local_ray, tmp_path):
         sa, sb = a.model.state_dict(), b.model.state_dict()
         assert all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa)
     assert ray.get(repo.actor.stats.remote())["served"] == 2  # one object per PTM, served again
+    ray.kill(repo.actor)
+
+
+def test_the_ray_repository_is_a_checkpoint_repository(local_ray, tmp_path):
+    """What run_distill(repo=...) and resolve_pool take: the Ray one stands in for the local one."""
+    repo = RayRepository(_cfg(tmp_path).store)
+    assert isinstance(repo, CheckpointRepository) and (repo.trainings, repo.hits) == (0, 0)
     ray.kill(repo.actor)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import free_port
-from ptmdd_ray.store import CheckpointStore, IntegrityError, StoreError, check_key
+from ptmdd_ray.store import CheckpointStore, IntegrityError, StoreError, check_key, load_checked
 
 
 def _tensors():
@@ -455,7 +455,7 @@ def test_store_commands_on_an_s3_store(s3):
 def test_an_s3_checkpoint_overwritten_behind_the_store_is_quarantined_and_retrained(s3):
     from ptmdd_ray.config import build_config
     from ptmdd_ray.data import load_data
-    from ptmdd_ray.pool import PTMRepository, load_checked, pool_specs, save_epochs
+    from ptmdd_ray.pool import PTMRepository, pool_specs, save_epochs
 
     cfg = build_config({"dataset": {"name": "digits", "im_size": 8, "train_per_class": 20}, "model": "ConvNetW32",
                         "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 1},
