@@ -49,7 +49,10 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def _pct(s: dict | None) -> str:
-    return "-" if not s else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} %"
+    """An accuracy's ``{mean, std}`` as the report writes it, in %."""
+    from .report import pm_of
+
+    return "-" if not s else f"{pm_of(s['mean'], s['std'])} %"
 
 
 def summary_table(result: dict) -> str:
@@ -130,7 +133,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import load_study, run_study
+    from .study import run_study
+    from .study_spec import load_study
     from .tracking import redact
 
     study = load_study(args.study, args.set)
@@ -154,26 +158,25 @@ def cmd_study(args) -> int:
 
 def closing_table(trials: list[dict], metric: str) -> str:
     """One row per grid point: its samples' study metric, test accuracy and random real, mean ± std."""
-    from .study import run_name
+    from .report import pm
+    from .study_spec import run_name
 
     groups: dict[str, list[dict]] = {}
     for t in trials:
         groups.setdefault(json.dumps(t["overrides"], sort_keys=True, default=str), []).append(t)
 
-    def pm(rows: list[dict], key: str) -> str:
+    def cell(rows: list[dict], key: str) -> str:
         values = [r[key] for r in rows if isinstance(r.get(key), float) and not r.get("pruned")]
         if not values:
             return "pruned" if any(r.get("pruned") for r in rows) else "-"
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+        return pm(values)
 
     names = {k: run_name(json.loads(k), "").strip() for k in groups}
     width = max([len("point"), *map(len, names.values())])
     lines = [f"{'point':<{width}}  {'n':>2}  {metric:>16}  {'test acc.':>16}  {'random real':>16}"]
     for k, rows in groups.items():
-        lines.append(f"{names[k]:<{width}}  {len(rows):>2}  {pm(rows, metric):>16}  {pm(rows, 'acc.mean'):>16}  "
-                     f"{pm(rows, 'baseline.random.mean'):>16}")
+        lines.append(f"{names[k]:<{width}}  {len(rows):>2}  {cell(rows, metric):>16}  {cell(rows, 'acc.mean'):>16}  "
+                     f"{cell(rows, 'baseline.random.mean'):>16}")
     return "\n".join(lines)
 
 
@@ -206,7 +209,7 @@ def cmd_report(args) -> int:
 
     name = args.study
     if name.endswith((".yaml", ".yml")):
-        from .study import load_study
+        from .study_spec import load_study
 
         name = load_study(name).spec.name
     uri = args.mlflow_uri or default_tracking_uri(args.results)
