@@ -474,8 +474,8 @@ def _PruningAwareOptunaSearch(tracking_uri: str | None = None, parent_id: str | 
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial takes from its driver. Tune hands it to :func:`trial` through the object
-    store (``tune.with_parameters``), once per worker, not pickled into each trial's closure."""
+    """What every trial takes from its driver, in one place: Tune hands it to :func:`trial`
+    through the object store (``tune.with_parameters``) instead of a closure over the driver's locals."""
 
     study: Study
     store_uri: str  # the PTM store (its actor is named by it)
@@ -493,6 +493,8 @@ def trial(config: dict[str, Any], ctx: TrialContext) -> None:
     end with its phases (unix times, ``time.*``). Named ``trial``: Tune names its directories so."""
     from ray import tune
 
+    from .service import RayRepository
+
     marks = {"enter": time.time()}  # the trial's phases (unix times), in its final report as time.*
     run = tracking.TrialRun(ctx.mlflow_uri, ctx.parent, trial_key(config))
     done, failed = run.claim()
@@ -505,9 +507,12 @@ def trial(config: dict[str, Any], ctx: TrialContext) -> None:
     reset_peak_memory()
     sample, overrides = trial_point(config)
     cfg = replace(ctx.study.trial_config(overrides, sample), store=ctx.store_uri)
+    repo = RayRepository(ctx.store_uri)
     reports = _Reports(cfg, ctx.study.spec.metric)
+    _start_run(ctx, run, cfg, overrides, sample, repo, reports)
+    marks["started"] = time.time()
     checkpoints = TuneCheckpoints(checkpoint_interval(cfg), trial_key(config), ctx.experiment_uri)
-    result = _distill(ctx, run, cfg, overrides, sample, reports, checkpoints, marks)
+    result = _distill(ctx, run, cfg, repo, reports, checkpoints, marks)
     marks["process"] = process_start_time()
     tune.report({**tracking.metrics_of(result), **reports.memory, **reports.placement, "trial.final": 1.0,
                  "mlflow.logged": float(run.online), **{f"time.{k}": v for k, v in marks.items()},
@@ -568,22 +573,18 @@ class _Reports:
         tune.report({self.metric: acc, "distill.iteration": it, "trial.final": 0.0})
 
 
-def _distill(ctx: TrialContext, run, cfg: Config, overrides: dict[str, Any], sample: int, reports: _Reports,
-             checkpoints: TuneCheckpoints, marks: dict[str, float]) -> dict[str, Any]:
-    """The trial's run started, ``run_distill`` in the trial's directory, and the run finished; or
-    ended KILLED (pruned) or FAILED (with why, and whether a retry would fail alike)."""
+def _distill(ctx: TrialContext, run, cfg: Config, repo, reports: _Reports, checkpoints: TuneCheckpoints,
+             marks: dict[str, float]) -> dict[str, Any]:
+    """``run_distill`` in the trial's directory, and its run finished; or ended KILLED (pruned) or
+    FAILED (with why, and whether a retry would fail alike)."""
     import ray
     from ray import tune
 
     from .data import ImageData
     from .methods import DivergenceError
     from .pipeline import run_distill
-    from .service import RayRepository
 
     out = Path(trial_dir(tune.get_context())) / "out"
-    repo = RayRepository(ctx.store_uri)
-    _start_run(ctx, run, cfg, overrides, sample, repo, reports)
-    marks["started"] = time.time()
     try:
         data = ImageData.from_arrays(ray.get(ctx.data_ref)) if ctx.data_ref is not None else None
         reports.memory.update(object_store_mb())
