@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from ptmdd_ray.proc import reset_peak_memory, status_mb  # noqa: E402 - after the path (no torch)
+
 METHODS = ("dc", "dsa", "dm")
 VARIANTS = ("plain", "clom", "cclom")
 CASES = [(m, v) for m in METHODS for v in VARIANTS]
@@ -67,19 +69,10 @@ def config(args, method: str, variant: str):
 
 
 def rss_mb(field: str = "VmHWM") -> float:
-    """Peak (VmHWM) or current (VmRSS) resident memory of this process, in MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    """Peak (VmHWM) or current (VmRSS) resident memory of this process, in MB, read as the study's
+    trials read it (:mod:`ptmdd_ray.proc`); off Linux, the peak that getrusage keeps."""
+    mb = status_mb(field)
+    return mb if mb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sync(device) -> None:
@@ -121,7 +114,7 @@ def run_case(args, method: str, variant: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         cuda_start = torch.cuda.memory_allocated(device) / 2**20
     base_rss = rss_mb("VmRSS")
-    reset_peak_rss()
+    reset_peak_memory()  # a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)
     out = distill(cfg.distill, cfg.model, data, 0, guide, progress=False)
     per_it = out.seconds / out.iterations
     row = {"method": method, "variant": variant, "seconds_per_iteration": per_it,

@@ -73,7 +73,8 @@ def main() -> None:
     from ptmdd_ray.config import build_config
     from ptmdd_ray.pool import pool_specs
     from ptmdd_ray.store import CheckpointStore
-    from ptmdd_ray.study import load_study, run_study
+    from ptmdd_ray.study import run_study
+    from ptmdd_ray.study_spec import load_study
 
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)

@@ -162,7 +162,8 @@ def efficiency(args, out: Path) -> dict:
     import ray
 
     from ptmdd_ray.pipeline import run_pretrain
-    from ptmdd_ray.study import load_study, run_study
+    from ptmdd_ray.study import run_study
+    from ptmdd_ray.study_spec import load_study
 
     sets = [f"base.distill.iterations={args.iterations}", f"base.distill.ipc={args.ipc}",
             f"max_concurrent={args.slots}", "name=efficiency", *args.set]
@@ -225,7 +226,7 @@ def main() -> None:
     import ray
 
     from ptmdd_ray.store import CheckpointStore
-    from ptmdd_ray.study import load_study
+    from ptmdd_ray.study_spec import load_study
 
     out = Path(args.out).resolve()
     rows = {}

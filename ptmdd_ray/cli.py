@@ -49,7 +49,10 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def _pct(s: dict | None) -> str:
-    return "-" if not s else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} %"
+    """An accuracy's ``{mean, std}`` as the report writes it, in %."""
+    from .report import pm_of
+
+    return "-" if not s else f"{pm_of(s['mean'], s['std'])} %"
 
 
 def summary_table(result: dict) -> str:
@@ -130,7 +133,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import load_study, run_study
+    from .study import run_study
+    from .study_spec import load_study
     from .tracking import redact
 
     study = load_study(args.study, args.set)
@@ -154,26 +158,25 @@ def cmd_study(args) -> int:
 
 def closing_table(trials: list[dict], metric: str) -> str:
     """One row per grid point: its samples' study metric, test accuracy and random real, mean ± std."""
-    from .study import run_name
+    from .report import pm
+    from .study_spec import run_name
 
     groups: dict[str, list[dict]] = {}
     for t in trials:
         groups.setdefault(json.dumps(t["overrides"], sort_keys=True, default=str), []).append(t)
 
-    def pm(rows: list[dict], key: str) -> str:
+    def cell(rows: list[dict], key: str) -> str:
         values = [r[key] for r in rows if isinstance(r.get(key), float) and not r.get("pruned")]
         if not values:
             return "pruned" if any(r.get("pruned") for r in rows) else "-"
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+        return pm(values)
 
     names = {k: run_name(json.loads(k), "").strip() for k in groups}
     width = max([len("point"), *map(len, names.values())])
     lines = [f"{'point':<{width}}  {'n':>2}  {metric:>16}  {'test acc.':>16}  {'random real':>16}"]
     for k, rows in groups.items():
-        lines.append(f"{names[k]:<{width}}  {len(rows):>2}  {pm(rows, metric):>16}  {pm(rows, 'acc.mean'):>16}  "
-                     f"{pm(rows, 'baseline.random.mean'):>16}")
+        lines.append(f"{names[k]:<{width}}  {len(rows):>2}  {cell(rows, metric):>16}  {cell(rows, 'acc.mean'):>16}  "
+                     f"{cell(rows, 'baseline.random.mean'):>16}")
     return "\n".join(lines)
 
 
@@ -206,7 +209,7 @@ def cmd_report(args) -> int:
 
     name = args.study
     if name.endswith((".yaml", ".yml")):
-        from .study import load_study
+        from .study_spec import load_study
 
         name = load_study(name).spec.name
     uri = args.mlflow_uri or default_tracking_uri(args.results)
@@ -283,59 +286,75 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "ptmdd report quickstart --out runs/report"))
     p.add_argument("--version", action="version", version=f"ptmdd_ray {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_commands(sub)
+    _add_study_commands(sub)
+    _add_report_command(sub)
+    _add_store_and_config_commands(sub)
+    return p
 
-    def command(name: str, summary: str, example: str, func):
-        sp = sub.add_parser(name, help=summary, description=summary, epilog=_example(example),
-                            formatter_class=_Help)
-        sp.set_defaults(func=func)
-        return sp
 
-    def common(sp, config_positional: bool = True):
-        if config_positional:
-            sp.add_argument("config", nargs="?", help="YAML config (default: embedded digits defaults)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a dotted config key, e.g. distill.ipc=1 (repeatable; `ptmdd config` "
-                        "lists the keys)")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+def _command(sub, name: str, summary: str, example: str, func):
+    """A subcommand whose ``--help`` gives its summary, its options' defaults and an example."""
+    sp = sub.add_parser(name, help=summary, description=summary, epilog=_example(example), formatter_class=_Help)
+    sp.set_defaults(func=func)
+    return sp
 
-    d = command("distill", "pretrain-if-needed, distill, evaluate",
-                "ptmdd distill studies/digits.yaml --out runs/digits", cmd_distill)
-    common(d)
+
+def _common(sp, config_positional: bool = True) -> None:
+    """The options of the commands that build one core config: the file, ``--set``, quiet, verbose."""
+    if config_positional:
+        sp.add_argument("config", nargs="?", help="YAML config (default: embedded digits defaults)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a dotted config key, e.g. distill.ipc=1 (repeatable; `ptmdd config` "
+                    "lists the keys)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_run_commands(sub) -> None:
+    """``distill``, ``pretrain`` and ``evaluate``: one config, run here."""
+    d = _command(sub, "distill", "pretrain-if-needed, distill, evaluate",
+                 "ptmdd distill studies/digits.yaml --out runs/digits", cmd_distill)
+    _common(d)
     d.add_argument("--out", required=True, help="output directory")
 
-    t = command("pretrain", "build or extend the PTM pool of a config", "ptmdd pretrain studies/digits.yaml",
-                cmd_pretrain)
-    common(t)
+    t = _command(sub, "pretrain", "build or extend the PTM pool of a config", "ptmdd pretrain studies/digits.yaml",
+                 cmd_pretrain)
+    _common(t)
 
-    e = command("evaluate", "evaluate a saved synthetic.parquet",
-                "ptmdd evaluate runs/digits/synthetic.parquet --set eval.runs=5 --out runs/digits/eval.json",
-                cmd_evaluate)
+    e = _command(sub, "evaluate", "evaluate a saved synthetic.parquet",
+                 "ptmdd evaluate runs/digits/synthetic.parquet --set eval.runs=5 --out runs/digits/eval.json",
+                 cmd_evaluate)
     e.add_argument("synthetic", help="synthetic.parquet written by ptmdd distill")
     e.add_argument("--config", help="config for dataset/eval (default: the one stored in the file)")
-    common(e, config_positional=False)
+    _common(e, config_positional=False)
     e.add_argument("--out", help="write the evaluation result as JSON here (default: only printed)")
 
-    def study_args(sp):
-        sp.add_argument("study", help="study YAML (name, base, sweep, search, samples, resources, ...)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a study key, e.g. base.distill.iterations=50 or samples=3")
-        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-        sp.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
-        sp.add_argument("--store", help="PTM checkpoint store location (default: the config's store)")
-        sp.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment: a "
-                        "directory, or on a cluster a URI every node reaches (s3://BUCKET/PREFIX; needs --mlflow-uri)")
-        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        sp.add_argument("-q", "--quiet", action="store_true", help="print only the closing table (no Tune "
-                        "progress, warnings only)")
 
-    st = command("study", "run a study's sweep (Ray Tune, MLflow tracking)", "ptmdd study studies/quickstart.yaml",
-                 cmd_study)
-    study_args(st)
+def _study_args(sp) -> None:
+    """The options ``study`` and ``search`` share: the study file, where it runs and records."""
+    sp.add_argument("study", help="study YAML (name, base, sweep, search, samples, resources, ...)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a study key, e.g. base.distill.iterations=50 or samples=3")
+    sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sp.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
+    sp.add_argument("--store", help="PTM checkpoint store location (default: the config's store)")
+    sp.add_argument("--results", default="runs/studies", help="where Ray Tune keeps the experiment: a "
+                    "directory, or on a cluster a URI every node reaches (s3://BUCKET/PREFIX; needs --mlflow-uri)")
+    sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print only the closing table (no Tune "
+                    "progress, warnings only)")
+
+
+def _add_study_commands(sub) -> None:
+    """``study`` (the grid) and ``search`` (Optuna over the search space), both on Ray Tune."""
+    st = _command(sub, "study", "run a study's sweep (Ray Tune, MLflow tracking)",
+                  "ptmdd study studies/quickstart.yaml", cmd_study)
+    _study_args(st)
     st.add_argument("--resume", action="store_true", help="finish an interrupted study")
-    se = command("search", "Optuna TPE over a study's search space, as Ray Tune trials",
-                 "ptmdd search studies/quickstart.yaml --trials 8", cmd_study)
-    study_args(se)
+    se = _command(sub, "search", "Optuna TPE over a study's search space, as Ray Tune trials",
+                  "ptmdd search studies/quickstart.yaml --trials 8", cmd_study)
+    _study_args(se)
     se.add_argument("--trials", type=int, required=True, help="number of trials to run in this call")
     se.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite in --results); the "
                     "Optuna study is named after the study, so a second call continues it")
@@ -344,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--select-on-test", action="store_true", help="allow a test metric (acc.mean) to choose; "
                     "the run is tagged and its report says so (default: only validation metrics choose)")
 
-    r = command("report", "tables and plots of a study's runs, read back from MLflow",
-                "ptmdd report quickstart --out runs/report", cmd_report)
+
+def _add_report_command(sub) -> None:
+    r = _command(sub, "report", "tables and plots of a study's runs, read back from MLflow",
+                 "ptmdd report quickstart --out runs/report", cmd_report)
     r.add_argument("study", help="study name (the MLflow experiment) or study YAML")
     r.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
     r.add_argument("--results", default="runs/studies", help="results directory of the study")
@@ -357,21 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "server was unreachable (from their result.json under --results)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    s = command("store", "inspect or clean a PTM checkpoint store", "ptmdd store stats --json", cmd_store)
+
+def _add_store_and_config_commands(sub) -> None:
+    s = _command(sub, "store", "inspect or clean a PTM checkpoint store", "ptmdd store stats --json", cmd_store)
     s.add_argument("action", choices=["ls", "stats", "gc"], help="list checkpoints, life-time counts, or "
                    "remove temporaries, orphans and corrupt checkpoints")
     s.add_argument("--store", default="ptm_store", help="store directory or pyarrow.fs URI (default: ptm_store)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    c = command("config", "every config key (for --set, sweeps and searches) with its default and meaning",
-                "ptmdd config --method dc", cmd_config)
+    c = _command(sub, "config", "every config key (for --set, sweeps and searches) with its default and meaning",
+                 "ptmdd config --method dc", cmd_config)
     c.add_argument("--method", choices=METHODS, help="the defaults this method resolves them to (default: the "
                    "unresolved ones, null where the method decides)")
     c.add_argument("--json", action="store_true",
                    help="machine-readable output: a list of {key, default, type, help}")
     c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,24 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .study_spec import BEST, label, matches, metric_split, run_name
 
 
-def _pm(values: list[float]) -> str:
+def pm_of(mean: float, std: float) -> str:
+    """An accuracy as ``mean ± std`` in %, two decimals: how every table (and the CLI) writes one."""
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def pm(values: list[float]) -> str:
+    """``mean ± std`` (population std) of accuracies in %; ``-`` for none."""
     if not values:
         return "-"
-    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * sd:.2f}"
-
-
-def label(value: Any) -> str:
-    """A swept value as a short label: lists joined by '+', mappings as k=v, None as 'default'."""
-    if value is None:
-        return "default"
-    if isinstance(value, list):
-        return "+".join(label(v) for v in value)
-    if isinstance(value, dict):
-        return ",".join(f"{k}={label(v)}" for k, v in sorted(value.items()))
-    return str(value)
+    return pm_of(statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
 def find_parent(client, study: str, run_id: str | None = None, kind: str = "study"):
@@ -156,8 +151,6 @@ def choose(selector: dict[str, Any], rows: list[dict[str, Any]], metric: str,
     of the selector) have the highest mean ``metric`` over their samples: the study's validation
     metric, so a claim about "the best weight" is chosen on validation and then tested on test.
     The claim's ``reference`` point is not a candidate ("the best β" of "CCLoM beats β = 0")."""
-    from .study import BEST, matches
-
     free = [k for k, v in selector.items() if v == BEST]
     if not free:
         return selector
@@ -177,8 +170,6 @@ def choose(selector: dict[str, Any], rows: list[dict[str, Any]], metric: str,
 def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each claim of the study (parent tag ``ptmdd.claims``) tested on the finished trials' test
     accuracy; a ``best`` in a claim's selector is first chosen on the study's metric."""
-    from .study import BEST, matches
-
     claims = json.loads(parent.data.tags.get("ptmdd.claims") or "[]")
     control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
     metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
@@ -238,7 +229,7 @@ def arch_lines(swept: list[str], rows: list[dict[str, Any]], plain_rows: list[di
         cells = []
         for a in archs:
             m = f"acc.{a}.mean"
-            cell = _pm([r["metrics"][m] for r in members if m in r["metrics"]])
+            cell = pm([r["metrics"][m] for r in members if m in r["metrics"]])
             if plain_rows and members[0] not in plain_rows:
                 cell += "<br>" + _fmt_test(paired(per_sample(members, m), per_sample(plain_rows, m)))
             cells.append(cell)
@@ -246,7 +237,7 @@ def arch_lines(swept: list[str], rows: list[dict[str, Any]], plain_rows: list[di
     # the random real subset per architecture: the same for every point of a seed (mean over seeds)
     base = [per_sample(rows, f"baseline.random.{a}.mean") for a in archs]
     if any(base):
-        lines.append("| random real | " + " | ".join(_pm(list(b.values())) for b in base) + " |")
+        lines.append("| random real | " + " | ".join(pm(list(b.values())) for b in base) + " |")
     return lines + [""]
 
 
@@ -338,7 +329,7 @@ def _matrix_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> 
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cols), 1.2 + 0.6 * len(rows)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (r, c), accs in cells.items():
-        ax.text(cols.index(c), rows.index(r), _pm(accs), ha="center", va="center", fontsize=7, color="w")
+        ax.text(cols.index(c), rows.index(r), pm(accs), ha="center", va="center", fontsize=7, color="w")
     ax.set_xticks(range(len(cols)), [c.replace(", ", "\n") or "-" for c in cols], fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_ylabel(axis)
@@ -352,8 +343,6 @@ def _matrix_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> 
 def selection_lines(parent, rows: list[dict[str, Any]] = ()) -> list[str]:
     """What the study chose on (its metric, with a warning when that was test accuracy) and the
     grid point it chose, with that point's test accuracy: the figure to quote."""
-    from .study import metric_split
-
     metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
     if parent.data.tags.get("ptmdd.select_on_test") == "true":
         lines = [f"**Selected on test accuracy** (`{metric}`, `--select-on-test`): the chosen points' test "
@@ -371,8 +360,8 @@ def selection_lines(parent, rows: list[dict[str, Any]] = ()) -> list[str]:
         best = max(by_point, key=lambda k: statistics.fmean(r["metrics"][metric] for r in by_point[k]))
         members = by_point[best]
         lines.append(f"Best point on `{metric}`: {label(json.loads(best)) or '(base)'}, "
-                     f"{_pm([r['metrics'][metric] for r in members])} on it; test accuracy "
-                     f"{_pm([r['metrics']['acc.mean'] for r in members if 'acc.mean' in r['metrics']])} "
+                     f"{pm([r['metrics'][metric] for r in members])} on it; test accuracy "
+                     f"{pm([r['metrics']['acc.mean'] for r in members if 'acc.mean' in r['metrics']])} "
                      f"({len(members)} samples).")
     return lines + [""]
 
@@ -380,8 +369,6 @@ def selection_lines(parent, rows: list[dict[str, Any]] = ()) -> list[str]:
 def case_lines(cases: list[dict[str, Any]], rows: list[dict[str, Any]], plain: dict[str, float],
                control: dict | None) -> list[str]:
     """A ``cases`` study's table: a row per case, in the study's order, labelled by what it changes."""
-    from .study import matches, run_name
-
     lines = ["## Cases", "", "| case | n | val acc. | synthetic acc. | random real | vs random real | vs plain method |",
              "|---|---|---|---|---|---|---|"]
     for case in cases:
@@ -390,8 +377,8 @@ def case_lines(cases: list[dict[str, Any]], rows: list[dict[str, Any]], plain: d
         if not g.members:
             continue
         mine = per_sample(g.members)
-        lines.append(f"| {g.value} | {len(g.members)} | {_pm(g.vals) if g.vals else '-'} | {_pm(g.accs)} | "
-                     f"{_pm(g.bases)} | {_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
+        lines.append(f"| {g.value} | {len(g.members)} | {pm(g.vals) if g.vals else '-'} | {pm(g.accs)} | "
+                     f"{pm(g.bases)} | {_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
                      f"{_vs_plain(g, mine, plain, control)} |")
     return lines + [""]
 
@@ -421,6 +408,8 @@ def findings(tracking_uri: str, study: str, run_id: str | None = None) -> list[d
 
 def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | None = None,
                  kind: str = "study") -> Path:
+    """``report.md`` and its plots in ``out`` for the study's latest parent run of ``kind`` (or
+    ``run_id``), each also logged to that run under ``report/``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,62 +421,31 @@ def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | N
         raise ConfigError(f"study: the latest run of {study!r} has no finished trials")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
-             "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed); "
-             "95% t-intervals; differences are paired by sample (same seed) with a two-sided paired t-test.", ""]
-    lines += selection_lines(parent, rows)
-    if parent.data.tags.get("ptmdd.kind") == "search":
-        lines += search_lines(parent, rows, swept)
-    files = []
-    findings = claim_results(parent, rows)
-    if findings:
-        lines += ["## Findings", "",
-                  "| claim | better | than | n | acc. | than acc. | difference [95% CI], p | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for f in findings:
-            n = f["test"]["n"] if f["test"] else len(f["acc"])
-            lines.append(f"| {f['claim']} | {f['better']} | {f['than']} | {n} | {_pm(f['acc'])} | {_pm(f['base'])} | "
-                         f"{_fmt_test(f['test'])} | **{f['verdict']}** |")
-        lines.append("")
+    lines = _header_lines(study, parent, rows, swept) + findings_lines(claim_results(parent, rows))
     control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
     plain_rows = [r for r in rows if control is not None and r["point"] == control]
     plain = per_sample(plain_rows)
     lines += arch_lines(swept, rows, plain_rows)
     if parent.data.tags.get("ptmdd.control_added") == "true":
         rows = [r for r in rows if r["point"] != control]
-        lines += [f"Plain method ({label(control)}): {_pm(list(plain.values()))} over {len(plain)} samples.", ""]
+        lines += [f"Plain method ({label(control)}): {pm(list(plain.values()))} over {len(plain)} samples.", ""]
     cases = json.loads(parent.data.tags.get("ptmdd.cases") or "[]")
     axes = [k for k in swept if not any(k in c for c in cases)]
     if cases and not axes:  # a study of cases alone: one table, a row per case
         lines += case_lines(cases, rows, plain, control)
         swept = []
     by_axis = tables(swept, rows) if swept or not cases else {}
+    files = []
     for axis, groups in by_axis.items():
-        lines += [f"## {axis}", "", f"| {axis} | other swept keys | n | val acc. | synthetic acc. | 95% CI | "
-                  "random real | vs random real | vs plain method |", "|---|---|---|---|---|---|---|---|---|"]
-        for g in groups:
-            mine = per_sample(g.members)
-            ci = t_interval(g.accs)
-            lines.append(f"| {g.value} | {g.others or '-'} | {len(g.members)} | {_pm(g.vals) if g.vals else '-'} | "
-                         f"{_pm(g.accs)} | "
-                         f"{f'{100 * ci[0]:.2f}–{100 * ci[1]:.2f}' if ci else '-'} | {_pm(g.bases)} | "
-                         f"{_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
-                         f"{_vs_plain(g, mine, plain, control)} |")
-        lines.append("")
         png = out / f"acc_vs_{_safe(axis)}.png"
         _axis_plot(plt, study, axis, groups, png)
-        lines += [f"![accuracy vs {axis}]({png.name})", ""]
+        lines += axis_lines(axis, groups, plain, control) + [f"![accuracy vs {axis}]({png.name})", ""]
         files.append(png)
     key = parent.data.tags.get("ptmdd.matrix") or ""
     if key in by_axis:
-        groups = by_axis[key]
-        rws, cols, cells = matrix(groups)
-        lines += [f"## Matrix: {key} x other swept keys", "", f"| {key} | " + " | ".join(c or "-" for c in cols) + " |",
-                  "|---|" + "---|" * len(cols)]
-        lines += [f"| {r} | " + " | ".join(_pm(cells.get((r, c), [])) for c in cols) + " |" for r in rws]
         png = out / f"matrix_{_safe(key)}.png"
-        _matrix_plot(plt, study, key, groups, png)
-        lines += ["", f"![matrix]({png.name})", ""]
+        _matrix_plot(plt, study, key, by_axis[key], png)
+        lines += matrix_lines(key, by_axis[key]) + ["", f"![matrix]({png.name})", ""]
         files.append(png)
     md = out / "report.md"
     md.write_text("\n".join(lines))
@@ -495,3 +453,51 @@ def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | N
     for f in [md, *files]:
         client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
     return md
+
+
+def _header_lines(study: str, parent, rows: list[dict[str, Any]], swept: list[str]) -> list[str]:
+    """The report's title, how to read its figures, what it chose on and (a search) its ranking."""
+    lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
+             "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed); "
+             "95% t-intervals; differences are paired by sample (same seed) with a two-sided paired t-test.", ""]
+    lines += selection_lines(parent, rows)
+    if parent.data.tags.get("ptmdd.kind") == "search":
+        lines += search_lines(parent, rows, swept)
+    return lines
+
+
+def findings_lines(found: list[dict[str, Any]]) -> list[str]:
+    """The claims' table (see :func:`claim_results`); nothing when the study makes none."""
+    if not found:
+        return []
+    lines = ["## Findings", "",
+             "| claim | better | than | n | acc. | than acc. | difference [95% CI], p | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in found:
+        n = f["test"]["n"] if f["test"] else len(f["acc"])
+        lines.append(f"| {f['claim']} | {f['better']} | {f['than']} | {n} | {pm(f['acc'])} | {pm(f['base'])} | "
+                     f"{_fmt_test(f['test'])} | **{f['verdict']}** |")
+    return lines + [""]
+
+
+def axis_lines(axis: str, groups: list[Group], plain: dict[str, float], control: dict | None) -> list[str]:
+    """One swept key's table: a row per group, with its random-real and plain-method comparisons."""
+    lines = [f"## {axis}", "", f"| {axis} | other swept keys | n | val acc. | synthetic acc. | 95% CI | "
+             "random real | vs random real | vs plain method |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        mine = per_sample(g.members)
+        ci = t_interval(g.accs)
+        lines.append(f"| {g.value} | {g.others or '-'} | {len(g.members)} | {pm(g.vals) if g.vals else '-'} | "
+                     f"{pm(g.accs)} | "
+                     f"{f'{100 * ci[0]:.2f}–{100 * ci[1]:.2f}' if ci else '-'} | {pm(g.bases)} | "
+                     f"{_fmt_test(paired(mine, per_sample(g.members, 'baseline.random.mean')))} | "
+                     f"{_vs_plain(g, mine, plain, control)} |")
+    return lines + [""]
+
+
+def matrix_lines(key: str, groups: list[Group]) -> list[str]:
+    """The ``matrix`` key's table: its values down, the other swept keys' combinations across."""
+    rws, cols, cells = matrix(groups)
+    lines = [f"## Matrix: {key} x other swept keys", "", f"| {key} | " + " | ".join(c or "-" for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    return lines + [f"| {r} | " + " | ".join(pm(cells.get((r, c), [])) for c in cols) + " |" for r in rws]

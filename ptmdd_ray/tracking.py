@@ -26,6 +26,15 @@ from .config import Config, ConfigError, flatten, to_dict
 log = logging.getLogger(__name__)
 
 PENDING = "mlflow_pending.json"  # beside a trial's result.json: finished while MLflow was away
+# MLflow's HTTP retries per call (its default, 7 with back-off, waits minutes): an outage is
+# handled (a trial goes offline, the driver leaves the parent to `ptmdd report --sync`), not waited out
+HTTP_MAX_RETRIES = 2
+
+
+def limit_http_retries() -> None:
+    """Bound this process's MLflow HTTP retries to :data:`HTTP_MAX_RETRIES` (unless the
+    environment already says otherwise): the study's driver and every trial's worker alike."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_MAX_RETRIES))
 
 
 def default_tracking_uri(results: str | Path) -> str:
@@ -398,7 +407,7 @@ class TrialRun:
 
     def __init__(self, tracking_uri: str, parent_id: str, trial_key: str):
         # an outage should cost a trial seconds, not MLflow's default minutes of retries
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        limit_http_retries()
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.uri, self.parent, self.key = tracking_uri, parent_id, trial_key
         self.client, self.run_id, self.online = None, None, True

@@ -130,7 +130,8 @@ def test_a_ptm_trained_on_the_gpu_loads_on_the_cpu_with_the_same_weights_and_pre
 DRIVER = """
 import json, sys
 from ptmdd_ray.service import init_local_ray
-from ptmdd_ray.study import load_study, run_study
+from ptmdd_ray.study import run_study
+from ptmdd_ray.study_spec import load_study
 import ray
 init_local_ray(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
 try:

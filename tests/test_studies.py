@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ptmdd_ray.config import load_config
-from ptmdd_ray.study import load_study
+from ptmdd_ray.study_spec import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "studies").glob("*.yaml"))

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from ptmdd_ray.config import ConfigError
-from ptmdd_ray.study import load_study
 from helpers import STUDY, TINY_BASE, free_port, is_loopback, listening, session_pids, stop_session, wait_http
+from ptmdd_ray.study_spec import load_study
 
 
 def _write(tmp_path, study):
@@ -528,7 +528,8 @@ def test_choices_are_made_on_validation_unless_the_user_says_otherwise(tmp_path)
     --select-on-test, which tags the parent run (and the report then warns)."""
     from ptmdd_ray import tracking
     from ptmdd_ray.report import selection_lines
-    from ptmdd_ray.study import _open_parent, check_selection
+    from ptmdd_ray.study import _open_parent
+    from ptmdd_ray.study_spec import check_selection
 
     on_test = load_study(_write(tmp_path, {**STUDY, "metric": "acc.mean"}))
     with pytest.raises(ConfigError, match="metric: acc.mean is test accuracy"):
