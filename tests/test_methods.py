@@ -4,7 +4,8 @@ import torch
 from ptmdd_ray import augment, losses
 from ptmdd_ray.config import build_config, loops_for_ipc
 from ptmdd_ray.data import load_data
-from ptmdd_ray.methods import DivergenceError, RealSampler, distill, dm_step
+from ptmdd_ray.methods import DivergenceError, distill, dm_step
+from ptmdd_ray.synthetic import RealSampler
 from ptmdd_ray.train import new_model
 
 
