@@ -511,7 +511,7 @@ def trial(config: dict[str, Any], ctx: TrialContext) -> None:
     reports = _Reports(cfg, ctx.study.spec.metric)
     _start_run(ctx, run, cfg, overrides, sample, repo, reports)
     marks["started"] = time.time()
-    checkpoints = TuneCheckpoints(checkpoint_interval(cfg), trial_key(config), ctx.experiment_uri)
+    checkpoints = TuneCheckpoints(cfg.distill.checkpoint_every, trial_key(config), ctx.experiment_uri)
     result = _distill(ctx, run, cfg, repo, reports, checkpoints, marks)
     marks["process"] = process_start_time()
     tune.report({**tracking.metrics_of(result), **reports.memory, **reports.placement, "trial.final": 1.0,
@@ -535,12 +535,6 @@ def trial_key(config: dict[str, Any]) -> str:
     sample, or sampled search values), not Tune's trial id, which a restored experiment may not
     keep for trials it had not checkpointed yet."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def checkpoint_interval(cfg: Config) -> int:
-    """Iterations between a trial's distillation checkpoints: ``distill.checkpoint_every``, or
-    about ten per trial."""
-    return cfg.distill.checkpoint_every or max(1, (cfg.distill.iterations or 0) // 10)
 
 
 def progress_interval(cfg: Config) -> int:

@@ -376,3 +376,11 @@ def test_json_schema_rejects_unknown_keys_and_wrong_types():
     for text, _ in BAD[:5]:  # what from_dict rejects by shape alone
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(yaml.safe_load(text), schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_checkpoint_interval_is_resolved_with_the_config():
+    """``distill.checkpoint_every: 0`` means a tenth of the run, resolved when the config is built, so
+    the interval a trial used is the one MLflow records."""
+    assert build_config({"distill": {"iterations": 200}}).distill.checkpoint_every == 20
+    assert build_config({"distill": {"iterations": 5}}).distill.checkpoint_every == 1
+    assert build_config({"distill": {"iterations": 200, "checkpoint_every": 7}}).distill.checkpoint_every == 7

@@ -96,8 +96,10 @@ def check_distill(distill: DistillConfig) -> DistillConfig:
     compile_ = distill.compile
     if compile_ is None:  # worth its compilation time on long runs only
         compile_ = method == "dm" and iterations >= COMPILE_AUTO_ITERATIONS
+    # a study trial's checkpoints: about ten per run unless set (resolved here, so MLflow records it)
+    every = distill.checkpoint_every or max(1, iterations // 10)
     return replace(distill, iterations=iterations, init=init, dsa_strategy=strategy, compile=compile_,
-                   lr_img=defaults["lr_img"] if distill.lr_img is None else distill.lr_img,
+                   checkpoint_every=every, lr_img=defaults["lr_img"] if distill.lr_img is None else distill.lr_img,
                    outer_loop=distill.outer_loop or outer, inner_loop=distill.inner_loop or inner)
 
 

@@ -80,11 +80,12 @@ class DistillConfig:
         "DSA augmentations, e.g. color_crop_cutout_flip_scale_rotate; null: the method's published default")
     log_every: int = setting(10, "record the matching loss every this many iterations")
     compile: bool | None = setting(None,
-        "run DM's network passes through torch.compile (~2x per iteration on the CPU, after a one-off compilation of "
-        "~30-60 s); null: on for DM runs of >= 1000 iterations")
+        "run DM's network passes (DC/DSA: the inner loop's training steps) through torch.compile (~2x (DC/DSA ~1.6x) "
+        "per iteration on the CPU, after a one-off compilation of ~30-60 s); null: on for DM runs of >= 1000 "
+        "iterations, off for DC/DSA")
     checkpoint_every: int = setting(0,
         "a study trial checkpoints its state every this many iterations, so that a retried or resumed trial goes on "
-        "from there; 0: every tenth of the run")
+        "from there; 0: a tenth of the run (resolved with the config, so MLflow records the interval used)")
 
 
 @dataclass(frozen=True)
