@@ -17,7 +17,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from .config import (Config, ConfigError, anchor_paths, build_config, flatten, from_dict, load_yaml,
+from .config import (Config, ConfigError, anchor_paths, build_config, check, flatten, from_dict, load_yaml,
                      parse_override, set_dotted)
 
 BEST = "best"  # a claim's selector value: the swept value chosen on the study's (validation) metric
@@ -75,13 +75,6 @@ class Study:
         return build_config(anchor_paths(data, self.cwd))
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
-    """A study key's check: one ConfigError line naming the key (the core config's checks say
-    theirs the same way)."""
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
 # ------------------------------------------------------------------ loading
 
 
@@ -95,7 +88,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     study = Study(spec, base, grid, control_added=control_added)
     _check_points(study)
     varied = set(axes) | {k for case in spec.cases for k in case}
-    _require(spec.matrix is None or spec.matrix in varied, "matrix", f"{spec.matrix!r} is not a swept key")
+    check(spec.matrix is None or spec.matrix in varied, "matrix", f"{spec.matrix!r} is not a swept key")
     for i, claim in enumerate(spec.claims):
         _check_claim(i, claim, spec, grid, varied)
     for key, dist in spec.search.items():
@@ -119,22 +112,22 @@ def _parse(path: Path, overrides: list[str]) -> tuple[StudyConfig, dict[str, Any
 
 def _check_settings(spec: StudyConfig) -> None:
     """The study's own numbers: repeats, concurrency, failures, direction, resources."""
-    _require(spec.samples >= 1, "samples", f"must be >= 1, got {spec.samples}")
-    _require(spec.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {spec.max_concurrent}")
-    _require(spec.max_failures >= 0, "max_failures", f"must be >= 0, got {spec.max_failures}")
-    _require(spec.mode in ("max", "min"), "mode", f"expected max or min, got {spec.mode!r}")
-    _require(spec.resources.cpu > 0 and spec.resources.gpu >= 0, "resources", "cpu must be > 0 and gpu >= 0")
+    check(spec.samples >= 1, "samples", f"must be >= 1, got {spec.samples}")
+    check(spec.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {spec.max_concurrent}")
+    check(spec.max_failures >= 0, "max_failures", f"must be >= 0, got {spec.max_failures}")
+    check(spec.mode in ("max", "min"), "mode", f"expected max or min, got {spec.mode!r}")
+    check(spec.resources.cpu > 0 and spec.resources.gpu >= 0, "resources", "cpu must be > 0 and gpu >= 0")
 
 
 def _sweep_axes(spec: StudyConfig, known: set[str]) -> dict[str, list[Any]]:
     """{dotted key: values} of the ``sweep``, every key a config key with a non-empty list."""
     axes = {}
     for key, dist in spec.sweep.items():
-        _require(key in known, f"sweep.{key}", "not a config key (`ptmdd config` lists them)")
-        _require(len(dist) == 1 and next(iter(dist)) in ("grid", "choice"), f"sweep.{key}",
+        check(key in known, f"sweep.{key}", "not a config key (`ptmdd config` lists them)")
+        check(len(dist) == 1 and next(iter(dist)) in ("grid", "choice"), f"sweep.{key}",
                  "expected {grid: [...]} or {choice: [...]}")
         values = next(iter(dist.values()))
-        _require(isinstance(values, list) and len(values) >= 1, f"sweep.{key}", "needs a non-empty list")
+        check(isinstance(values, list) and len(values) >= 1, f"sweep.{key}", "needs a non-empty list")
         axes[key] = values
     return axes
 
@@ -144,13 +137,13 @@ def _expand_grid(spec: StudyConfig, axes: dict[str, list[Any]], known: set[str])
     appended when it is not one of them already; and whether it was appended."""
     for i, case in enumerate(spec.cases):
         for key in case:
-            _require(key in known, f"cases[{i}].{key}", "not a config key")
+            check(key in known, f"cases[{i}].{key}", "not a config key")
     grid = [dict(zip(axes, combo)) for combo in product(*axes.values())] if axes else [{}]
     grid = [{**case, **point} for case in (spec.cases or [{}]) for point in grid]
     if spec.control is None:
         return grid, False
     for key in spec.control:
-        _require(key in known, f"control.{key}", "not a config key")
+        check(key in known, f"control.{key}", "not a config key")
     added = spec.control not in grid
     if added:
         grid.append(dict(spec.control))
@@ -165,7 +158,7 @@ def _check_points(study: Study) -> None:
             cfg = study.trial_config(point, 0)
         except ConfigError as e:
             raise ConfigError(f"sweep point {point}: {e}") from None
-        _require(metric_split(spec.metric) == "test" or eval_split(cfg) == "val", "metric",
+        check(metric_split(spec.metric) == "test" or eval_split(cfg) == "val", "metric",
                  f"{spec.metric} is a validation metric but dataset.val_per_class is 0 at {point or 'the base'} "
                  "(no validation split)")
 
@@ -174,38 +167,38 @@ def _check_claim(i: int, claim: Claim, spec: StudyConfig, grid: list[dict[str, A
     """A claim says its finding and compares what the grid holds: each side a selector that
     matches a grid point (``best`` only on swept keys, chosen on a validation metric), or
     ``control``/``random`` on the ``than`` side."""
-    _require(bool(claim.claim), f"claims[{i}].claim", "needs the finding in words")
+    check(bool(claim.claim), f"claims[{i}].claim", "needs the finding in words")
     for side in ("better", "than"):
         sel = getattr(claim, side)
         where = f"claims[{i}].{side}"
         if isinstance(sel, str):
-            _require(side == "than" and sel in ("control", "random"), where, "expected overrides, control or random")
-            _require(sel != "control" or spec.control is not None, f"claims[{i}].than", "the study has no control")
+            check(side == "than" and sel in ("control", "random"), where, "expected overrides, control or random")
+            check(sel != "control" or spec.control is not None, f"claims[{i}].than", "the study has no control")
             continue
         free = [k for k, v in sel.items() if v == BEST]
-        _require(not free or metric_split(spec.metric) == "val", where,
+        check(not free or metric_split(spec.metric) == "val", where,
                  f"'{BEST}' is chosen on the study's metric, and {spec.metric} is not a validation metric")
         for k in free:
-            _require(k in varied, f"{where}.{k}", f"'{BEST}' needs a swept key, and {k} is not swept")
+            check(k in varied, f"{where}.{k}", f"'{BEST}' needs a swept key, and {k} is not swept")
         fixed = {k: v for k, v in sel.items() if v != BEST}
-        _require(any(matches(p, fixed) for p in grid), where, f"{sel} matches no grid point")
+        check(any(matches(p, fixed) for p in grid), where, f"{sel} matches no grid point")
 
 
 def _check_search_key(study: Study, key: str, dist: dict[str, list[Any]], known: set[str]) -> None:
     """One ``search`` entry: a config key with one distribution of :data:`SEARCH_KINDS`, whose
     ends (every choice, or both ends of a range) give valid configs."""
-    _require(key in known, f"search.{key}", "not a config key")
-    _require(len(dist) == 1 and next(iter(dist)) in SEARCH_KINDS, f"search.{key}",
+    check(key in known, f"search.{key}", "not a config key")
+    check(len(dist) == 1 and next(iter(dist)) in SEARCH_KINDS, f"search.{key}",
              f"expected one of {{{', '.join(SEARCH_KINDS)}: ...}}")
     kind, values = next(iter(dist.items()))
     if kind == "choice":
-        _require(isinstance(values, list) and len(values) >= 1, f"search.{key}", "choice needs a non-empty list")
+        check(isinstance(values, list) and len(values) >= 1, f"search.{key}", "choice needs a non-empty list")
     else:
-        _require(isinstance(values, list) and len(values) == 2 and all(
+        check(isinstance(values, list) and len(values) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), f"search.{key}",
             f"{kind} needs [low, high]")
-        _require(values[0] <= values[1], f"search.{key}", f"low {values[0]} > high {values[1]}")
-        _require(kind != "loguniform" or values[0] > 0, f"search.{key}", "loguniform needs low > 0")
+        check(values[0] <= values[1], f"search.{key}", f"low {values[0]} > high {values[1]}")
+        check(kind != "loguniform" or values[0] > 0, f"search.{key}", "loguniform needs low > 0")
     for v in values:  # the ends of every range must give valid configs
         try:
             study.trial_config({key: v}, 0)
