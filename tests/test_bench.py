@@ -56,6 +56,7 @@ def test_reference_dm_loss_is_the_package_distribution_distance(digits):
     assert got == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_reference_dc_iteration_matches_per_class_gradients_and_updates_the_set(digits):
     ipc, classes = 2, digits.num_classes
     syn, syn_y = _syn(digits, ipc)
@@ -87,6 +88,7 @@ def _env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
+@pytest.mark.slow
 def test_bench_distill_json_prints_one_object_with_dm_against_its_reference(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_distill.py"), "--methods", "dm", "--json",
                            "--data", "digits", "--im-size", "8", "--ipc", "1", "--batch-real", "16",

@@ -434,6 +434,7 @@ def test_locking_an_s3_store_without_boto3_says_what_to_install(s3):
 
 # -- the CLI and the PTM repository on S3 ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_store_commands_on_an_s3_store(s3):
     store = CheckpointStore(s3.uri)
     store.save("good", _tensors(), {"test_accuracy": 0.5})
