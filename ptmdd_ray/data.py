@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, DatasetConfig
-from .sources import check_dataset_config, load_uint8, parse_name
+from .sources import load_uint8, parse_name
 
 __all__ = ["ImageData", "load_data"]
 
@@ -163,7 +163,6 @@ def _domain(x: torch.Tensor, domain: str) -> torch.Tensor:
 def load_data(ds: DatasetConfig, seed: int = 0, *, key: str = "dataset") -> ImageData:
     """Load, subset, resize, transform and normalise. ``seed`` only picks the per-class subsets; the
     train/test split itself never depends on it."""
-    check_dataset_config(ds, key)
     x_tr, y_tr, x_te, y_te, names = load_uint8(ds, key=key)
     # validation first, on the full label space: nothing below (subset, class choice) can see it
     val = holdout(y_tr, ds.val_per_class)

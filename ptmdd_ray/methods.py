@@ -182,7 +182,7 @@ def distill(
     as the uninterrupted run (every random draw comes from the saved generators)."""
     device = data.x_train.device
     gen = torch.Generator().manual_seed(seed)
-    classes, ipc = data.num_classes, cfg.ipc
+    classes = data.num_classes
     syn, labels = _initial_set(data, cfg, gen, resume)
     syn_y = labels.to(device)
     opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
@@ -191,30 +191,14 @@ def distill(
     history: list[tuple[int, float]] = list(resume.loss_history) if resume else []
     start, before = (_restore(resume, opt, gen, guide), resume.seconds) if resume else (0, 0.0)
 
-    def update(loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    embed = None  # DM's compiled embedding or DC's compiled forward (distill.compile), from the first network
-    if cfg.compile and cfg.method == "dm" and hasattr(guide, "compile"):
-        guide.compile()
+    step = _outer_step(cfg, syn, syn_y, sampler, gen, guide, opt, classes)
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), desc=f"distill {cfg.method}", disable=not progress, leave=False,
                initial=start, total=cfg.iterations)
     for it in bar:
         net = new_model(model, shape, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)), device=device,
                         channels_last=cfg.method == "dm")
-        if cfg.method == "dm":
-            if cfg.compile and embed is None:
-                embed = CompiledCall(net, "embed")
-            loss = dm_step(net, syn, syn_y, sampler, cfg, ipc, classes, gen, guide, embed)
-            update(loss)
-            step_losses = [loss.detach()]
-        else:
-            if cfg.compile and embed is None:  # the inner loop's training passes
-                embed = CompiledCall(net, "forward")
-            step_losses = dc_step(net, syn, syn_y, sampler, cfg, ipc, classes, gen, guide, update, embed)
+        step_losses = step(net)
         if it % cfg.log_every == 0 or it == cfg.iterations - 1:
             _record_loss(it, step_losses, syn, history, bar, on_log)
         if on_every is not None and _due(it + 1, every, cfg.iterations):
@@ -224,6 +208,41 @@ def distill(
     if not torch.isfinite(syn).all():
         raise DivergenceError("distillation diverged: non-finite synthetic pixels; lower distill.lr_img")
     return Distilled(syn.detach().cpu(), labels, before + time.perf_counter() - t0, cfg.iterations, history)
+
+
+def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, sampler: RealSampler,
+                gen: torch.Generator, guide: Guide | None, opt: torch.optim.Optimizer, classes: int
+                ) -> Callable[[nn.Module], list[torch.Tensor]]:
+    """One iteration of ``cfg.method`` on a fresh network, as a call returning its losses. With
+    ``distill.compile`` the passes that dominate go through a compiled call built from the first
+    network (later networks are its inputs, so one graph serves them all): DM's embedding (and the
+    PTMs' forward, through the guide), DC/DSA's inner-loop training forward."""
+    compiled: CompiledCall | None = None
+
+    def update(loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def dm(net: nn.Module) -> list[torch.Tensor]:
+        nonlocal compiled
+        if cfg.compile and compiled is None:
+            compiled = CompiledCall(net, "embed")
+        loss = dm_step(net, syn, syn_y, sampler, cfg, cfg.ipc, classes, gen, guide, compiled)
+        update(loss)
+        return [loss.detach()]
+
+    def dc(net: nn.Module) -> list[torch.Tensor]:
+        nonlocal compiled
+        if cfg.compile and compiled is None:
+            compiled = CompiledCall(net, "forward")
+        return dc_step(net, syn, syn_y, sampler, cfg, cfg.ipc, classes, gen, guide, update, compiled)
+
+    if cfg.method != "dm":
+        return dc
+    if cfg.compile and hasattr(guide, "compile"):
+        guide.compile()
+    return dm
 
 
 def _initial_set(data: ImageData, cfg: DistillConfig, gen: torch.Generator, resume: DistillState | None

@@ -21,7 +21,7 @@ import torch
 
 from . import __version__, artifacts
 from .baseline import Scores, evaluate_against_baseline, random_real_baseline
-from .config import Config, ConfigError, source_dataset, to_dict
+from .config import Config, ConfigError, eval_split, source_dataset, to_dict
 from .data import ImageData, load_data
 from .evaluate import evaluate_set
 from .methods import Distilled, DistillState, distill
@@ -133,14 +133,14 @@ def distill_set(cfg: Config, data: ImageData, guide: PTMGuide, progress: bool = 
 
 class IntermediateEvals:
     """The evaluations along the way (``eval.every``): one run per arch of ``cfg.eval``, no
-    baseline, scored on :func:`intermediate_split`; ``history`` holds (iteration, mean accuracy)
+    baseline, scored on :func:`~ptmdd_ray.config.eval_split`; ``history`` holds (iteration, mean accuracy)
     (starting from a resumed run's), and ``on_eval`` hears each."""
 
     def __init__(self, cfg: Config, data: ImageData, history: list, on_eval: Callable[[int, float], None] | None):
         self.data, self.seed, self.on_eval = data, cfg.seed, on_eval
         self.quick = replace(cfg.eval, runs=1)
         self.amp = cfg.precision == "bf16"
-        self.split = intermediate_split(data)
+        self.split = eval_split(cfg)
         self.history: list[tuple[int, float]] = [(int(i), float(a)) for i, a in history]
 
     def __call__(self, it: int, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -176,13 +176,6 @@ def result_record(cfg: Config, device: torch.device, pool: Pool, run: DistillRun
         "synthetic": "synthetic.parquet",
         "image": "synthetic.png",
     }
-
-
-def intermediate_split(data: ImageData) -> str:
-    """Where the evaluations along the way (``eval.every``, what a scheduler prunes on) are scored:
-    validation when the data hold it out, else test (then they are a curve to look at, and
-    :func:`ptmdd_ray.study.run_study` refuses to prune on them)."""
-    return "val" if data.has_val else "test"
 
 
 def synthetic_meta(cfg: Config, data: ImageData) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import logging
 import os
 import stat
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -345,10 +344,10 @@ def _source(ds: DatasetConfig, key: str) -> tuple[str, str | None]:
 
 def load_uint8(ds: DatasetConfig, *, key: str = "dataset") -> Arrays:
     """Raw ``(x_train, y_train, x_test, y_test, class_names)``: x uint8 (N, H, W, C), y int64, before any
-    subset, resize or domain. Arrays are read-only (shared through an in-process cache)."""
+    subset, resize or domain. Arrays are read-only (shared through an in-process cache). ``ds`` is
+    checked first (:func:`check_dataset_config`), so a bad one fails with its key before any decoding."""
+    check_dataset_config(ds, key)
     kind, src = _source(ds, key)
-    if kind in ("parquet", "imagefolder"):
-        check_dataset_config(replace(ds, classes=None), key)  # path existence, with the right message
     sig = () if kind == "digits" else _signature(kind, src)
     return _load_uint8_cached(kind, src, sig, bool(ds.download), ds.cache_dir)
 

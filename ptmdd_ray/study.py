@@ -24,10 +24,10 @@ from typing import Any
 
 from . import tracking
 from .artifacts import read_json, write_json
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, eval_split, to_dict
 from .proc import memory_mb, process_start_time, reset_peak_memory
 from .report import write_report
-from .study_spec import Study, StudyConfig, check_selection, eval_split, metric_split, optuna_space, run_name
+from .study_spec import Study, StudyConfig, check_selection, metric_split, optuna_space, run_name
 
 log = logging.getLogger(__name__)
 
@@ -549,7 +549,7 @@ class _Reports:
 
     def __init__(self, cfg: Config, metric: str):
         self.every, self.metric = progress_interval(cfg), metric
-        self.scores = metric_split(metric) == eval_split(cfg)  # pipeline.intermediate_split
+        self.scores = metric_split(metric) == eval_split(cfg)
         self.memory: dict[str, float] = {}
         self.placement: dict[str, float] = {}
 

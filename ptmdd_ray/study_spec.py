@@ -17,8 +17,8 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from .config import (Config, ConfigError, anchor_paths, build_config, check, flatten, from_dict, load_yaml,
-                     parse_override, set_dotted)
+from .config import (Config, ConfigError, anchor_paths, build_config, check, eval_split, flatten, from_dict,
+                     load_yaml, parse_override, set_dotted)
 
 BEST = "best"  # a claim's selector value: the swept value chosen on the study's (validation) metric
 SEARCH_KINDS = ("uniform", "loguniform", "int", "choice")
@@ -212,12 +212,6 @@ def _check_search_key(study: Study, key: str, dist: dict[str, list[Any]], known:
 def metric_split(metric: str) -> str:
     """``val`` for the metrics scored on the validation split (``val.acc.mean``), else ``test``."""
     return "val" if metric.startswith("val.") else "test"
-
-
-def eval_split(cfg: Config) -> str:
-    """The split a trial's evaluations along the way are scored on: validation where the config
-    holds one out, else test (the config-level twin of ``pipeline.intermediate_split``)."""
-    return "val" if cfg.dataset.val_per_class > 0 else "test"
 
 
 def check_selection(study: Study, search: bool, prune: bool, select_on_test: bool) -> None:

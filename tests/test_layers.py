@@ -1,5 +1,5 @@
 """The package's layers: no import circle, no import from a lower layer back up, and the light
-layer imports without torch.
+layers (the config, the study spec, the reports) import without torch.
 
 Imports are read from the source with ``ast``, function-local ones included, so a lazy import
 cannot hide a circle. Only ``if TYPE_CHECKING:`` blocks are skipped: they never run (they are how
@@ -24,11 +24,12 @@ PACKAGE = ROOT / "ptmdd_ray"
 # Names are top-level modules of ptmdd_ray; a package (config) is one entry, its submodules included.
 LAYERS: list[tuple[str, list[str]]] = [
     ("light: no torch", ["__init__", "errors", "archs", "sources", "config", "search", "s3", "proc"]),
+    ("study specs and reports: no torch", ["study_spec", "report"]),
     ("torch building blocks and storage", ["augment", "losses", "models", "compiled", "store", "artifacts"]),
     ("tensors and training", ["data", "train", "synthetic"]),
     ("distillation, the PTM pool, evaluation", ["methods", "pool", "evaluate", "baseline"]),
     ("jobs and services", ["pipeline", "service", "tracking"]),
-    ("studies and reports", ["study_spec", "report", "study"]),
+    ("studies", ["study"]),
     ("command line", ["cli"]),
 ]
 
@@ -167,11 +168,41 @@ def test_the_graph_sees_function_local_and_package_imports():
     assert "ptmdd_ray.config" not in edges["ptmdd_ray.sources"]  # an annotation-only import
 
 
-def test_the_light_layer_imports_without_torch():
-    light = [f"ptmdd_ray.{m}" if m != "__init__" else "ptmdd_ray" for m in LAYERS[0][1]]
+def test_the_light_layers_import_without_torch():
+    light = [f"ptmdd_ray.{m}" if m != "__init__" else "ptmdd_ray" for _, names in LAYERS[:2] for m in names]
     code = (f"import sys\nimport {', '.join(light)}\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ray'))\n"
             "assert not heavy, heavy[:5]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_following_the_config_through_run_distill_takes_at_most_25_moves(tmp_path):
+    """Issue 15's yardstick, measured on a real run by bench/reading_path.py: the reader who follows
+    the config from run_distill changes file at most ~25 times (down and back up)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reading_path
+    from ptmdd_ray.config import build_config
+    from ptmdd_ray.pipeline import run_distill
+
+    cfg = build_config({**reading_path.TINY, "store": str(tmp_path / "store")})
+    tree = reading_path.call_tree(run_distill, cfg, tmp_path / "out", progress=False)
+    path, moves, back = reading_path.walk(tree)
+    read = {name for _, name in reading_path.functions(tree)}
+    assert {"run_distill", "resolve_pool", "distill", "evaluate_against_baseline", "write_outputs"} <= read
+    assert "CheckpointStore.save" not in read  # the store's internals are not on the config's path
+    assert moves <= 25, " -> ".join(path)
+    assert back == moves // 2  # every move down comes back up: the reader ends where it started
+
+
+def test_the_reading_path_counts_moves_down_and_back_up():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from reading_path import walk
+
+    leaf = lambda f, n: (f, n, [])  # noqa: E731
+    tree = ("a.py", "main", [leaf("a.py", "helper"), ("b.py", "load", [leaf("c.py", "read"), leaf("b.py", "check")]),
+                             leaf("b.py", "save")])
+    path, moves, back = walk(tree)
+    assert path == ["a.py", "b.py", "c.py", "b.py", "a.py", "b.py", "a.py"]
+    assert (moves, back) == (6, 3)

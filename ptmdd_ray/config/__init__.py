@@ -26,7 +26,8 @@ from ._methods import (COMPILE_AUTO_ITERATIONS, DSA_OPS, DSA_STRATEGY, METHOD_DE
 from ._parse import PATH_PREFIXES, anchor_paths, build_config, load_config, load_yaml, parse_override, set_dotted
 from ._schema import describe, flatten, from_dict, json_schema, to_dict
 from ._sections import (INITS, METHODS, PRECISIONS, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
-                        PoolConfig, PretrainConfig, setting, source_dataset, uses_ptms, weight_for)
+                        PoolConfig, PretrainConfig, eval_split, setting, source_dataset, uses_ptms,
+                        weight_for)
 
 __all__ = [
     # the config and its sections
@@ -40,7 +41,7 @@ __all__ = [
     # dotted names and the readable schema
     "from_dict", "to_dict", "flatten", "describe", "json_schema",
     # reading a resolved config
-    "weight_for", "uses_ptms", "source_dataset",
+    "weight_for", "uses_ptms", "source_dataset", "eval_split",
     # vocabulary and published defaults
     "METHODS", "INITS", "DOMAINS", "PRECISIONS", "METHOD_DEFAULTS", "COMPILE_AUTO_ITERATIONS",
     "DSA_STRATEGY", "DSA_OPS", "check_strategy", "loops_for_ipc", "PUBLISHED_LOOPS",

@@ -188,6 +188,13 @@ def uses_ptms(cfg: Config) -> bool:
     return any(weight_for(cfg.loss.clom or 0.0, a) > 0 or weight_for(cfg.loss.cclom, a) > 0 for a in cfg.pool.archs)
 
 
+def eval_split(cfg: Config) -> str:
+    """The split a run's evaluations along the way (``eval.every``, what a scheduler prunes on) are
+    scored on: validation where ``dataset.val_per_class`` holds one out, else test (then they are a
+    curve to look at, and a study refuses to prune or search on them)."""
+    return "val" if cfg.dataset.val_per_class > 0 else "test"
+
+
 def source_dataset(cfg: Config) -> DatasetConfig:
     """The dataset the pool's PTMs are trained on. A bare name (like a mapping, see
     :func:`~ptmdd_ray.config.build_config`) inherits the target's image size, root, cache and subset
