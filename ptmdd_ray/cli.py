@@ -92,9 +92,9 @@ def _config(args):
 
 
 def cmd_distill(args) -> int:
+    cfg = _config(args)  # validated before torch is imported: a bad config is answered at once
     from .pipeline import run_distill
 
-    cfg = _config(args)
     result = run_distill(cfg, args.out, progress=not args.quiet)
     print(summary_table(result))
     print(f"wrote {Path(args.out) / 'result.json'}, synthetic.parquet, synthetic.png")
@@ -102,13 +102,13 @@ def cmd_distill(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pipeline import run_pretrain
-
     cfg = _config(args)
     if not cfg.pool.archs:
         from .config import ConfigError
 
         raise ConfigError("pool.archs: empty, nothing to pretrain")
+    from .pipeline import run_pretrain
+
     pool = run_pretrain(cfg, progress=not args.quiet)
     for row in pool.manifest():
         train = "" if row["train_accuracy"] is None else f"  train acc {100 * row['train_accuracy']:.2f}%"
@@ -133,16 +133,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import run_study
     from .study_spec import load_study
-    from .tracking import redact
 
-    study = load_study(args.study, args.set)
+    study = load_study(args.study, args.set)  # checked before torch, Ray and MLflow are imported
     trials = getattr(args, "trials", 0)
     if trials and not study.spec.search:
         from .config import ConfigError
 
         raise ConfigError("search: the study file has no search space")
+    from .study import run_study
+    from .tracking import redact
+
     summary = run_study(study, address=args.address, mlflow_uri=args.mlflow_uri, store=args.store,
                         results=args.results, resume=getattr(args, "resume", False), search_trials=trials,
                         optuna_storage=getattr(args, "optuna_storage", None), prune=getattr(args, "prune", False),
@@ -403,9 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "botocore"):  # botocore says where it found credentials at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .config import ConfigError
-    from .methods import DivergenceError
-    from .store import IntegrityError, StoreError
+    from .errors import ConfigError, DivergenceError, IntegrityError, StoreError
 
     try:
         return args.func(args)

@@ -14,6 +14,7 @@ deterministic in itself, which is what a resumed run relies on.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -45,14 +46,21 @@ def _functional(call: _Call, state: dict[str, torch.Tensor], x: torch.Tensor) ->
     return torch.func.functional_call(call, state, (x,))
 
 
-_compiled = torch.compile(_functional, dynamic=False)
-# Graphs per call: architecture x method x grad mode x input shape and layout (the real chunks, the
-# synthetic set, a PTM's forward and embedding): past dynamo's default of 8 it would fall back to
-# eager without a word.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-# Compile in this process: a pool of compile workers would outlive the compilation and compete with
-# the run for the CPU its trial was given (1 core by default).
-torch._inductor.config.compile_threads = 1
+@functools.cache
+def _compiled_functional() -> Callable:
+    """``_functional`` through ``torch.compile``, set up on first use: importing dynamo and inductor
+    takes a second, which a process that never compiles (the CLI answering a bad config, an eager
+    run) does not pay."""
+    # Graphs per call: architecture x method x grad mode x input shape and layout (the real chunks,
+    # the synthetic set, a PTM's forward and embedding): past dynamo's default of 8 it would fall
+    # back to eager without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Compile in this process: a pool of compile workers would outlive the compilation and compete
+    # with the run for the CPU its trial was given (1 core by default).
+    torch._inductor.config.compile_threads = 1
+    return torch.compile(_functional, dynamic=False)
+
+
 # One _Call per architecture and method, so that a later run in this process (a benchmark's
 # blocks, a reused worker) finds its graphs compiled: the compiled graphs are guarded on it.
 _CALLS: dict[tuple[str, str, bool], _Call] = {}
@@ -66,7 +74,7 @@ class CompiledCall:
     def __init__(self, template: nn.Module, method: str = "embed"):
         self.method = method
         self.arch = repr(template)
-        self._fn: Callable | None = _compiled
+        self._fn: Callable | None = _compiled_functional()
 
     def _call_for(self, net: nn.Module) -> _Call:
         """The template of ``net``'s architecture *and mode* (train/eval: dropout, norms differ)."""

@@ -25,15 +25,12 @@ from . import augment, losses
 from .compiled import CompiledCall
 from .config import DistillConfig
 from .data import ImageData
+from .errors import DivergenceError  # noqa: F401  (raised here; importable from here)
 from .models import embed_chunked, has_batchnorm
 from .synthetic import RealSampler, init_synthetic
 from .train import new_model, train_classifier
 
 log = logging.getLogger(__name__)
-
-class DivergenceError(RuntimeError):
-    """The distillation loss became NaN or infinite (e.g. a learning rate far too large)."""
-
 
 @dataclass
 class DistillState:

@@ -33,20 +33,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .errors import IntegrityError, StoreError  # noqa: F401  (raised here; importable from here)
 from .s3 import DEFAULT_LEASE_TTL_S, S3Lease, S3Location, S3SetupError, check_conditional_writes
 
 log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _WARNED_UNLOCKED: set[str] = set()
-
-
-class IntegrityError(RuntimeError):
-    """A checkpoint's bytes do not match its recorded sha256 (truncated, altered or replaced)."""
-
-
-class StoreError(RuntimeError):
-    """The store cannot be read or written (bad URI, permissions, disk full)."""
 
 
 @dataclass(frozen=True)
