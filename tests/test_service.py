@@ -120,15 +120,6 @@ def test_a_replaced_checkpoint_is_not_served_from_the_actors_cache(local_ray, tm
     ray.kill(actor)
 
 
-def test_fifty_concurrent_pool_requests_are_served(local_ray, tmp_path):
-    cfg = _cfg(tmp_path, seeds=2)
-    specs = pool_specs(cfg)
-    results = ray.get([_trial_like.remote(cfg.store, specs[i % 2], 1, [1]) for i in range(50)])
-    assert sum(r[0] for r in results) == 2
-    assert CheckpointStore(cfg.store).stats()["trainings"] == 2
-    ray.kill(get_store_actor(cfg.store))
-
-
 def test_a_request_in_flight_when_the_actor_dies_is_retried_and_completes(local_ray, tmp_path):
     """Kill the actor while requests are in flight: Ray restarts it and retries the calls
     (max_task_retries); nothing is trained twice."""
