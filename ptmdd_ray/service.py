@@ -94,6 +94,10 @@ class StoreActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        """The serving process (a restarted actor has a new one)."""
+        return os.getpid()
+
     def stats(self) -> dict:
         return {**self.store.stats(), "served": len(self.served)}
 
@@ -114,11 +118,19 @@ class RayRepository(PTMRepository):
         self.actor = get_store_actor(uri)
 
     def stored(self, key: str) -> Checkpoint | None:
+        """The checkpoint ``key`` through the actor (weights from the object store), or None if the
+        store lacks it. The weights' object belongs to the actor: if the actor died (and restarted)
+        after answering, the object is lost with it, and the checkpoint is read from the store
+        itself, verified, as a local run would (the actor is a cache, never the only copy)."""
         got = ray.get(self.actor.fetch.remote(key))
         if got is None:
             return None
         meta, ref = got
-        arrays = ray.get(ref)
+        try:
+            arrays = ray.get(ref)
+        except ray.exceptions.ObjectLostError:  # OwnerDiedError included: the actor died meanwhile
+            log.warning("the store actor died after serving %s; reading it from the store", key)
+            return load_checked(self.store, key)  # the actor counted the hit already
         with warnings.catch_warnings():  # object-store buffers are read-only; load_state_dict copies
             warnings.simplefilter("ignore", UserWarning)
             tensors = {k: torch.from_numpy(np.asarray(a)) for k, a in arrays.items()}
