@@ -204,9 +204,6 @@ def _fit(study: Study, plan: StudyPlan, ctx: TrialContext, stages: dict[str, flo
     # progress reports (iteration, loss) come between the scored ones: Tune must not demand the
     # metric in each (ASHA and the Optuna searcher skip reports without it)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # every second checkpoint of a trial forces a snapshot of the experiment (CheckpointConfig's
-    # num_to_keep); short trials checkpoint often, and Tune would warn each time
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     searcher, param_space, num_samples = _searcher(study, plan, ctx)
     try:
         tuner = _tuner(study, plan, trainable, searcher, param_space, num_samples)
@@ -217,7 +214,31 @@ def _fit(study: Study, plan: StudyPlan, ctx: TrialContext, stages: dict[str, flo
     except BaseException:
         _close(tracking, plan.mlflow_uri, ctx.parent, "FAILED", plan.results, plan.exp_path)
         raise
+    _keep_last_checkpoints(grid)
     return grid
+
+
+def _keep_last_checkpoints(grid) -> None:
+    """Delete every trial's checkpoints but its last, once the study is over.
+
+    Tune keeps them all while the study runs (``CheckpointConfig(num_to_keep=None)``). Tune's own
+    pruning deletes an old checkpoint the moment a newer one registers, but the experiment's
+    snapshot on storage names the latest checkpoint as of its last upload: a driver killed in
+    between leaves a snapshot naming a deleted checkpoint, and the resumed study fails with "Could
+    not recover from checkpoint as it does not exist on storage anymore" (seen on S3, where the
+    upload takes longest). After ``fit`` returns, the final snapshot is on storage, names each
+    trial's last checkpoint, and a finished study never restores the older ones."""
+    import pyarrow.fs as pafs
+
+    for result in grid:
+        if result.checkpoint is None:
+            continue
+        last = result.checkpoint.path.rstrip("/")
+        fs = result.filesystem
+        for info in fs.get_file_info(pafs.FileSelector(result.path, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                    and info.path.rstrip("/") != last:
+                fs.delete_dir(info.path)
 
 
 def _searcher(study: Study, plan: StudyPlan, ctx: TrialContext) -> tuple[Any, dict[str, Any], int]:
@@ -260,7 +281,7 @@ def _tuner(study: Study, plan: StudyPlan, trainable, searcher, param_space: dict
                                     reuse_actors=plan.reuse_actors),
         run_config=tune.RunConfig(name=plan.exp_name, storage_path=plan.results,
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                                   verbose=0 if plan.quiet else 1))
 
 

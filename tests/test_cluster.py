@@ -137,6 +137,12 @@ def test_a_submitted_study_runs_on_both_workers_with_the_store_and_tune_in_the_b
 
     assert _store_stats(env, "ptm_store")["trainings"] == 1  # one PTM, trained once for 2 trials that use it
     assert any(k.startswith("studies/cluster/") for k in _keys(env, "studies/"))  # Tune's experiment
+    checkpoints = {}  # trial -> its checkpoint folders left in the bucket: the last one only
+    for key in _keys(env, "studies/cluster/"):
+        parts = key.split("/")
+        if len(parts) > 4 and parts[3].startswith("checkpoint_"):
+            checkpoints.setdefault(parts[2], set()).add(parts[3])
+    assert len(checkpoints) == 4 and all(len(c) == 1 for c in checkpoints.values()), checkpoints
     assert any(k.endswith("synthetic.parquet") for k in _keys(env, "mlflow/"))  # MLflow artifacts
     assert any(k.startswith("ptm_store/ptm/") and k.endswith(".safetensors") for k in _keys(env, "ptm_store/"))
 

@@ -86,6 +86,8 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning", stdout)
     assert (results / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()  # artifacts beside the db
     assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1  # one PTM, shared by the pool trial
+    trial_dirs = list((results / "tiny").glob("trial_*"))  # each keeps its last checkpoint only, once over
+    assert len(trial_dirs) == 2 and all(len(list(d.glob("checkpoint_*"))) == 1 for d in trial_dirs)
 
     client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tiny")
