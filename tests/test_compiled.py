@@ -7,7 +7,7 @@ from ptmdd_ray.train import new_model
 
 
 def test_one_compiled_call_serves_fresh_networks_and_matches_eager():
-    x = torch.randn(6, 1, 8, 8)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     nets = [new_model("ConvNetW32", (1, 10, 8), seed=s) for s in (0, 1)]
     call = CompiledCall(nets[0], "embed")
     with torch.no_grad():
@@ -19,7 +19,9 @@ def test_one_compiled_call_serves_fresh_networks_and_matches_eager():
     call(nets[1], xs).sum().backward()
     xe = x.clone().requires_grad_(True)
     nets[1].embed(xe).sum().backward()
-    assert torch.allclose(xs.grad, xe.grad, rtol=1e-4, atol=1e-6)
+    # equal up to float rounding (a different summation order): ~1e-7 of the gradient's scale; a
+    # wrong graph would be off by its whole scale
+    torch.testing.assert_close(xs.grad, xe.grad, rtol=1e-4, atol=1e-5 * float(xe.grad.abs().max()))
 
 
 def test_batchnorm_in_training_mode_stays_eager():
