@@ -38,10 +38,10 @@ TINY = {"dataset": {"name": "digits", "im_size": 8, "val_per_class": 10}, "model
 @functools.lru_cache(maxsize=None)
 def _package_file(filename: str) -> str | None:
     """A code object's file relative to the package, or None outside it."""
-    path = Path(filename)
-    if not path.is_absolute() or PACKAGE not in path.resolve().parents:
+    if not Path(filename).is_absolute():  # <string>, <frozen ...>: not a file of ours
         return None
-    return str(path.resolve().relative_to(PACKAGE))
+    path = Path(filename).resolve()
+    return str(path.relative_to(PACKAGE)) if PACKAGE in path.parents else None
 
 
 def _where(frame) -> tuple[str, str] | None:
