@@ -139,13 +139,16 @@ def params_of(cfg: Config) -> dict[str, str]:
 
 def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     """A run's MLflow metrics: ``acc.*`` on test, ``val.acc.*`` on the validation split (what every
-    choice reads), ``baseline.random.*`` / ``val.baseline.random.*`` for the random-real subset."""
+    choice reads), ``baseline.random.*`` / ``val.baseline.random.*`` for the random-real subset;
+    ``acc.<arch>.run<i>`` is evaluation model i's own score (the per-trial rows keep them all)."""
     m: dict[str, float] = {}
     for prefix, acc_key, base_key in (("", "accuracy", "baseline_random"),
                                       ("val.", "val_accuracy", "baseline_random_val")):
         acc = result.get(acc_key) or {}
         for arch, s in acc.items():
             m[f"{prefix}acc.{arch}.mean"], m[f"{prefix}acc.{arch}.std"] = s["mean"], s["std"]
+            for i, a in enumerate(s.get("runs", [])):  # each evaluation model: the raw rows keep them
+                m[f"{prefix}acc.{arch}.run{i}"] = a
         if acc:
             m[f"{prefix}acc.mean"] = sum(s["mean"] for s in acc.values()) / len(acc)
         base = result.get(base_key) or {}

@@ -51,11 +51,12 @@ def test_reopen_continues_the_parent_and_close_leaves_nothing_running(uri):
 
 
 def test_metrics_of_flattens_a_result():
-    result = {"accuracy": {"A": {"mean": 0.6, "std": 0.1}, "B": {"mean": 0.8, "std": 0.0}},
+    result = {"accuracy": {"A": {"mean": 0.6, "std": 0.1, "runs": [0.5, 0.7]}, "B": {"mean": 0.8, "std": 0.0}},
               "baseline_random": {"A": {"mean": 0.5, "std": 0.0}},
               "timing": {"seconds_per_iteration": 0.1, "distill_seconds": 1.0, "eval_seconds": 2.0}}
     m = tracking.metrics_of(result)
     assert m["acc.mean"] == pytest.approx(0.7) and m["acc.A.std"] == 0.1
+    assert (m["acc.A.run0"], m["acc.A.run1"]) == (0.5, 0.7) and "acc.B.run0" not in m  # each evaluation model
     assert m["baseline.random.mean"] == 0.5 and m["distill.seconds_per_iteration"] == 0.1
     assert m["baseline.random.cached"] == 0.0  # evaluated by this run
     cached = tracking.metrics_of({**result, "timing": {**result["timing"], "baseline_cached": True}})
