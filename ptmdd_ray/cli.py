@@ -4,7 +4,8 @@
     ptmdd pretrain [CONFIG.yaml] [--set key=value ...]
     ptmdd evaluate SYNTHETIC.parquet [--config CONFIG.yaml] [--set key=value ...] [--out FILE]
     ptmdd store ls|stats|gc [--store URI] [--json]
-    ptmdd report STUDY [--mlflow-uri URI] [--results R] [--sync] --out DIR
+    ptmdd report STUDY [--mlflow-uri URI] [--results R] [--sync] --out DIR   (or: --from ROWS.parquet --out DIR)
+    ptmdd rows STUDY [--mlflow-uri URI] [--results R] --out ROWS.parquet
     ptmdd study STUDY.yaml [--set key=value ...] [--address A] [--mlflow-uri U] [--store S] [--results R] [--resume]
     ptmdd search STUDY.yaml --trials N [--prune] [--optuna-storage URL] [--address A] [--mlflow-uri U] [--store S]
     ptmdd config [--method dc|dsa|dm] [--json]
@@ -189,7 +190,8 @@ def verdict_lines(summary: dict, study: str) -> str:
         found = findings(summary["tracking_uri"], study, summary["parent_run_id"])
     except Exception as e:  # noqa: BLE001 - MLflow away: the report can be made later
         return f"claims: not read back ({type(e).__name__})"
-    return "\n".join(f"claim: {f['claim']}: {f['verdict']} (n={f['test']['n'] if f['test'] else len(f['acc'])})"
+    return "\n".join(f"claim: {f['claim']}: {f['verdict']} (n={f['test']['n'] if f['test'] else len(f['acc'])}"
+                     + (f", p={f['test']['p']:.3g}, Holm over {f['family']}: {f['p_holm']:.3g})" if f["test"] else ")")
                      for f in found)
 
 
@@ -206,22 +208,48 @@ def ui_lines(summary: dict) -> str:
 
 def cmd_report(args) -> int:
     from .report import write_report
+
+    if args.from_file:
+        md = write_report(None, "", args.out, rows_file=args.from_file)
+        print(f"wrote {md} (and plots beside it) from {args.from_file}")
+        return 0
+    uri, name = _study_source(args)
+    md = write_report(uri, name, args.out, run_id=args.run_id, kind=args.kind)
+    print(f"wrote {md} (and plots beside it); logged to the study's parent run")
+    return 0
+
+
+def cmd_rows(args) -> int:
+    from .rows import from_mlflow, write_rows
+
+    uri, name = _study_source(args)
+    run = from_mlflow(uri, name, args.run_id, args.kind)
+    path = write_rows(run, args.out)
+    print(f"wrote {len(run.rows)} trial rows of {name} (parent run {run.run_id}) to {path}")
+    return 0
+
+
+def _study_source(args) -> tuple[str, str]:
+    """(tracking URI, study name) of ``report``/``rows``: the study named or read from its YAML,
+    in ``--mlflow-uri`` or the results directory's SQLite; ``--sync`` first logs what a study
+    could not while MLflow was away."""
+    from .config import ConfigError
     from .tracking import default_tracking_uri
 
     name = args.study
+    if not name:
+        raise ConfigError("study: name the study (or its YAML), or give --from FILE")
     if name.endswith((".yaml", ".yml")):
         from .study_spec import load_study
 
         name = load_study(name).spec.name
     uri = args.mlflow_uri or default_tracking_uri(args.results)
-    if args.sync:
+    if getattr(args, "sync", False):
         from .tracking import check_reachable, sync_pending
 
         check_reachable(uri)
         print(f"synced {sync_pending(uri, Path(args.results).resolve())} trial run(s) logged while MLflow was away")
-    md = write_report(uri, name, args.out, run_id=args.run_id, kind=args.kind)
-    print(f"wrote {md} (and plots beside it); logged to the study's parent run")
-    return 0
+    return uri, name
 
 
 def _shown(value) -> str:
@@ -366,18 +394,30 @@ def _add_study_commands(sub) -> None:
 
 
 def _add_report_command(sub) -> None:
-    r = _command(sub, "report", "tables and plots of a study's runs, read back from MLflow",
+    r = _command(sub, "report", "tables and plots of a study's runs, read back from MLflow or a rows file",
                  "ptmdd report quickstart --out runs/report", cmd_report)
-    r.add_argument("study", help="study name (the MLflow experiment) or study YAML")
-    r.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
-    r.add_argument("--results", default="runs/studies", help="results directory of the study")
+    _study_source_args(r)
     r.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
-    r.add_argument("--kind", choices=["study", "search"], default="study", help="report the latest run of "
-                   "`ptmdd study` (default) or of `ptmdd search` (its trials ranked by the search metric)")
-    r.add_argument("--run-id", help="report this parent run instead of the latest one")
+    r.add_argument("--from", dest="from_file", metavar="FILE", help="read the trials from a rows file "
+                   "(`ptmdd rows`, e.g. bench/repro/rows/*.parquet) instead of MLflow; nothing is logged")
     r.add_argument("--sync", action="store_true", help="first log the trials that finished while the MLflow "
                    "server was unreachable (from their result.json under --results)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    w = _command(sub, "rows", "write a study's per-trial rows (grid point, seed, accuracies per evaluation model, "
+                 "baseline, timings, commit) to one Parquet file", "ptmdd rows quickstart --out quickstart.parquet",
+                 cmd_rows)
+    _study_source_args(w)
+    w.add_argument("--out", required=True, help="the Parquet file to write (replaced whole)")
+    w.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _study_source_args(sp) -> None:
+    sp.add_argument("study", nargs="?", help="study name (the MLflow experiment) or study YAML")
+    sp.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in --results)")
+    sp.add_argument("--results", default="runs/studies", help="results directory of the study")
+    sp.add_argument("--kind", choices=["study", "search"], default="study", help="the latest run of "
+                    "`ptmdd study` (default) or of `ptmdd search` (its trials ranked by the search metric)")
+    sp.add_argument("--run-id", help="this parent run instead of the latest one")
 
 
 def _add_store_and_config_commands(sub) -> None:

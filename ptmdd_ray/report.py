@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .rows import StudyRun, from_mlflow, read_rows
+from .stats import ALPHA, holm, paired, t_interval, verdict
 from .study_spec import BEST, label, matches, metric_split, run_name
 
 
@@ -32,66 +34,7 @@ def pm(values: list[float]) -> str:
     return pm_of(statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def find_parent(client, study: str, run_id: str | None = None, kind: str = "study"):
-    """The parent run a report is about: ``run_id`` if given, else the latest parent run of
-    ``kind`` (``study``: a grid; ``search``: an Optuna search) in the study's experiment."""
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        raise ConfigError(f"study: no MLflow experiment named {study!r}")
-    if run_id is not None:
-        try:
-            parent = client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - MLflow's RESOURCE_DOES_NOT_EXIST
-            raise ConfigError(f"run-id: no run {run_id!r}") from None
-        if parent.info.experiment_id != exp.experiment_id or parent.data.tags.get("ptmdd.role") != "study":
-            raise ConfigError(f"run-id: {run_id} is not a parent run of study {study!r}")
-        return parent
-    parents = client.search_runs([exp.experiment_id], "tags.`ptmdd.role` = 'study'",
-                                 order_by=["attributes.start_time DESC"], max_results=1000)
-    # runs from before the kind tag are studies
-    parents = [p for p in parents if p.data.tags.get("ptmdd.kind", "study") == kind]
-    if not parents:
-        raise ConfigError(f"study: experiment {study!r} has no {kind} run" + (
-            " (a search's report: --kind search)" if kind == "study" else ""))
-    return parents[0]
-
-
-def collect(tracking_uri: str, study: str, run_id: str | None = None,
-            kind: str = "study") -> tuple[Any, list[str], list[dict[str, Any]]]:
-    """(parent run, swept keys, rows) of the study's most recent invocation of ``kind`` (or of
-    ``run_id``); a row per FINISHED trial with the labels of its swept values (from the
-    ``ptmdd.point`` tag: the overrides as given, so a mapping-valued key such as ``pool.source``
-    is one value, not many params)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    parent = find_parent(client, study, run_id, kind)
-    exp = client.get_experiment(parent.info.experiment_id)
-    swept = [k for k in parent.data.tags.get("ptmdd.swept", "").split(",") if k]
-    children = client.search_runs([exp.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
-                                  "attributes.status = 'FINISHED'", max_results=10000)
-    rows = []
-    for c in children:
-        point = json.loads(c.data.tags.get("ptmdd.point", "{}"))
-        values = {k: label(point[k]) if k in point else c.data.params.get(k, "-") for k in swept}
-        rows.append({"values": values, "params": c.data.params, "metrics": c.data.metrics, "point": point,
-                     "sample": c.data.tags.get("ptmdd.sample", "0")})
-    return parent, swept, rows
-
-
 # ------------------------------------------------------------------ statistics
-
-
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Student-t confidence interval of the mean (None for fewer than 2 values)."""
-    from scipy import stats
-
-    if len(values) < 2:
-        return None
-    m, s = statistics.fmean(values), statistics.stdev(values)
-    h = stats.t.ppf(0.5 + level / 2, len(values) - 1) * s / len(values) ** 0.5
-    return m - h, m + h
 
 
 def _vs_plain(group, mine: dict[str, float], plain: dict[str, float], control: dict | None) -> str:
@@ -100,33 +43,6 @@ def _vs_plain(group, mine: dict[str, float], plain: dict[str, float], control: d
     if control is not None and all(r["point"] == control for r in group.members):
         return "the plain method"
     return _fmt_test(paired(mine, plain)) if plain else "-"
-
-
-def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
-    """Paired comparison of a vs b over the samples (seeds) both have: mean difference, its 95%
-    interval and the two-sided paired t-test p-value. None with fewer than 2 pairs."""
-    from scipy import stats
-
-    common = sorted(set(a) & set(b))
-    if len(common) < 2:
-        return None
-    d = [a[k] - b[k] for k in common]
-    mean = statistics.fmean(d)
-    sd = statistics.stdev(d)
-    if sd == 0:
-        p = 0.0 if mean != 0 else 1.0
-    else:
-        p = float(2 * stats.t.sf(abs(mean / (sd / len(d) ** 0.5)), len(d) - 1))
-    return {"n": len(d), "diff": mean, "ci": t_interval(d), "p": p}
-
-
-def verdict(test: dict[str, Any] | None, alpha: float = 0.05) -> str:
-    """holds (significantly better), does not hold (significantly worse) or inconclusive."""
-    if test is None:
-        return "inconclusive (fewer than 2 paired samples)"
-    if test["p"] < alpha:
-        return "holds" if test["diff"] > 0 else "does not hold (the opposite is significant)"
-    return "inconclusive at this scale"
 
 
 def per_sample(rows: list[dict[str, Any]], metric: str = "acc.mean") -> dict[str, float]:
@@ -167,12 +83,14 @@ def choose(selector: dict[str, Any], rows: list[dict[str, Any]], metric: str,
     return {**fixed, **json.loads(best)}
 
 
-def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def claim_results(parent: StudyRun, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each claim of the study (parent tag ``ptmdd.claims``) tested on the finished trials' test
-    accuracy; a ``best`` in a claim's selector is first chosen on the study's metric."""
-    claims = json.loads(parent.data.tags.get("ptmdd.claims") or "[]")
-    control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
-    metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
+    accuracy; a ``best`` in a claim's selector is first chosen on the study's metric. The claims
+    are the study's family of hypotheses: each gets its raw p and its Holm-adjusted ``p_holm``
+    over the claims with a test, and the verdict reads ``p_holm``."""
+    claims = json.loads(parent.tags.get("ptmdd.claims") or "[]")
+    control = json.loads(parent.tags.get("ptmdd.control") or "null")
+    metric = parent.tags.get("ptmdd.metric") or "acc.mean"
     out = []
     for c in claims:
         picked = {side: isinstance(c[side], dict) and BEST in c[side].values() for side in ("better", "than")}
@@ -188,11 +106,14 @@ def claim_results(parent, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             a, b = per_sample(better), per_sample([r for r in rows if sel is not None and matches(r["point"], sel)
                                                    and (c["than"] != "control" or r["point"] == control)])
             than = "the plain method" if c["than"] == "control" else label(c["than"])
-        test = paired(a, b)
         chosen = f" (best on {metric})"
         out.append({"claim": c["claim"], "better": label(c["better"]) + chosen * picked["better"],
-                    "than": than + chosen * picked["than"], "test": test,
-                    "verdict": verdict(test), "acc": list(a.values()), "base": list(b.values())})
+                    "than": than + chosen * picked["than"], "test": paired(a, b),
+                    "acc": list(a.values()), "base": list(b.values())})
+    adjusted = holm([f["test"]["p"] if f["test"] else None for f in out])
+    tested = sum(p is not None for p in adjusted)
+    for f, p in zip(out, adjusted):
+        f.update(p_holm=p, family=tested, verdict=verdict(f["test"], ALPHA, p))
     return out
 
 
@@ -343,8 +264,8 @@ def _matrix_plot(plt, study: str, axis: str, groups: list[Group], png: Path) -> 
 def selection_lines(parent, rows: list[dict[str, Any]] = ()) -> list[str]:
     """What the study chose on (its metric, with a warning when that was test accuracy) and the
     grid point it chose, with that point's test accuracy: the figure to quote."""
-    metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
-    if parent.data.tags.get("ptmdd.select_on_test") == "true":
+    metric = parent.tags.get("ptmdd.metric") or "acc.mean"
+    if parent.tags.get("ptmdd.select_on_test") == "true":
         lines = [f"**Selected on test accuracy** (`{metric}`, `--select-on-test`): the chosen points' test "
                  "accuracy is optimistically biased; it is not a fair estimate."]
     elif metric_split(metric) == "val":
@@ -385,7 +306,7 @@ def case_lines(cases: list[dict[str, Any]], rows: list[dict[str, Any]], plain: d
 
 def search_lines(parent, rows: list[dict[str, Any]], swept: list[str]) -> list[str]:
     """A search's trials ranked by its metric, best first, and the best trial's values."""
-    metric = parent.data.tags.get("ptmdd.metric") or "acc.mean"
+    metric = parent.tags.get("ptmdd.metric") or "acc.mean"
     ranked = sorted((r for r in rows if metric in r["metrics"]), key=lambda r: -r["metrics"][metric])
     if not ranked:
         return []
@@ -402,34 +323,48 @@ def search_lines(parent, rows: list[dict[str, Any]], swept: list[str]) -> list[s
 
 def findings(tracking_uri: str, study: str, run_id: str | None = None) -> list[dict[str, Any]]:
     """The claims of a study run with their paired tests and verdicts (what ``report.md`` lists)."""
-    parent, _, rows = collect(tracking_uri, study, run_id)
-    return claim_results(parent, rows)
+    run = from_mlflow(tracking_uri, study, run_id)
+    return claim_results(run, run.rows)
 
 
-def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | None = None,
-                 kind: str = "study") -> Path:
+def write_report(tracking_uri: str | None, study: str, out: str | Path, run_id: str | None = None,
+                 kind: str = "study", rows_file: str | Path | None = None) -> Path:
     """``report.md`` and its plots in ``out`` for the study's latest parent run of ``kind`` (or
-    ``run_id``), each also logged to that run under ``report/``."""
+    ``run_id``), each also logged to that run under ``report/``; with ``rows_file``, from that
+    file of per-trial rows (``ptmdd rows``) instead, and logged nowhere."""
+    run = read_rows(rows_file) if rows_file else from_mlflow(tracking_uri, study, run_id, kind)
+    if not run.rows:
+        raise ConfigError(f"study: the latest run of {study!r} has no finished trials" if not rows_file
+                          else f"from: {rows_file} holds no trials")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md, files = _write_files(run, study or run.study, out, rows_file)
+    if not rows_file:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri)
+        for f in [md, *files]:
+            client.log_artifact(run.run_id, str(f), artifact_path="report")
+    return md
+
+
+def _write_files(parent: StudyRun, study: str, out: Path, rows_file: str | Path | None) -> tuple[Path, list[Path]]:
+    """``report.md`` and the PNGs it shows, in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import mlflow
 
-    parent, swept, rows = collect(tracking_uri, study, run_id, kind)
-    if not rows:
-        raise ConfigError(f"study: the latest run of {study!r} has no finished trials")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = _header_lines(study, parent, rows, swept) + findings_lines(claim_results(parent, rows))
-    control = json.loads(parent.data.tags.get("ptmdd.control") or "null")
+    swept, rows = parent.swept, parent.rows
+    lines = _header_lines(study, parent, rows, swept, rows_file) + findings_lines(claim_results(parent, rows))
+    control = json.loads(parent.tags.get("ptmdd.control") or "null")
     plain_rows = [r for r in rows if control is not None and r["point"] == control]
     plain = per_sample(plain_rows)
     lines += arch_lines(swept, rows, plain_rows)
-    if parent.data.tags.get("ptmdd.control_added") == "true":
+    if parent.tags.get("ptmdd.control_added") == "true":
         rows = [r for r in rows if r["point"] != control]
         lines += [f"Plain method ({label(control)}): {pm(list(plain.values()))} over {len(plain)} samples.", ""]
-    cases = json.loads(parent.data.tags.get("ptmdd.cases") or "[]")
+    cases = json.loads(parent.tags.get("ptmdd.cases") or "[]")
     axes = [k for k in swept if not any(k in c for c in cases)]
     if cases and not axes:  # a study of cases alone: one table, a row per case
         lines += case_lines(cases, rows, plain, control)
@@ -441,7 +376,7 @@ def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | N
         _axis_plot(plt, study, axis, groups, png)
         lines += axis_lines(axis, groups, plain, control) + [f"![accuracy vs {axis}]({png.name})", ""]
         files.append(png)
-    key = parent.data.tags.get("ptmdd.matrix") or ""
+    key = parent.tags.get("ptmdd.matrix") or ""
     if key in by_axis:
         png = out / f"matrix_{_safe(key)}.png"
         _matrix_plot(plt, study, key, by_axis[key], png)
@@ -449,34 +384,80 @@ def write_report(tracking_uri: str, study: str, out: str | Path, run_id: str | N
         files.append(png)
     md = out / "report.md"
     md.write_text("\n".join(lines))
-    client = mlflow.MlflowClient(tracking_uri)
-    for f in [md, *files]:
-        client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
-    return md
+    return md, files
 
 
-def _header_lines(study: str, parent, rows: list[dict[str, Any]], swept: list[str]) -> list[str]:
-    """The report's title, how to read its figures, what it chose on and (a search) its ranking."""
-    lines = [f"# Study `{study}`", "", f"MLflow parent run `{parent.info.run_id}`, {len(rows)} finished trials. "
+def _header_lines(study: str, parent: StudyRun, rows: list[dict[str, Any]], swept: list[str],
+                  rows_file: str | Path | None = None) -> list[str]:
+    """The report's title, where its rows come from, how to read its figures, its design (sample
+    size, evaluation against the reference's), what it chose on and (a search) its ranking."""
+    source = f"rows file `{Path(rows_file).name}` (parent run `{parent.run_id}`)" if rows_file else \
+        f"MLflow parent run `{parent.run_id}`"
+    commits = sorted({r.get("commit", "unknown")[:12] for r in rows})
+    lines = [f"# Study `{study}`", "", f"{source}, {len(rows)} finished trials, code at commit "
+             f"{', '.join(f'`{c}`' for c in commits)}. "
              "Accuracy in %, mean ± std over samples (each sample a full distillation with its own seed); "
              "95% t-intervals; differences are paired by sample (same seed) with a two-sided paired t-test.", ""]
-    lines += selection_lines(parent, rows)
-    if parent.data.tags.get("ptmdd.kind") == "search":
+    lines += design_lines(parent, rows) + protocol_lines(rows) + selection_lines(parent, rows)
+    if parent.tags.get("ptmdd.kind") == "search":
         lines += search_lines(parent, rows, swept)
     return lines
 
 
+def design_lines(parent: StudyRun, rows: list[dict[str, Any]]) -> list[str]:
+    """The sample size the study file fixed before it ran, and the points that finished fewer
+    (a study grows in every point or not at all: a point with more samples than the rest says so)."""
+    if parent.tags.get("ptmdd.kind") == "search":
+        return []
+    fixed = parent.tags.get("ptmdd.samples")
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[json.dumps(r["point"], sort_keys=True, default=str)] += 1
+    if not fixed:
+        return [f"Sample size: not recorded by this run; {', '.join(sorted({str(n) for n in counts.values()}))} "
+                "finished samples per point.", ""]
+    line = f"Sample size: {fixed} samples (seeds) per point, fixed in the study file before it ran"
+    off = {k: n for k, n in counts.items() if n != int(fixed)}
+    if not off:
+        return [line + f"; all {len(counts)} points finished all of them.", ""]
+    return [line + "; points with another count (unfinished or failed trials): " + ", ".join(
+        f"{label(json.loads(k)) or 'base'} n={n}" for k, n in sorted(off.items())) + ".", ""]
+
+
+def protocol_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The evaluation the trials used, beside the reference's (``evaluate_synset``: DC 300 epochs,
+    DSA and DM 1000, 5 models per architecture); a shortened one is said to be so."""
+    from .config import METHOD_DEFAULTS, REFERENCE_EVAL_RUNS
+
+    used = sorted({(r["params"].get("distill.method", "?"), r["params"].get("eval.runs", "?"),
+                    r["params"].get("eval.epochs", "?")) for r in rows})
+    lines = []
+    for method, runs, epochs in used:
+        ref = METHOD_DEFAULTS.get(method, {}).get("eval_epochs")
+        if ref is None:
+            continue
+        same = str(runs) == str(REFERENCE_EVAL_RUNS) and str(epochs) == str(ref)
+        lines.append(f"Evaluation ({method.upper()}): {runs} models × {epochs} epochs per architecture; the reference: "
+                     f"{REFERENCE_EVAL_RUNS} × {ref}" + ("." if same else " (shortened here, for CPU scale)."))
+    return lines + [""] if lines else []
+
+
 def findings_lines(found: list[dict[str, Any]]) -> list[str]:
-    """The claims' table (see :func:`claim_results`); nothing when the study makes none."""
+    """The claims' table (see :func:`claim_results`): raw and Holm-adjusted p, the verdict on the
+    adjusted one; nothing when the study makes none."""
     if not found:
         return []
+    family = found[0]["family"]
     lines = ["## Findings", "",
-             "| claim | better | than | n | acc. | than acc. | difference [95% CI], p | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"The study's {len(found)} claims are one family: each p-value is Holm-adjusted over the {family} "
+             f"tested, and a verdict is significant at family level {ALPHA} (adjusted p < {ALPHA}).", "",
+             "| claim | better | than | n | acc. | than acc. | difference [95% CI], p | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for f in found:
         n = f["test"]["n"] if f["test"] else len(f["acc"])
+        adj = f"{f['p_holm']:.3g}" if f["p_holm"] is not None else "-"
         lines.append(f"| {f['claim']} | {f['better']} | {f['than']} | {n} | {pm(f['acc'])} | {pm(f['base'])} | "
-                     f"{_fmt_test(f['test'])} | **{f['verdict']}** |")
+                     f"{_fmt_test(f['test'])} | {adj} | **{f['verdict']}** |")
     return lines + [""]
 
 

@@ -27,6 +27,7 @@ from .artifacts import read_json, write_json
 from .config import Config, ConfigError, eval_split, to_dict
 from .proc import memory_mb, process_start_time, reset_peak_memory
 from .report import write_report
+from .rows import from_mlflow, write_rows
 from .study_spec import Study, StudyConfig, check_selection, metric_split, optuna_space, run_name
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ def _plan(study: Study, address: str | None, mlflow_uri: str | None, store: str 
         optuna_storage=(optuna_storage or f"sqlite:///{Path(local_results or '.') / 'optuna.db'}")
         if search_trials else None,
         search_trials=search_trials, resume=resume, share_data=share_data, prune=prune,
-        on_test=select_on_test and metric_split(spec.metric) == "test" and bool(search_trials or prune),
+        # any test metric chooses on test (a search's best trial, or the best point the parent
+        # run names): said in MLflow and the report, never silently
+        on_test=metric_split(spec.metric) == "test",
         quiet=quiet, reuse_actors=reuse_actors)
 
 
@@ -324,6 +327,7 @@ def _open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_
         "ptmdd.control_added": str(study.control_added).lower(),
         "ptmdd.cases": json.dumps(spec.cases, sort_keys=True, default=str),
         "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims]), "ptmdd.metric": spec.metric,
+        "ptmdd.samples": str(spec.samples),
         **({"ptmdd.select_on_test": "true"} if select_on_test else {})}, artifacts_uri)
     write_json(record, {"run_id": parent, "tracking_uri": tracking.redact(mlflow_uri)})
     # the data set row exists before the trials link to it (the study's data, on its parent)
@@ -419,25 +423,35 @@ def _summarise_parent(tracking, mlflow_uri: str, parent: str, study: Study, rows
             tracking.log_parent_summary(mlflow_uri, parent, metrics, [study_file])
             if metrics["trials.finished"]:
                 write_report(mlflow_uri, spec.name, where, run_id=parent)
+                # the per-trial rows beside the report: what `ptmdd report --from` re-derives it from
+                rows_file = write_rows(from_mlflow(mlflow_uri, spec.name, parent), Path(where, "rows.parquet"))
+                tracking.log_parent_summary(mlflow_uri, parent, {}, [rows_file])
     except Exception as e:  # noqa: BLE001 - the summary is a convenience; the trials are logged
         log.warning("could not log the study's summary to MLflow (%s): %s", type(e).__name__, e)
 
 
 def summary_metrics(spec: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The parent run's metrics: the best finished trial by the study's metric (its metric and its
-    test accuracy), the plain method's and the random-real baseline's mean test accuracy, and the
-    counts of finished, pruned and failed trials. ``rows``: {overrides, metrics, error}."""
+    """The parent run's metrics: the grid point best on the study's metric *averaged over its
+    samples* (a max over single trials would be optimistic: the luckiest seed), with that mean and
+    the point's mean test accuracy; the plain method's and the random-real baseline's mean test
+    accuracy; and the counts of finished, pruned and failed trials. ``rows``: {overrides, metrics, error}."""
     import statistics
 
     done = [r for r in rows if not r["error"] and (r["metrics"] or {}).get("trial.final")]
     out = {"trials.finished": float(len(done)), "trials.failed": float(sum(bool(r["error"]) for r in rows)),
            "trials.pruned": float(len(rows) - len(done) - sum(bool(r["error"]) for r in rows))}
-    scored = [r for r in done if spec.metric in r["metrics"]]
-    if scored:
-        pick = (max if spec.mode == "max" else min)(scored, key=lambda r: r["metrics"][spec.metric])
-        out[f"best.{spec.metric}"] = pick["metrics"][spec.metric]
-        if "acc.mean" in pick["metrics"]:
-            out["best.acc.mean"] = pick["metrics"]["acc.mean"]
+    points: dict[str, list[dict[str, Any]]] = {}
+    for r in done:
+        if spec.metric in r["metrics"]:
+            points.setdefault(json.dumps(r["overrides"], sort_keys=True, default=str), []).append(r["metrics"])
+    if points:
+        mean = {k: statistics.fmean(m[spec.metric] for m in ms) for k, ms in points.items()}
+        best = (max if spec.mode == "max" else min)(mean, key=mean.get)
+        out[f"best.{spec.metric}"] = mean[best]
+        tests = [m["acc.mean"] for m in points[best] if "acc.mean" in m]
+        if tests:
+            out["best.acc.mean"] = statistics.fmean(tests)
+        out["best.n"] = float(len(points[best]))
     for name, members in (("control.acc.mean", [r for r in done if spec.control is not None
                                                 and r["overrides"] == spec.control]),
                           ("baseline.random.mean", done)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ class StudyConfig:
     sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     cases: list[dict[str, Any]] = field(default_factory=list)  # paired overrides, crossed with the grid
     search: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-    metric: str = "acc.mean"
+    metric: str | None = None  # null: val.acc.mean with a validation split, else acc.mean (said to be on test)
     mode: str = "max"
     samples: int = 1
     resources: Resources = field(default_factory=Resources)
@@ -81,7 +81,10 @@ class Study:
 def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     """Parse and validate a study file; every grid point must give a valid core config."""
     spec, base = _parse(Path(path), overrides)
-    known = set(flatten(build_config(copy.deepcopy(base))))
+    first = build_config(copy.deepcopy(base))
+    known = set(flatten(first))
+    if spec.metric is None:  # choose on validation where the data hold one out, never silently on test
+        spec = replace(spec, metric="val.acc.mean" if eval_split(first) == "val" else "acc.mean")
     _check_settings(spec)
     axes = _sweep_axes(spec, known)
     grid, control_added = _expand_grid(spec, axes, known)

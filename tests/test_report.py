@@ -32,25 +32,9 @@ def test_numeric_values_sort_as_numbers():
     assert [g.value for g in tables(["pool.epoch"], rows)["pool.epoch"]] == ["2", "10", "150"]
 
 
-def test_paired_test_and_verdicts():
-    import pytest
-
-    from ptmdd_ray.report import paired, t_interval, verdict
-
-    lo, hi = t_interval([0.5, 0.6, 0.7])
-    assert lo < 0.6 < hi and hi - 0.6 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
-    a = {"0": 0.70, "1": 0.72, "2": 0.71}
-    b = {"0": 0.60, "1": 0.63, "2": 0.61, "3": 0.9}  # sample 3 has no partner: left out
-    t = paired(a, b)
-    assert t["n"] == 3 and t["diff"] == pytest.approx(0.0967, abs=1e-3) and t["p"] < 0.01
-    assert verdict(t) == "holds" and verdict(paired(b, a)).startswith("does not hold")
-    assert verdict(paired({"0": 0.5, "1": 0.7}, {"0": 0.6, "1": 0.6})).startswith("inconclusive")
-    assert paired({"0": 1.0}, {"0": 0.0}) is None and verdict(None).startswith("inconclusive")
-
-
 def test_claims_pair_trials_with_the_control_and_the_random_baseline():
     import json
-    from types import SimpleNamespace
+    from ptmdd_ray.rows import StudyRun
 
     from ptmdd_ray.report import claim_results
 
@@ -65,8 +49,8 @@ def test_claims_pair_trials_with_the_control_and_the_random_baseline():
     claims = [{"claim": "PTMs help", "better": {"pool.seeds": 4}, "than": "control"},
               {"claim": "beats random", "better": {"pool.seeds": 1}, "than": "random"},
               {"claim": "more seeds help", "better": {"pool.seeds": 4}, "than": {"pool.seeds": 1}}]
-    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.claims": json.dumps(claims),
-                                                        "ptmdd.control": json.dumps(control)}))
+    parent = StudyRun('p', {"ptmdd.claims": json.dumps(claims),
+                                                        "ptmdd.control": json.dumps(control)})
     found = {f["claim"]: f for f in claim_results(parent, rows)}
     assert found["PTMs help"]["verdict"] == "holds" and found["PTMs help"]["than"] == "the plain method"
     assert found["beats random"]["verdict"] == "holds"
@@ -101,7 +85,7 @@ def test_a_best_claim_is_chosen_on_validation_and_tested_on_test():
     """``better: {loss.clom: best}``: the weight whose trials score highest on the validation
     metric, whatever the test split says; the claim then pairs that weight's *test* accuracy."""
     import json
-    from types import SimpleNamespace
+    from ptmdd_ray.rows import StudyRun
 
     from ptmdd_ray.report import choose, claim_results
 
@@ -117,15 +101,15 @@ def test_a_best_claim_is_chosen_on_validation_and_tested_on_test():
     # the claim's reference is no candidate: the best weight other than 10 is 100 (0.54 > 0.50)
     assert choose({"loss.clom": "best"}, rows, "val.acc.mean", {"loss.clom": 10.0}) == {"loss.clom": 100.0}
     claims = [{"claim": "CLoM helps", "better": {"loss.clom": "best"}, "than": "control"}]
-    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.claims": json.dumps(claims), "ptmdd.metric":
-                                                        "val.acc.mean", "ptmdd.control": json.dumps({"loss.clom": 0.0})}))
+    parent = StudyRun('p', {"ptmdd.claims": json.dumps(claims), "ptmdd.metric":
+                                                        "val.acc.mean", "ptmdd.control": json.dumps({"loss.clom": 0.0})})
     (found,) = claim_results(parent, rows)
     assert found["better"] == "loss.clom=10.0 (best on val.acc.mean)"
     assert abs(found["test"]["diff"] - 0.10) < 1e-9 and found["verdict"] == "holds"
 
 
 def test_the_report_names_the_point_chosen_on_validation_with_its_test_accuracy():
-    from types import SimpleNamespace
+    from ptmdd_ray.rows import StudyRun
 
     from ptmdd_ray.report import selection_lines
 
@@ -133,10 +117,10 @@ def test_the_report_names_the_point_chosen_on_validation_with_its_test_accuracy(
         return {"point": {"loss.clom": clom}, "metrics": {"acc.mean": test, "val.acc.mean": val}}
 
     rows = [row(10.0, 0.70, 0.60), row(10.0, 0.72, 0.62), row(100.0, 0.90, 0.50)]
-    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.metric": "val.acc.mean"}))
+    parent = StudyRun('p', {"ptmdd.metric": "val.acc.mean"})
     text = "\n".join(selection_lines(parent, rows))
     assert "Best point on `val.acc.mean`: loss.clom=10.0, 61.00 ± 1.00 on it; test accuracy 71.00 ± 1.00" in text
-    parent.data.tags["ptmdd.select_on_test"] = "true"
+    parent.tags["ptmdd.select_on_test"] = "true"
     assert "Selected on test accuracy" in "\n".join(selection_lines(parent, rows))
 
 
@@ -159,7 +143,7 @@ def test_a_cases_study_gets_one_table_with_a_row_per_case_in_order():
 
 
 def test_a_search_report_ranks_its_trials_by_the_search_metric():
-    from types import SimpleNamespace
+    from ptmdd_ray.rows import StudyRun
 
     from ptmdd_ray.report import search_lines
 
@@ -167,30 +151,54 @@ def test_a_search_report_ranks_its_trials_by_the_search_metric():
         return {"params": {"loss.clom": str(clom)}, "metrics": {"val.acc.mean": val, "acc.mean": test}}
 
     rows = [row(3.0, 0.40, 0.45), row(30.0, 0.52, 0.50), row(300.0, 0.47, 0.55)]
-    parent = SimpleNamespace(data=SimpleNamespace(tags={"ptmdd.metric": "val.acc.mean", "ptmdd.kind": "search"}))
+    parent = StudyRun('p', {"ptmdd.metric": "val.acc.mean", "ptmdd.kind": "search"})
     lines = search_lines(parent, rows, ["loss.clom"])
     assert "Best trial (Optuna's best params): `loss.clom` = 30.0; val.acc.mean 52.00, test 50.00." in lines
     ranked = [ln for ln in lines if ln.startswith("| ") and ln[2].isdigit()]
     assert [ln.split(" | ")[1] for ln in ranked] == ["30.0", "300.0", "3.0"]  # by validation, not by test
 
 
-def test_report_takes_the_latest_study_run_unless_told_the_search_or_a_run_id(tmp_path):
-    """A search after a study leaves two parent runs in one experiment: `ptmdd report NAME` means
-    the study (--kind search and --run-id pick the others)."""
-    import mlflow
-    import pytest
+def test_claims_are_one_family_their_verdicts_read_the_holm_adjusted_p():
+    """Three claims: one clear, one at p ~ 0.035 alone, one null. Alone the second holds; as the
+    second smallest of three its p is doubled and it is no longer significant."""
+    import json
 
-    from ptmdd_ray import tracking
-    from ptmdd_ray.config import ConfigError
-    from ptmdd_ray.report import find_parent
+    from ptmdd_ray.report import claim_results, findings_lines
+    from ptmdd_ray.rows import StudyRun
+    from ptmdd_ray.stats import holm
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    study = tracking.start_parent(uri, "s", {"ptmdd.kind": "study"})
-    search = tracking.start_parent(uri, "s", {"ptmdd.kind": "search"})
-    client = mlflow.MlflowClient(uri)
-    assert find_parent(client, "s").info.run_id == study
-    assert find_parent(client, "s", kind="search").info.run_id == search
-    assert find_parent(client, "s", run_id=study).info.run_id == study
-    assert client.get_run(search).info.run_name == "s (search)"
-    with pytest.raises(ConfigError, match="run-id"):
-        find_parent(client, "s", run_id="0" * 32)
+    def row(point, sample, acc):
+        return {"point": point, "sample": str(sample), "values": {}, "metrics": {"acc.mean": acc}}
+
+    control = {"loss.clom": 0.0}
+    rows = [row(control, s, 0.50) for s in range(3)]
+    rows += [row({"loss.clom": 1.0}, s, 0.60 + 0.001 * s) for s in range(3)]  # clear
+    rows += [row({"loss.clom": 2.0}, s, 0.50 + d) for s, d in enumerate((0.01, 0.02, 0.015))]  # p ~ 0.035
+    rows += [row({"loss.clom": 3.0}, s, 0.50 + d) for s, d in enumerate((0.01, -0.01, 0.0))]  # null
+    claims = [{"claim": f"alpha {a} helps", "better": {"loss.clom": a}, "than": "control"} for a in (1.0, 2.0, 3.0)]
+    run = StudyRun("p", {"ptmdd.claims": json.dumps(claims), "ptmdd.control": json.dumps(control)})
+    found = claim_results(run, rows)
+    raw = [f["test"]["p"] for f in found]
+    assert 0.02 < raw[1] < 0.05 and raw[2] > 0.5
+    assert [f["p_holm"] for f in found] == holm(raw) and all(f["family"] == 3 for f in found)
+    assert [f["verdict"] for f in found] == ["holds", "inconclusive at this scale", "inconclusive at this scale"]
+    table = "\n".join(findings_lines(found))
+    assert "Holm-adjusted over the 3 tested" in table and "| p (Holm) |" in table
+    assert f"p={raw[1]:.3g} | {2 * raw[1]:.3g} |" in table  # raw and adjusted side by side
+
+
+def test_the_report_states_its_sample_size_and_the_evaluation_against_the_reference():
+    from ptmdd_ray.report import design_lines, protocol_lines
+    from ptmdd_ray.rows import StudyRun
+
+    def row(point, method, runs, epochs):
+        return {"point": point, "params": {"distill.method": method, "eval.runs": runs, "eval.epochs": epochs}}
+
+    rows = [row({"a": 1}, "dm", "3", "300") for _ in range(5)] + [row({"a": 2}, "dm", "3", "300") for _ in range(4)]
+    text = "\n".join(design_lines(StudyRun("p", {"ptmdd.samples": "5"}), rows))
+    assert "5 samples (seeds) per point, fixed in the study file before it ran" in text and "a=2 n=4" in text
+    assert "all 1 points finished" in "\n".join(design_lines(StudyRun("p", {"ptmdd.samples": "5"}), rows[:5]))
+    assert "3 models × 300 epochs per architecture; the reference: 5 × 1000 (shortened here" in \
+        "\n".join(protocol_lines(rows))
+    assert protocol_lines([row({}, "dc", "5", "300")]) == [
+        "Evaluation (DC): 5 models × 300 epochs per architecture; the reference: 5 × 300.", ""]

@@ -149,11 +149,14 @@ def check_loss(loss: LossConfig, archs: list[str], method: str) -> LossConfig:
 
 
 def check_eval(evaluation: EvalConfig, model: str, method: str) -> EvalConfig:
-    """Known archs (default: the matching model), counts, optimiser settings; ``augment`` per method."""
+    """Known archs (default: the matching model), counts, optimiser settings; ``augment`` and
+    ``epochs`` per method (the reference's evaluation)."""
     archs = evaluation.archs if evaluation.archs is not None else [model]
     check(len(archs) >= 1, "eval.archs", "must name at least one architecture")
     for i, arch in enumerate(archs):
         check_model(arch, f"eval.archs[{i}]")
+    if evaluation.epochs is None:
+        evaluation = replace(evaluation, epochs=METHOD_DEFAULTS[method]["eval_epochs"])
     _at_least(evaluation, "eval", 1, ("runs", "epochs", "batch"))
     _at_least(evaluation, "eval", 0, ("every",), note=" (0: no intermediate evaluation)")
     _rates(evaluation, "eval", ("lr", "momentum", "weight_decay"))

@@ -123,15 +123,17 @@ class PretrainConfig:
 class LossConfig:
     """The paper's PTM losses. ``clom`` (alpha) and ``cclom`` (beta) are a weight or a map
     {arch: weight}. ``clom: None`` means the per-method default (:data:`METHOD_DEFAULTS`) when the
-    pool is non-empty, else 0. ``augmented: false``
-    applies them to the raw synthetic set instead, as the reference code did (an ablation knob)."""
+    pool is non-empty, else 0. By default they see the raw synthetic set, as in the reference code
+    (whose weights are the defaults); ``augmented: true`` gives them the DSA-augmented images the
+    matching term sees (an option, with its own weight scale: BENCHMARKS.md)."""
 
     clom: float | dict[str, float] | None = setting(None,
         "CLoM weight α: number or {arch: weight}; null: the method's published default (0 without pool.archs)")
     cclom: float | dict[str, float] = setting(0.0, "CCLoM weight β: a number or {arch: weight}")
     cclom_batch: int = setting(256, "real images in CCLoM's contrastive batch")
-    augmented: bool = setting(True,
-        "PTM losses on the DSA-augmented images the matching term sees; false: raw images (reference code)")
+    augmented: bool = setting(False,
+        "PTM losses on the DSA-augmented images the matching term sees; false: the raw synthetic images, as the "
+        "reference code (and its published weights) do")
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,9 @@ class EvalConfig:
 
     archs: list[str] | None = setting(None,
         "architectures trained on the synthetic set to evaluate it; null: the matching model")
-    runs: int = setting(3, "fresh models trained per eval arch")
-    epochs: int = setting(300, "training epochs of each evaluation model (lr x0.1 at half)")
+    runs: int = setting(5, "fresh models trained per eval arch (the reference: 5)")
+    epochs: int | None = setting(None,
+        "training epochs of each evaluation model (lr x0.1 at half); null: the reference's (DC 300, DSA and DM 1000)")
     lr: float = setting(0.01, "SGD learning rate of the evaluation models")
     momentum: float = setting(0.9, "SGD momentum of the evaluation models")
     weight_decay: float = setting(5e-4, "weight decay of the evaluation models")
