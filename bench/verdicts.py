@@ -1,6 +1,7 @@
 """REPRODUCTION.md's verdict table, re-derived from the committed per-trial rows.
 
     python bench/verdicts.py [ROWS_DIR]          # default bench/repro/rows: prints the Markdown table
+    python bench/verdicts.py --write             # and puts it into REPRODUCTION.md between its markers
 
 Every ``*.parquet`` under ROWS_DIR is one study's rows (``ptmdd rows``); each claim of each study
 is tested as ``ptmdd report`` tests it (paired by seed, Holm-adjusted over the study's claims), so
@@ -41,5 +42,21 @@ def table(rows_dir: str | Path) -> str:
     return "\n".join(HEADER + verdict_rows(rows_dir))
 
 
+BEGIN, END = "<!-- verdicts:begin (python bench/verdicts.py) -->", "<!-- verdicts:end -->"
+
+
+def write_into(doc: Path, text: str) -> None:
+    """Replace what stands between the verdict markers of ``doc`` with ``text``."""
+    body = doc.read_text()
+    if BEGIN not in body or END not in body:
+        raise SystemExit(f"verdicts: {doc} has no verdict markers")
+    head, rest = body.split(BEGIN, 1)
+    doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "repro" / "rows"))
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    text = table(args[0] if args else Path(__file__).parent / "repro" / "rows")
+    if "--write" in sys.argv:
+        write_into(Path(__file__).resolve().parents[1] / "REPRODUCTION.md", text)
+    print(text)

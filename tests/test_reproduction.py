@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- verdicts:begin (python bench/verdicts.py) -->", "<!-- verdicts:end -->"
+BEGIN, END = "<!-- verdicts:begin (python bench/verdicts.py) -->", "<!-- verdicts:end -->"  # as bench/verdicts.py
 
 
 def test_the_verdict_table_is_re_derived_from_the_committed_rows():
@@ -30,3 +30,20 @@ def test_every_rows_file_names_a_study_file_and_its_commit():
         assert (ROOT / "bench" / "repro" / "studies" / f"{path.stem}.yaml").exists(), path
         assert run.study == path.stem and run.rows
         assert all(len(r["commit"]) == 40 for r in run.rows), path  # the code each trial ran
+
+
+def test_verdicts_write_replaces_only_the_marked_block(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verdicts", ROOT / "bench" / "verdicts.py")
+    verdicts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdicts)
+    doc = tmp_path / "R.md"
+    doc.write_text(f"before\n{BEGIN}\nold table\n{END}\nafter\n")
+    verdicts.write_into(doc, "| new |")
+    assert doc.read_text() == f"before\n{BEGIN}\n| new |\n{END}\nafter\n"
+    doc.write_text("no markers")
+    import pytest
+
+    with pytest.raises(SystemExit, match="no verdict markers"):
+        verdicts.write_into(doc, "x")
