@@ -59,6 +59,33 @@ def test_reproduction_study_states_its_design(path, monkeypatch):
             assert cfg.dataset.val_per_class == 200
 
 
+def test_a_point_at_the_default_weight_reads_back_through_rows_and_report(tmp_path):
+    """domain and cross_arch name CLoM at the method's default weight as `loss.clom: null` (so a
+    claim can select that point): the rows file and the report read it, as `default`."""
+    import json
+
+    from ptmdd_ray.report import write_report
+    from ptmdd_ray.rows import StudyRun, write_rows
+
+    claims = [{"claim": "CLoM beats plain DM", "better": {"loss.clom": None}, "than": "control"}]
+    run = StudyRun("p0", {"ptmdd.study": "cross_arch", "ptmdd.kind": "study", "ptmdd.swept": "loss.clom",
+                          "ptmdd.matrix": "", "ptmdd.control": json.dumps({"loss.clom": 0.0}),
+                          "ptmdd.control_added": "false", "ptmdd.cases": "[]", "ptmdd.claims": json.dumps(claims),
+                          "ptmdd.metric": "val.acc.mean", "ptmdd.samples": "3", "ptmdd.role": "study"})
+    for clom, acc in ((0.0, 0.40), (None, 0.45)):
+        for s in range(3):
+            a = acc + 0.01 * s + (0.003 * s if clom is None else 0.0)
+            run.rows.append({"values": {}, "params": {"seed": str(s), "distill.method": "dm", "eval.runs": "3",
+                                                      "eval.epochs": "100"},
+                             "metrics": {"acc.mean": a, "val.acc.mean": a - 0.01, "baseline.random.mean": 0.3,
+                                         "acc.ConvNetW32.mean": a + 0.02, "acc.AlexNet.mean": a - 0.02},
+                             "point": {"loss.clom": clom}, "sample": str(s), "run_id": f"r{s}{clom}", "commit": "c"})
+    md = write_report(None, "", tmp_path / "report", rows_file=write_rows(run, tmp_path / "cross_arch.parquet"))
+    text = Path(md).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| CLoM beats plain DM |"))
+    assert "loss.clom=default" in row and "| 3 |" in row and "**holds**" in row
+    assert "## Per evaluation architecture" in text
+
 def test_reproduce_sh_parses_and_refuses_an_unknown_study(tmp_path):
     script = ROOT / "bench" / "reproduce.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -69,6 +96,39 @@ def test_reproduce_sh_parses_and_refuses_an_unknown_study(tmp_path):
     assert "dc_dsa_digits" in proc.stderr  # it lists the studies there
     assert not (tmp_path / "out").exists()
 
+
+
+def _fake_ptmdd(tmp_path: Path, study_rc: int) -> Path:
+    """A stand-in for `ptmdd` that logs its arguments and exits ``study_rc`` for `study`."""
+    fake = tmp_path / "ptmdd"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls"}\n'
+                    f'[ "$1" = study ] && exit {study_rc}\nexit 0\n')
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("study_rc, rc, rows", [(0, 0, True), (1, 1, True), (2, 2, False)])
+def test_reproduce_sh_runs_study_rows_report_per_file(tmp_path, study_rc, rc, rows):
+    """Each study: `ptmdd study` with the results, store, RESUME and SETS, then its rows and the
+    report from them; failed trials (exit 1) still give rows and a report and exit 1 at the end, a
+    refused study (exit 2) stops there."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "ROWS": str(tmp_path / "rows"), "RESUME": "1",
+           "PTMDD": str(_fake_ptmdd(tmp_path, study_rc)), "SETS": "--set samples=2 --set 'base.pool.archs=[A, B]'"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "reproduce.sh"), "dc_dsa_digits", "epochs.yaml"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == rc, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    out, rows_dir = tmp_path / "out", tmp_path / "rows"
+    assert calls[0] == (f"study bench/repro/studies/dc_dsa_digits.yaml --results {out}/results --store {out}/store "
+                        "--resume --set samples=2 --set base.pool.archs=[A, B]")
+    if not rows:
+        assert len(calls) == 1
+        return
+    assert calls[1:3] == [f"rows dc_dsa_digits --results {out}/results --out {rows_dir}/dc_dsa_digits.parquet",
+                          f"report --from {rows_dir}/dc_dsa_digits.parquet --out {out}/report/dc_dsa_digits"]
+    assert len(calls) == 6 and calls[3].startswith("study bench/repro/studies/epochs.yaml ")
+    if rc:
+        assert "failed trials in: dc_dsa_digits epochs" in proc.stderr
 
 @pytest.mark.slow
 def test_reproduce_sh_runs_a_study_to_its_rows_and_report(tmp_path):
