@@ -88,10 +88,19 @@ def test_off_table_ipc_loops_are_sensible():
 
 # --------------------------------------------------------------------------- loss weights
 
-@pytest.mark.parametrize("method, weight", [("dc", 1000.0), ("dsa", 5000.0), ("dm", 100.0)])
+@pytest.mark.parametrize("method, weight", [("dc", 1000.0), ("dsa", 5000.0), ("dm", 2000.0)])
 def test_clom_default_per_method_with_pool(method, weight):
+    """The authors' weights, on the raw synthetic images as in the reference code."""
     cfg = load_config(None, [f"distill.method={method}", "pool.archs=[ConvNet]"])
-    assert cfg.loss.clom == weight
+    assert cfg.loss.clom == weight and cfg.loss.augmented is False
+
+
+@pytest.mark.parametrize("method, epochs", [("dc", 300), ("dsa", 1000), ("dm", 1000)])
+def test_evaluation_defaults_to_the_reference_protocol(method, epochs):
+    """evaluate_synset's: 5 models, DC 300 epochs, DSA and DM 1000; a set value wins."""
+    e = load_config(None, [f"distill.method={method}"]).eval
+    assert (e.runs, e.epochs) == (5, epochs)
+    assert load_config(None, [f"distill.method={method}", "eval.epochs=7"]).eval.epochs == 7
 
 
 @pytest.mark.parametrize("method", ["dc", "dsa", "dm"])

@@ -103,7 +103,8 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     assert summary["trials.finished"] == 2 and summary["trials.failed"] == 0
     assert {"best.val.acc.mean", "best.acc.mean", "control.acc.mean", "baseline.random.mean"} <= set(summary)
     assert parents[0].data.tags["ptmdd.kind"] == "study"
-    assert {"study.yaml", "report"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"study.yaml", "report", "rows.parquet"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert summary["best.n"] == 1 and parents[0].data.tags["ptmdd.samples"] == "1"
     for r in children:
         (inp,) = r.inputs.dataset_inputs
         assert inp.dataset.name == "digits" and '"val_per_class": 10' in inp.dataset.profile
@@ -530,6 +531,7 @@ def test_choices_are_made_on_validation_unless_the_user_says_otherwise(tmp_path)
     --select-on-test, which tags the parent run (and the report then warns)."""
     from ptmdd_ray import tracking
     from ptmdd_ray.report import selection_lines
+    from ptmdd_ray.rows import StudyRun
     from ptmdd_ray.study import _open_parent
     from ptmdd_ray.study_spec import check_selection
 
@@ -550,4 +552,28 @@ def test_choices_are_made_on_validation_unless_the_user_says_otherwise(tmp_path)
         parent = mlflow.MlflowClient(uri).get_run(run_id)
         assert (parent.data.tags.get("ptmdd.select_on_test") == "true") is flag
         assert parent.data.tags["ptmdd.metric"] == "acc.mean"
-        assert ("Selected on test accuracy" in "".join(selection_lines(parent))) is warned
+        assert ("Selected on test accuracy" in "".join(selection_lines(StudyRun(run_id, parent.data.tags)))) is warned
+
+
+def test_the_best_point_is_best_on_its_mean_over_samples_not_its_luckiest_trial():
+    """Point A has the single best trial (0.9) but the worse mean (0.5); B is best on the mean."""
+    from ptmdd_ray.study import summary_metrics
+    from ptmdd_ray.study_spec import StudyConfig
+
+    def row(clom, val, test):
+        return {"overrides": {"loss.clom": clom}, "error": False,
+                "metrics": {"val.acc.mean": val, "acc.mean": test, "trial.final": 1.0}}
+
+    rows = [row(1.0, 0.9, 0.80), row(1.0, 0.1, 0.20), row(2.0, 0.6, 0.55), row(2.0, 0.6, 0.65)]
+    out = summary_metrics(StudyConfig(metric="val.acc.mean"), rows)
+    assert out["best.val.acc.mean"] == pytest.approx(0.6) and out["best.acc.mean"] == pytest.approx(0.6)
+    assert out["best.n"] == 2 and out["trials.finished"] == 4
+    assert summary_metrics(StudyConfig(metric="val.acc.mean", mode="min"), rows)["best.val.acc.mean"] == \
+        pytest.approx(0.5)
+
+
+def test_a_study_without_a_metric_chooses_on_validation_or_says_it_is_on_test(tmp_path):
+    with_val = {k: v for k, v in STUDY.items() if k != "metric"}
+    assert load_study(_write(tmp_path, with_val)).spec.metric == "val.acc.mean"
+    base = {**STUDY["base"], "dataset": {**STUDY["base"]["dataset"], "val_per_class": 0}}
+    assert load_study(_write(tmp_path, {**with_val, "base": base})).spec.metric == "acc.mean"
