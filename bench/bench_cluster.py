@@ -11,6 +11,7 @@ the same study runs on it through `ptmdd study --address`, and the figures come 
   the data set (one copy per node, whatever the number of trials there), beside the data set's size.
 
     .venv/bin/python bench/bench_cluster.py [--samples 2] [--out runs/bench_cluster]
+        [--iterations 200] [--eval-epochs 50] [--im-size 16] [--grid 0,10,30,100]
 """
 from __future__ import annotations
 
@@ -39,7 +40,16 @@ STUDY = {
 }
 
 
-def run_layout(out: Path, store: Path, workers: int, cpus: int, samples: int) -> dict:
+def study_of(args) -> dict:
+    """STUDY at the command line's size (its defaults: STUDY as it is)."""
+    base = {**STUDY["base"], "dataset": {**STUDY["base"]["dataset"], "im_size": args.im_size},
+            "distill": {**STUDY["base"]["distill"], "iterations": args.iterations},
+            "eval": {**STUDY["base"]["eval"], "epochs": args.eval_epochs}}
+    grid = [float(v) for v in args.grid.split(",") if v.strip()]
+    return {**STUDY, "base": base, "sweep": {"loss.clom": {"grid": grid}}}
+
+
+def run_layout(out: Path, store: Path, workers: int, cpus: int, samples: int, spec: dict = STUDY) -> dict:
     where = out / f"{workers}x{cpus}"
     env = {**os.environ, "PYTHON": sys.executable, "WORKERS": str(workers), "WORKER_CPUS": str(cpus),
            "WORKER_GPUS": "0", "S3": "0", "POSTGRES": "0", "MLFLOW": "0"}
@@ -49,7 +59,7 @@ def run_layout(out: Path, store: Path, workers: int, cpus: int, samples: int) ->
         gcs = next(line.split("=", 1)[1] for line in (where / "cluster.env").read_text().splitlines()
                    if line.startswith("export RAY_GCS_ADDRESS="))
         study = where / "study.yaml"
-        study.write_text(yaml.safe_dump({**STUDY, "samples": samples}))
+        study.write_text(yaml.safe_dump({**spec, "samples": samples}))
         env_run = {**env, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         t0 = time.perf_counter()
         proc = subprocess.run([str(BIN / "ptmdd"), "study", str(study), "--address", gcs, "--results",
@@ -82,19 +92,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_cluster")
+    ap.add_argument("--iterations", type=int, default=STUDY["base"]["distill"]["iterations"], help="DM iterations per trial")
+    ap.add_argument("--eval-epochs", type=int, default=STUDY["base"]["eval"]["epochs"], help="epochs per evaluation model")
+    ap.add_argument("--im-size", type=int, default=STUDY["base"]["dataset"]["im_size"], help="digits resized to this")
+    ap.add_argument("--grid", default=",".join(str(v) for v in STUDY["sweep"]["loss.clom"]["grid"]),
+                    help="the CLoM weights swept (comma-separated)")
     args = ap.parse_args()
+    spec = study_of(args)
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     from ptmdd_ray.config import build_config
     from ptmdd_ray.data import load_data
 
-    arrays = load_data(build_config(STUDY["base"]).dataset, 0).to_arrays()
+    arrays = load_data(build_config(spec["base"]).dataset, 0).to_arrays()
     data_mb = sum(getattr(a, "nbytes", 0) for a in arrays.values()) / 2**20 if isinstance(arrays, dict) else None
     # a warm-up study trains the PTM into the shared store first, so neither layout pays for it
-    run_layout(out / "warmup", out / "store", 1, 2, 1)
-    rows = {"1 node x 2 CPUs": run_layout(out, out / "store", 1, 2, args.samples),
-            "2 nodes x 1 CPU": run_layout(out, out / "store", 2, 1, args.samples)}
+    run_layout(out / "warmup", out / "store", 1, 2, 1, spec)
+    rows = {"1 node x 2 CPUs": run_layout(out, out / "store", 1, 2, args.samples, spec),
+            "2 nodes x 1 CPU": run_layout(out, out / "store", 2, 1, args.samples, spec)}
     print(json.dumps({"data_set_mb": data_mb, "layouts": rows}, indent=1))
 
 

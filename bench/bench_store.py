@@ -39,7 +39,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     """moto_server on a free loopback port (no IAM checks) with the bench bucket."""
     import boto3
 
-    from conftest import BIN, free_port, wait_http
+    from helpers import BIN, free_port, wait_http
 
     port = free_port()
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],

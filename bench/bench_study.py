@@ -1,6 +1,7 @@
 """What the study service saves, measured on real studies on the local Ray (a benchmark, not a test).
 
     .venv/bin/python bench/bench_study.py [--studies diversity epochs] [--samples 1] [--out runs/bench_study]
+        [--throughput epochs] [--slot-counts 1,2]
 
 Prints, per shipped study (run at its CPU scale on ``digits`` with a fresh checkpoint store):
 - PTM trainings done (the store's counter) vs. what the trials would have trained each on its own
@@ -196,6 +197,11 @@ def efficiency(args, out: Path) -> dict:
     return rows
 
 
+def study_file(name: str) -> Path:
+    """A shipped study by name (``studies/<name>.yaml``), or a study YAML by path."""
+    return Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "studies" / f"{name}.yaml"
+
+
 def per_trial_trainings(study) -> int:
     """PTM runs the trials would train if each had its own store (one per (arch, seed) of its pool)."""
     from ptmdd_ray.config import uses_ptms
@@ -207,7 +213,10 @@ def per_trial_trainings(study) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", nargs="+", default=["diversity", "epochs"])
+    ap.add_argument("--studies", nargs="+", default=["diversity", "epochs"],
+                    help="shipped study names (studies/NAME.yaml) or study YAML paths")
+    ap.add_argument("--throughput", default="epochs", help="the study (name or path) run on the warm store per slot count")
+    ap.add_argument("--slot-counts", default="1,2", help="the throughput runs' max_concurrent values")
     ap.add_argument("--samples", type=int, default=1, help="samples per grid point (the shipped files use 3)")
     ap.add_argument("--set", action="append", default=[], help="extra study overrides, key=value")
     ap.add_argument("--out", default="runs/bench_study")
@@ -243,18 +252,20 @@ def main() -> None:
         for shared in (True, False):
             rows[f"memory shared={shared}"] = run(study, out, out / "store-mem", f"mem-{shared}", share_data=shared)
     else:
-        for name in args.studies:
+        for given in args.studies:
+            name = Path(given).stem
             store = out / f"store-{name}"
             shutil.rmtree(store, ignore_errors=True)
-            study = load_study(ROOT / "studies" / f"{name}.yaml", [f"samples={args.samples}", *args.set])
+            study = load_study(study_file(given), [f"samples={args.samples}", *args.set])
             r = run(study, out, store, name)
             r["ptm_trainings"] = CheckpointStore(store).stats()["trainings"]
             r["ptm_trainings_per_trial"] = per_trial_trainings(study)
             rows[name] = r
-        study = load_study(ROOT / "studies" / "epochs.yaml", [f"samples={args.samples}", *args.set])
-        for slots in (1, 2):
+        name = Path(args.throughput).stem
+        study = load_study(study_file(args.throughput), [f"samples={args.samples}", *args.set])
+        for slots in (int(v) for v in args.slot_counts.split(",") if v.strip()):
             one = replace(study, spec=replace(study.spec, max_concurrent=slots))
-            rows[f"epochs warm, {slots} slot(s)"] = run(one, out, out / "store-epochs", f"epochs-{slots}")
+            rows[f"{name} warm, {slots} slot(s)"] = run(one, out, out / f"store-{name}", f"{name}-{slots}")
     ray.shutdown()
     print(json.dumps(rows, indent=1))
     print("\n| run | trials | wall s | sum trial s | efficiency | outside trials | trials/h | PTM trainings "

@@ -80,9 +80,9 @@ def _label(row: dict, key: str) -> str:
 
 def _pm(values: dict[int, float]) -> str:
     """mean ± std (over the seeds, as ``ptmdd report`` writes it)."""
-    from ptmdd_ray.report import _pm
+    from ptmdd_ray.report import pm
 
-    return _pm([v / 100 for v in values.values()])
+    return pm([v / 100 for v in values.values()])
 
 
 if __name__ == "__main__":
