@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 def rows_of(uri: str, studies: str) -> list[dict]:
     """The runs of every study named in ``studies`` (comma-separated); a seed seen twice is an error
     (the pairing would be ambiguous)."""
-    from ptmdd_ray.report import collect
+    from ptmdd_ray.rows import from_mlflow
 
     rows = []
     for name in studies.split(","):
-        rows += collect(uri, name)[2]
+        rows += from_mlflow(uri, name).rows
     return rows
 
 
@@ -47,7 +47,7 @@ def by_seed(rows: list[dict], metric: str, side: str) -> dict[int, float]:
 
 
 def main() -> None:
-    from ptmdd_ray.report import paired
+    from ptmdd_ray.stats import paired
     from ptmdd_ray.tracking import default_tracking_uri
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -52,11 +52,12 @@ def last_json(stdout: str):
 
 
 def test_every_bench_script_is_run_by_a_test():
-    """A new script in bench/ needs a test that runs it (here or in tests/test_bench.py, test_load.py);
+    """A new script in bench/ needs a test that runs it (here or in tests/test_bench.py, test_load.py,
+    test_reproduction.py);
     a module without a ``__main__`` (the reference loops) needs a script that imports it and a test
     that checks it (tests/test_bench.py)."""
     tests = "".join((ROOT / "tests" / t).read_text() for t in ("test_bench.py", "test_bench_scripts.py",
-                                                               "test_load.py"))
+                                                               "test_load.py", "test_reproduction.py"))
     scripts = "".join(p.read_text() for p in BENCH.glob("*.py"))
     missing = []
     for p in sorted(BENCH.glob("*.py")):
@@ -132,7 +133,7 @@ def test_summarize_tabulates_the_runs_of_ptmdd_distill(tmp_path):
     lines = bench("summarize.py", runs).stdout.strip().splitlines()
     assert lines[0].startswith("| run | method | ipc | pool |") and len(lines) == 3
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[:6] == ["tiny_clom", "DM", "1", cells[3], "100.0", "augmented"], cells
+    assert cells[:6] == ["tiny_clom", "DM", "1", cells[3], "2000.0", "raw"], cells  # DM's defaults: the authors'
     assert re.fullmatch(r"ConvNetW32/e1 \(\d+%\)", cells[3])
     assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", c) for c in cells[6:]), cells
 

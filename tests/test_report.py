@@ -1,4 +1,4 @@
-"""Report tables and matrices from rows as `collect` builds them (no MLflow needed for the maths)."""
+"""Report tables and matrices from rows as `rows.from_mlflow` builds them (no MLflow needed for the maths)."""
 from ptmdd_ray.report import label, matrix, tables
 
 
