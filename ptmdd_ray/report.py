@@ -328,11 +328,13 @@ def findings(tracking_uri: str, study: str, run_id: str | None = None) -> list[d
 
 
 def write_report(tracking_uri: str | None, study: str, out: str | Path, run_id: str | None = None,
-                 kind: str = "study", rows_file: str | Path | None = None) -> Path:
+                 kind: str = "study", rows_file: str | Path | None = None, run: StudyRun | None = None) -> Path:
     """``report.md`` and its plots in ``out`` for the study's latest parent run of ``kind`` (or
-    ``run_id``), each also logged to that run under ``report/``; with ``rows_file``, from that
-    file of per-trial rows (``ptmdd rows``) instead, and logged nowhere."""
-    run = read_rows(rows_file) if rows_file else from_mlflow(tracking_uri, study, run_id, kind)
+    ``run_id``, or ``run`` as already read from MLflow), each also logged to that run under
+    ``report/``; with ``rows_file``, from that file of per-trial rows (``ptmdd rows``) instead,
+    and logged nowhere."""
+    if run is None:
+        run = read_rows(rows_file) if rows_file else from_mlflow(tracking_uri, study, run_id, kind)
     if not run.rows:
         raise ConfigError(f"study: the latest run of {study!r} has no finished trials" if not rows_file
                           else f"from: {rows_file} holds no trials")

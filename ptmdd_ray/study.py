@@ -422,10 +422,10 @@ def _summarise_parent(tracking, mlflow_uri: str, parent: str, study: Study, rows
             study_file.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
             tracking.log_parent_summary(mlflow_uri, parent, metrics, [study_file])
             if metrics["trials.finished"]:
-                write_report(mlflow_uri, spec.name, where, run_id=parent)
+                run = from_mlflow(mlflow_uri, spec.name, parent)
+                write_report(mlflow_uri, spec.name, where, run=run)
                 # the per-trial rows beside the report: what `ptmdd report --from` re-derives it from
-                rows_file = write_rows(from_mlflow(mlflow_uri, spec.name, parent), Path(where, "rows.parquet"))
-                tracking.log_parent_summary(mlflow_uri, parent, {}, [rows_file])
+                tracking.log_parent_summary(mlflow_uri, parent, {}, [write_rows(run, Path(where, "rows.parquet"))])
     except Exception as e:  # noqa: BLE001 - the summary is a convenience; the trials are logged
         log.warning("could not log the study's summary to MLflow (%s): %s", type(e).__name__, e)
 
