@@ -211,7 +211,7 @@ def cmd_report(args) -> int:
 
     if args.from_file:
         md = write_report(None, "", args.out, rows_file=args.from_file)
-        print(f"wrote {md} (and plots beside it) from {args.from_file}")
+        print(f"wrote {md} (and plots beside it) from {', '.join(args.from_file)}")
         return 0
     uri, name = _study_source(args)
     md = write_report(uri, name, args.out, run_id=args.run_id, kind=args.kind)
@@ -398,8 +398,9 @@ def _add_report_command(sub) -> None:
                  "ptmdd report quickstart --out runs/report", cmd_report)
     _study_source_args(r)
     r.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
-    r.add_argument("--from", dest="from_file", metavar="FILE", help="read the trials from a rows file "
-                   "(`ptmdd rows`, e.g. bench/repro/rows/*.parquet) instead of MLflow; nothing is logged")
+    r.add_argument("--from", dest="from_file", metavar="FILE", action="append", help="read the trials from a rows "
+                   "file (`ptmdd rows`, e.g. bench/repro/rows/*.parquet) instead of MLflow; nothing is logged. Given "
+                   "more than once: one study's invocations (an extension with other seeds), paired by seed")
     r.add_argument("--sync", action="store_true", help="first log the trials that finished while the MLflow "
                    "server was unreachable (from their result.json under --results)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .rows import StudyRun, from_mlflow, read_rows
+from .rows import StudyRun, from_mlflow, merge_runs, read_rows
 from .stats import ALPHA, holm, paired, t_interval, verdict
 from .study_spec import BEST, label, matches, metric_split, run_name
 
@@ -328,29 +328,32 @@ def findings(tracking_uri: str, study: str, run_id: str | None = None) -> list[d
 
 
 def write_report(tracking_uri: str | None, study: str, out: str | Path, run_id: str | None = None,
-                 kind: str = "study", rows_file: str | Path | None = None, run: StudyRun | None = None) -> Path:
+                 kind: str = "study", rows_file: str | Path | list | None = None,
+                 run: StudyRun | None = None) -> Path:
     """``report.md`` and its plots in ``out`` for the study's latest parent run of ``kind`` (or
     ``run_id``, or ``run`` as already read from MLflow), each also logged to that run under
     ``report/``; with ``rows_file``, from that file of per-trial rows (``ptmdd rows``) instead,
-    and logged nowhere."""
+    or from several (one study's invocations, merged by seed), and logged nowhere."""
+    files = [rows_file] if isinstance(rows_file, (str, Path)) else list(rows_file or [])
     if run is None:
-        run = read_rows(rows_file) if rows_file else from_mlflow(tracking_uri, study, run_id, kind)
+        run = merge_runs([read_rows(f) for f in files], [str(f) for f in files]) if files else \
+            from_mlflow(tracking_uri, study, run_id, kind)
     if not run.rows:
-        raise ConfigError(f"study: the latest run of {study!r} has no finished trials" if not rows_file
-                          else f"from: {rows_file} holds no trials")
+        raise ConfigError(f"study: the latest run of {study!r} has no finished trials" if not files
+                          else f"from: {', '.join(map(str, files))} holds no trials")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md, files = _write_files(run, study or run.study, out, rows_file)
-    if not rows_file:
+    md, pngs = _write_files(run, study or run.study, out, files)
+    if not files:
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri)
-        for f in [md, *files]:
+        for f in [md, *pngs]:
             client.log_artifact(run.run_id, str(f), artifact_path="report")
     return md
 
 
-def _write_files(parent: StudyRun, study: str, out: Path, rows_file: str | Path | None) -> tuple[Path, list[Path]]:
+def _write_files(parent: StudyRun, study: str, out: Path, rows_files: list) -> tuple[Path, list[Path]]:
     """``report.md`` and the PNGs it shows, in ``out``."""
     import matplotlib
 
@@ -358,7 +361,7 @@ def _write_files(parent: StudyRun, study: str, out: Path, rows_file: str | Path 
     import matplotlib.pyplot as plt
 
     swept, rows = parent.swept, parent.rows
-    lines = _header_lines(study, parent, rows, swept, rows_file) + findings_lines(claim_results(parent, rows))
+    lines = _header_lines(study, parent, rows, swept, rows_files) + findings_lines(claim_results(parent, rows))
     control = json.loads(parent.tags.get("ptmdd.control") or "null")
     plain_rows = [r for r in rows if control is not None and r["point"] == control]
     plain = per_sample(plain_rows)
@@ -390,11 +393,12 @@ def _write_files(parent: StudyRun, study: str, out: Path, rows_file: str | Path 
 
 
 def _header_lines(study: str, parent: StudyRun, rows: list[dict[str, Any]], swept: list[str],
-                  rows_file: str | Path | None = None) -> list[str]:
+                  rows_files: list = ()) -> list[str]:
     """The report's title, where its rows come from, how to read its figures, its design (sample
     size, evaluation against the reference's), what it chose on and (a search) its ranking."""
-    source = f"rows file `{Path(rows_file).name}` (parent run `{parent.run_id}`)" if rows_file else \
-        f"MLflow parent run `{parent.run_id}`"
+    names = ", ".join(f"`{Path(f).name}`" for f in rows_files)
+    source = f"rows file{'s' * (len(rows_files) > 1)} {names} (parent run `{parent.run_id}`)" if rows_files \
+        else f"MLflow parent run `{parent.run_id}`"
     commits = sorted({r.get("commit", "unknown")[:12] for r in rows})
     lines = [f"# Study `{study}`", "", f"{source}, {len(rows)} finished trials, code at commit "
              f"{', '.join(f'`{c}`' for c in commits)}. "
@@ -419,6 +423,10 @@ def design_lines(parent: StudyRun, rows: list[dict[str, Any]]) -> list[str]:
         return [f"Sample size: not recorded by this run; {', '.join(sorted({str(n) for n in counts.values()}))} "
                 "finished samples per point.", ""]
     line = f"Sample size: {fixed} samples (seeds) per point, fixed in the study file before it ran"
+    invocations = json.loads(parent.tags.get("ptmdd.invocations") or "[]")
+    if invocations:  # merged rows files: the study was extended, and every point with it
+        line += (f", in {len(invocations)} invocations ({' + '.join(str(i['samples']) for i in invocations)} "
+                 "samples: the study was extended in every point)")
     off = {k: n for k, n in counts.items() if n != int(fixed)}
     if not off:
         return [line + f"; all {len(counts)} points finished all of them.", ""]

@@ -22,6 +22,9 @@ from .study_spec import label
 
 ROW_COLUMNS = ("study", "parent_run_id", "run_id", "point", "sample", "seed", "commit", "params")
 TAGS_KEY = b"ptmdd.tags"  # the Parquet schema metadata that holds the parent run's tags
+# What makes two invocations one study: the same points, control, claims and metric
+DESIGN_TAGS = ("ptmdd.study", "ptmdd.swept", "ptmdd.cases", "ptmdd.control", "ptmdd.control_added",
+               "ptmdd.claims", "ptmdd.metric", "ptmdd.matrix")
 
 
 @dataclass
@@ -146,3 +149,37 @@ def read_rows(path: str | Path) -> StudyRun:
         run.rows.append({"values": _values(point, params, run.swept), "params": params, "metrics": metrics,
                          "point": point, "sample": str(d["sample"]), "run_id": d["run_id"], "commit": d["commit"]})
     return run
+
+
+def merge_runs(runs: list[StudyRun], names: list[str]) -> StudyRun:
+    """Several invocations of one study (e.g. an extension run later with other seeds) as one:
+    the design must be the same (the tags of :data:`DESIGN_TAGS`), trials pair by seed instead of
+    by sample number (each invocation counts its samples from 0), and a seed run twice for the
+    same point is refused rather than counted twice. ``names``: how the errors name each run."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    for run, name in zip(runs[1:], names[1:]):
+        differ = [k for k in DESIGN_TAGS if run.tags.get(k) != first.tags.get(k)]
+        if differ:
+            raise ConfigError(f"from: {name} is another design than {names[0]} ({differ[0]} differs); "
+                              "an extension of a study keeps its points, control, claims and metric")
+    merged = StudyRun("+".join(r.run_id for r in runs), dict(first.tags))
+    merged.tags["ptmdd.invocations"] = json.dumps([{"run_id": r.run_id, "samples": r.tags.get("ptmdd.samples")}
+                                                   for r in runs])
+    fixed = [r.tags.get("ptmdd.samples") for r in runs]
+    if all(fixed):
+        merged.tags["ptmdd.samples"] = str(sum(int(n) for n in fixed))
+    else:
+        merged.tags.pop("ptmdd.samples", None)
+    seen: dict[tuple[str, str], str] = {}
+    for run, name in zip(runs, names):
+        for r in run.rows:
+            seed = str(r["params"].get("seed", r["sample"]))
+            key = (json.dumps(r["point"], sort_keys=True, default=str), seed)
+            if key in seen:
+                raise ConfigError(f"from: seed {seed} of point {label(r['point']) or 'base'} is in both {seen[key]} "
+                                  f"and {name}: a trial counted twice")
+            seen[key] = name
+            merged.rows.append({**r, "sample": seed})
+    return merged

@@ -121,3 +121,36 @@ def test_report_takes_the_latest_study_run_unless_told_the_search_or_a_run_id(tm
     assert client.get_run(search).info.run_name == "s (search)"
     with pytest.raises(ConfigError, match="run-id"):
         find_parent(client, "s", run_id="0" * 32)
+
+
+def test_an_extension_with_other_seeds_merges_by_seed_and_the_report_says_so(tmp_path):
+    """A study run again later with seeds 3-4 extends every point: its rows file and the first
+    one make one report whose claims pair 5 seeds; another design or a seed run twice is refused."""
+    import copy
+
+    from ptmdd_ray.cli import main
+    from ptmdd_ray.rows import merge_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _study_in_mlflow(uri)
+    first = from_mlflow(uri, "tiny")
+    later = StudyRun("later", {**first.tags, "ptmdd.samples": "2"})
+    for r in first.rows:
+        if r["sample"] in ("0", "1"):  # samples 0 and 1 of the later invocation are seeds 3 and 4
+            r2 = copy.deepcopy(r)
+            r2["params"]["seed"] = str(int(r["params"]["seed"]) + 3)
+            r2["metrics"] = {k: v + 0.001 for k, v in r["metrics"].items()}
+            later.rows.append(r2)
+    a, b = write_rows(first, tmp_path / "a.parquet"), write_rows(later, tmp_path / "b.parquet")
+    assert main(["report", "--from", str(a), "--from", str(b), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "rows files `a.parquet`, `b.parquet`" in text
+    assert "5 samples (seeds) per point, fixed in the study file before it ran, in 2 invocations (3 + 2 samples" in text
+    assert "all 2 points finished all of them" in text
+    claim = next(ln for ln in text.splitlines() if ln.startswith("| CLoM helps |"))
+    assert claim.split(" | ")[3] == "5"  # paired over the five seeds
+    with pytest.raises(ConfigError, match=r"from: seed \d of point loss.clom=\S+ is in both a and a2: a trial counted twice"):
+        merge_runs([first, first], ["a", "a2"])
+    other = StudyRun("o", {**first.tags, "ptmdd.metric": "acc.mean"}, later.rows)
+    with pytest.raises(ConfigError, match=r"from: b is another design than a \(ptmdd.metric differs\)"):
+        merge_runs([first, other], ["a", "b"])
