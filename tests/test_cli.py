@@ -124,7 +124,7 @@ def test_distill_with_clom_pool_pretrains_once_then_reuses(tmp_path):
     assert result["pool_stats"]["trainings"] == 0 and result["pool_stats"]["hits"] == 2
     assert [(p["arch"], p["seed"], p["epoch"]) for p in result["pool"]] == [("ConvNetW32", 0, 2), ("ConvNetW32", 1, 2)]
     assert all(p["test_accuracy"] > 0.5 for p in result["pool"])  # digits PTMs after 2 epochs
-    assert result["config"]["loss"]["clom"] == 100.0  # the DM default weight, recorded
+    assert result["config"]["loss"]["clom"] == 2000.0  # the DM default weight (the authors'), recorded
 
 
 @pytest.mark.slow
