@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 from .config import DSA_STRATEGY, EvalConfig
 from .data import ImageData
 from .synthetic import init_synthetic
+from .compiled import CompiledCall
+from .grouped import GroupedNet, group_accuracy, groupable, train_group
 from .train import accuracy, new_model, train_classifier
 
 
@@ -32,28 +34,64 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, data: ImageData, cf
     """Train ``cfg.runs`` fresh models of every ``cfg.archs`` on (images, labels) and score each on
     every split of ``splits`` (default :func:`splits_of`): one training serves both the validation
     score (what choices are made on) and the test score (what is reported). Returns
-    {split: {arch: {mean, std, runs}}} with accuracies as fractions in [0, 1]. ``mixed_precision``:
-    bf16 autocast on CUDA (no effect on the CPU)."""
-    device = data.x_train.device
-    x, y = images.to(device), labels.to(device)
-    shape = (data.channels, data.num_classes, data.im_size)
-    strategy = DSA_STRATEGY if cfg.augment else "none"
-    splits = splits or splits_of(data)
-    scored = {split: data.split(split) for split in splits}
-    accs: dict[str, dict[str, list[float]]] = {split: {} for split in splits}
+    {split: {arch: {mean, std, runs}}} with accuracies as fractions in [0, 1]. Run ``i`` of every
+    arch is seeded ``seed * 1000 + i`` (its initialisation, shuffles and augmentations), whether
+    the runs train as one grouped network (``cfg.group``, :mod:`ptmdd_ray.grouped`) or one at a
+    time. ``mixed_precision``: bf16 autocast on CUDA (no effect on the CPU)."""
+    x, y = images.to(data.x_train.device), labels.to(data.x_train.device)
+    scored = {split: data.split(split) for split in splits or splits_of(data)}
+    accs: dict[str, dict[str, list[float]]] = {split: {} for split in scored}
     with tqdm(total=len(cfg.archs) * cfg.runs, desc=desc, disable=not progress, leave=False) as bar:
         for arch in cfg.archs:
-            for run in range(cfg.runs):
-                run_seed = seed * 1000 + run
-                model = new_model(arch, shape, seed=run_seed, device=device)
-                gen = torch.Generator().manual_seed(run_seed)
-                train_classifier(model, x, y, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
-                                 weight_decay=cfg.weight_decay, batch=cfg.batch, milestones=(cfg.epochs // 2,),
-                                 dsa_strategy=strategy, gen=gen, mixed_precision=mixed_precision)
-                for split, (xs, ys) in scored.items():
-                    accs[split].setdefault(arch, []).append(accuracy(model, xs, ys, mixed_precision=mixed_precision))
-                bar.update(1)
+            train = _grouped if groups(cfg, x.device) and groupable(arch) else _one_at_a_time
+            for split, runs in train(arch, x, y, data, cfg, seed, scored, mixed_precision, bar).items():
+                accs[split][arch] = runs
     return {split: {arch: summarize(a) for arch, a in by_arch.items()} for split, by_arch in accs.items()}
+
+
+def groups(cfg: EvalConfig, device: torch.device) -> bool:
+    """Whether the runs train as one grouped network: ``eval.group``, by default on CUDA only. On
+    the CPU one grouped pass costs what the R passes cost (bench/bench_eval.py: the work is the
+    same and the CPU is busy either way), while on a GPU R small passes are R times the kernel
+    launches of one."""
+    return cfg.group if cfg.group is not None else device.type == "cuda"
+
+
+def _shape(data: ImageData) -> tuple[int, int, int]:
+    return data.channels, data.num_classes, data.im_size
+
+
+def _train_kwargs(cfg: EvalConfig) -> dict:
+    return dict(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                batch=cfg.batch, milestones=(cfg.epochs // 2,), dsa_strategy=DSA_STRATEGY if cfg.augment else "none")
+
+
+def _one_at_a_time(arch, x, y, data, cfg, seed, scored, mixed_precision, bar) -> dict[str, list[float]]:
+    """The reference's protocol: one model after the other (its training steps through
+    ``torch.compile`` with ``cfg.compile``); {split: accuracy of each run}."""
+    out: dict[str, list[float]] = {split: [] for split in scored}
+    for run in range(cfg.runs):
+        run_seed = seed * 1000 + run
+        model = new_model(arch, _shape(data), seed=run_seed, device=x.device)
+        forward = CompiledCall(model, "forward") if cfg.compile else None
+        train_classifier(model, x, y, gen=torch.Generator().manual_seed(run_seed), mixed_precision=mixed_precision,
+                         forward=forward, **_train_kwargs(cfg))
+        for split, (xs, ys) in scored.items():
+            out[split].append(accuracy(model, xs, ys, mixed_precision=mixed_precision))
+        bar.update(1)
+    return out
+
+
+def _grouped(arch, x, y, data, cfg, seed, scored, mixed_precision, bar) -> dict[str, list[float]]:
+    """All runs of ``arch`` as one grouped network (the same seeds); {split: accuracy of each run}."""
+    run_seeds = [seed * 1000 + run for run in range(cfg.runs)]
+    net = GroupedNet([new_model(arch, _shape(data), seed=s, device=x.device) for s in run_seeds],
+                     compile=bool(cfg.compile))
+    train_group(net, x, y, gens=[torch.Generator().manual_seed(s) for s in run_seeds],
+                mixed_precision=mixed_precision, **_train_kwargs(cfg))
+    out = {split: group_accuracy(net, xs, ys, mixed_precision=mixed_precision) for split, (xs, ys) in scored.items()}
+    bar.update(cfg.runs)
+    return out
 
 
 def random_real_subset(data: ImageData, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

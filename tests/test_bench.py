@@ -19,6 +19,7 @@ from ptmdd_ray.train import new_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from reference_dc import _match_loss, reference_dc_iteration  # noqa: E402
 from reference_dm import reference_dm_iteration  # noqa: E402
+from reference_eval import reference_evaluate_synset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,23 @@ def _env(**extra) -> dict:
 
 
 @pytest.mark.slow
+def test_reference_evaluation_trains_as_the_package_evaluation_does():
+    """The yardstick of bench_eval.py learns what our evaluation learns from the same set (its loop
+    differs in RNG use, one extra epoch and the momentum restart, so the accuracies are close, not equal)."""
+    from ptmdd_ray.config import EvalConfig
+    from ptmdd_ray.evaluate import evaluate_set, random_real_subset
+
+    data = load_data(build_config({"dataset": {"name": "digits", "im_size": 8, "test_per_class": 30}}).dataset)
+    x, y = random_real_subset(data, 5, seed=0)
+    torch.manual_seed(0)
+    ref = [reference_evaluate_synset(new_model("ConvNetW32", (1, 10, 8), seed=s), x, y, data.x_test, data.y_test,
+                                     epochs=200, strategy="none", batch_train=16) for s in range(3)]
+    ours = evaluate_set(x, y, data, EvalConfig(archs=["ConvNetW32"], runs=3, epochs=200, batch=16, augment=False),
+                        seed=0, progress=False)["test"]["ConvNetW32"]["runs"]
+    assert min(ref) > 0.6 and min(ours) > 0.6
+    assert abs(sum(ref) / 3 - sum(ours) / 3) < 0.1
+
+
 def test_bench_distill_json_prints_one_object_with_dm_against_its_reference(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_distill.py"), "--methods", "dm", "--json",
                            "--data", "digits", "--im-size", "8", "--ipc", "1", "--batch-real", "16",

@@ -155,6 +155,16 @@ def test_bench_distill_runs_dc_against_reference_dc(tmp_path):
     assert r["speedup_vs_reference"] == pytest.approx(r["reference_seconds_per_iteration"] / r["seconds_per_iteration"])
 
 
+def test_bench_eval_times_the_grouped_evaluation_against_the_reference_loop():
+    proc = bench("bench_eval.py", *TINY, "--archs", "ConvNetW32", "--ipc", "2", "--runs", "2", "--epochs", "2",
+                 "--blocks", "2", "--test-per-class", "10", "--no-compile", "--json")
+    r = json.loads(proc.stdout)
+    assert r["archs"] == ["ConvNetW32"] and r["runs"] == 2 and r["epochs"] == 2 and r["compile"] is False
+    assert finite(r["seconds"], True) and finite(r["reference_seconds"], True) and len(r["block_speedups"]) == 2
+    assert r["speedup_vs_reference"] == pytest.approx(r["reference_seconds"] / r["seconds"])
+    assert 0 <= r["accuracy"]["ConvNetW32"] <= 1 and 0 <= r["reference_accuracy"]["ConvNetW32"] <= 1
+
+
 def _tiny_study(name: str, iterations: int) -> dict:
     base = {**TINY_BASE, "distill": {**TINY_BASE["distill"], "iterations": iterations, "batch_real": 16},
             "pool": {"archs": []}, "loss": {"clom": 0.0}, "eval": {"runs": 1, "epochs": 2, "baseline": False}}

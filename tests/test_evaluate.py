@@ -64,3 +64,25 @@ def test_a_validation_split_is_required_to_score_on_it():
 def test_evaluation_augments_as_the_reference_does_per_method(method, augment):
     assert build_config({"distill": {"method": method}}).eval.augment is augment
     assert build_config({"distill": {"method": method}, "eval": {"augment": not augment}}).eval.augment is not augment
+
+
+def test_evaluation_compiles_from_500_epochs_unless_told():
+    assert build_config({"eval": {"epochs": 500}}).eval.compile is True
+    assert build_config({"eval": {"epochs": 499}}).eval.compile is False
+    assert build_config({"distill": {"method": "dm"}}).eval.compile is True  # the reference 1000 epochs
+    assert build_config({"distill": {"method": "dc"}}).eval.compile is False  # 300: not won back
+    assert build_config({"eval": {"epochs": 1000, "compile": False}}).eval.compile is False
+    assert build_config({}).eval.group is None  # resolved per device: grouped on CUDA only
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_equals_eager_up_to_float_rounding():
+    """The same seeds, shuffles and draws through inductor's graphs: the accuracies of every run
+    match the eager ones (a prediction may flip where rounding moves a logit past another)."""
+    data = load_data(build_config({"dataset": {"name": "digits", "im_size": 8, "val_per_class": 10}}).dataset)
+    x, y = random_real_subset(data, 5, seed=0)
+    cfg = EvalConfig(archs=["ConvNetW32"], runs=2, epochs=20, batch=16, augment=True, compile=False, group=False)
+    eager = evaluate_set(x, y, data, cfg, seed=1, progress=False)
+    compiled = evaluate_set(x, y, data, EvalConfig(**{**cfg.__dict__, "compile": True}), seed=1, progress=False)
+    for split in ("test", "val"):
+        assert compiled[split]["ConvNetW32"]["runs"] == pytest.approx(eager[split]["ConvNetW32"]["runs"], abs=0.02)

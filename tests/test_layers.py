@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("light: no torch", ["__init__", "errors", "archs", "sources", "config", "search", "s3", "proc", "stats"]),
     ("study specs and reports: no torch", ["study_spec", "rows", "report"]),
     ("torch building blocks and storage", ["augment", "losses", "models", "compiled", "store", "artifacts"]),
-    ("tensors and training", ["data", "train", "synthetic"]),
+    ("tensors and training", ["data", "train", "grouped", "synthetic"]),
     ("distillation, the PTM pool, evaluation", ["methods", "pool", "evaluate", "baseline"]),
     ("jobs and services", ["pipeline", "service", "tracking"]),
     ("studies", ["study"]),

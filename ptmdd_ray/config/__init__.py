@@ -21,7 +21,7 @@ from ..errors import ConfigError, check
 from ..sources import DOMAINS
 from ._checks import (check_dataset, check_device, check_distill, check_eval, check_loss, check_model, check_pool,
                       check_pretrain, resolve)
-from ._methods import (COMPILE_AUTO_ITERATIONS, DSA_OPS, DSA_STRATEGY, METHOD_DEFAULTS, PUBLISHED_LOOPS,
+from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, DSA_OPS, DSA_STRATEGY, METHOD_DEFAULTS, PUBLISHED_LOOPS,
                        REFERENCE_EVAL_RUNS, check_strategy, loops_for_ipc)
 from ._parse import PATH_PREFIXES, anchor_paths, build_config, load_config, load_yaml, parse_override, set_dotted
 from ._schema import describe, flatten, from_dict, json_schema, to_dict
@@ -43,6 +43,6 @@ __all__ = [
     # reading a resolved config
     "weight_for", "uses_ptms", "source_dataset", "eval_split",
     # vocabulary and published defaults
-    "METHODS", "INITS", "DOMAINS", "PRECISIONS", "METHOD_DEFAULTS", "REFERENCE_EVAL_RUNS", "COMPILE_AUTO_ITERATIONS",
+    "METHODS", "INITS", "DOMAINS", "PRECISIONS", "METHOD_DEFAULTS", "REFERENCE_EVAL_RUNS", "COMPILE_AUTO_ITERATIONS", "COMPILE_AUTO_EVAL_EPOCHS",
     "DSA_STRATEGY", "DSA_OPS", "check_strategy", "loops_for_ipc", "PUBLISHED_LOOPS",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 from ..archs import is_known
 from ..errors import ConfigError, check
 from ..sources import check_dataset_config
-from ._methods import COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc
+from ._methods import COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc
 from ._sections import (INITS, METHODS, PRECISIONS, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
                         PoolConfig, PretrainConfig, source_dataset)
 
@@ -161,7 +161,8 @@ def check_eval(evaluation: EvalConfig, model: str, method: str) -> EvalConfig:
     _at_least(evaluation, "eval", 0, ("every",), note=" (0: no intermediate evaluation)")
     _rates(evaluation, "eval", ("lr", "momentum", "weight_decay"))
     augment = METHOD_DEFAULTS[method]["eval_augment"] if evaluation.augment is None else evaluation.augment
-    return replace(evaluation, archs=archs, augment=augment)
+    compile_ = evaluation.epochs >= COMPILE_AUTO_EVAL_EPOCHS if evaluation.compile is None else evaluation.compile
+    return replace(evaluation, archs=archs, augment=augment, compile=compile_)
 
 
 def check_device(device: str, precision: str) -> None:

@@ -41,6 +41,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 REFERENCE_EVAL_RUNS = 5  # models per architecture in the reference's evaluation (its runs: 5 to 20)
 COMPILE_AUTO_ITERATIONS = 1000  # distill.compile: null turns compilation on from this many DM iterations
+COMPILE_AUTO_EVAL_EPOCHS = 500  # eval.compile: null turns compilation on from this many evaluation epochs (DSA, DM: 1000)
 
 # (outer_loop, inner_loop) of DC/DSA, Zhao et al.'s published table.
 PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}

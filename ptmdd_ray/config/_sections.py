@@ -158,6 +158,13 @@ class EvalConfig:
     baseline: bool = setting(True, "also evaluate a random real subset of the same IPC")
     every: int = setting(0,
         "also evaluate every this many iterations (1 run per arch, validation if held out); 0: at the end only")
+    group: bool | None = setting(None,
+        "train the runs of a ConvNet architecture (no BatchNorm) together as one grouped network, each model "
+        "equal to its training alone up to float rounding; null: on CUDA (fewer kernel launches), not on the "
+        "CPU (no faster there)")
+    compile: bool | None = setting(None,
+        "run the evaluation models' training passes through torch.compile; null: from 500 epochs on (DSA, DM) "
+        "(compiling takes a minute, which short evaluations do not win back)")
 
 
 @dataclass(frozen=True)
