@@ -5,7 +5,9 @@
 #   2. DM IPC 10 at the papers' settings (ConvNet = width 128, batch_real 256 per class), plain and + CLoM,
 #      on CIFAR-10 (shared/data or ../shared/data cifar10-jpeg.parquet; digits when neither is there):
 #      s/it, real images/s, peak GPU memory, and the ratio against bench/reference_dm.py (the original
-#      per-class loop) timed on the same GPU in alternating blocks (bench/bench_distill.py --json).
+#      per-class loop) timed on the same GPU in alternating blocks (bench/bench_distill.py --json);
+#   3. evaluation of one IPC 10 set, 5 ConvNet models x EVAL_EPOCHS (default 300; the reference: 1000)
+#      epochs, ours (grouped, compiled) against bench/reference_eval.py (bench/bench_eval.py --json).
 # It prints the card's name and the figures, and writes them to $OUT/gpu_check.json when OUT is set, else
 # to runs/gpu_check/ (with bench_dm.json, the logs). It installs nothing: .venv/bin/python if there, else
 # python3. Without CUDA it says so, checks that its CPU-side parts are in order (the bench's options, the
@@ -34,7 +36,9 @@ if [ "$cuda" != "True" ] && [ -z "${GPU_CHECK_ON_CPU:-}" ]; then
     echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False with $PY): nothing to measure."
     echo "gpu_check: run it on a machine with a CUDA GPU; checking that its CPU-side parts are in order"
     ok=0
-    "$PY" bench/bench_distill.py --help >/dev/null || { echo "gpu_check: bench/bench_distill.py --help failed" >&2; ok=1; }
+    for b in bench_distill bench_eval; do
+        "$PY" bench/$b.py --help >/dev/null || { echo "gpu_check: bench/$b.py --help failed" >&2; ok=1; }
+    done
     if "$PY" -c 'import pytest' 2>/dev/null; then
         collected=$("$PY" -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1)
         rc=$?
@@ -78,7 +82,7 @@ print(f"gpu_check: card {info['device_name'] or 'none (CPU)'}; torch {info['torc
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 EOF
 
-echo "gpu_check: [1/2] pytest -m gpu tests/test_gpu.py"
+echo "gpu_check: [1/3] pytest -m gpu tests/test_gpu.py"
 if "$PY" -c 'import pytest' 2>/dev/null; then
     timeout "${PYTEST_TIMEOUT:-180}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
         | tee "$DEST/pytest_gpu.log"
@@ -88,7 +92,7 @@ else
     pytest_rc=127
 fi
 
-echo "gpu_check: [2/2] DM IPC $IPC, $MODEL, batch_real $BATCH_REAL, $ITERS iterations, plain and + CLoM, on $DATA vs bench/reference_dm.py"
+echo "gpu_check: [2/3] DM IPC $IPC, $MODEL, batch_real $BATCH_REAL, $ITERS iterations, plain and + CLoM, on $DATA vs bench/reference_dm.py"
 rm -f "$DEST/bench_dm.json"
 timeout "${BENCH_TIMEOUT:-240}" "$PY" bench/bench_distill.py --json --methods dm --variants plain,clom \
     --data "$DATA" --im-size "$IM_SIZE" --model "$MODEL" --pool-arch "$POOL_ARCH" --ipc "$IPC" \
@@ -96,10 +100,19 @@ timeout "${BENCH_TIMEOUT:-240}" "$PY" bench/bench_distill.py --json --methods dm
     --out "$DEST/bench_dm.json" 2>&1 >/dev/null | tee "$DEST/bench_dm.log"
 bench_rc=${PIPESTATUS[0]}
 
-"$PY" - "$DEST" "$pytest_rc" "$bench_rc" "$(( $(date +%s) - start ))" <<'EOF'
+EVAL_EPOCHS=${EVAL_EPOCHS:-300} EVAL_ARCHS=${EVAL_ARCHS:-$MODEL}
+echo "gpu_check: [3/3] evaluation of an IPC $IPC set: 5 $EVAL_ARCHS models x $EVAL_EPOCHS epochs vs bench/reference_eval.py"
+rm -f "$DEST/bench_eval.json"
+timeout "${EVAL_TIMEOUT:-240}" "$PY" bench/bench_eval.py --json --data "$DATA" --im-size "$IM_SIZE" \
+    --archs "$EVAL_ARCHS" --ipc "$IPC" --epochs "$EVAL_EPOCHS" --blocks 2 --device "$DEVICE" \
+    --out "$DEST/bench_eval.json" 2>&1 >/dev/null | tee "$DEST/bench_eval.log"
+eval_rc=${PIPESTATUS[0]}
+
+"$PY" - "$DEST" "$pytest_rc" "$bench_rc" "$(( $(date +%s) - start ))" "$eval_rc" <<'EOF'
 import json, re, sys
 from pathlib import Path
 dest, pytest_rc, bench_rc, seconds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+eval_rc = int(sys.argv[5])
 device = json.loads((dest / "device.json").read_text())
 log = (dest / "pytest_gpu.log").read_text() if (dest / "pytest_gpu.log").exists() else ""
 tail = [l.strip("= ") for l in log.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", l)]
@@ -127,9 +140,18 @@ if bench is not None:
                      + (f"; peak GPU memory {r['peak_cuda_mb']:,.0f} MiB" if "peak_cuda_mb" in r else ""))
 else:
     lines.append(f"DM: no figures (bench exit {bench_rc}; see {dest / 'bench_dm.log'})")
+ev = json.loads((dest / "bench_eval.json").read_text()) if (dest / "bench_eval.json").exists() else None
+out["eval"], out["eval_exit_status"] = ev, eval_rc
+if ev is not None:
+    accs = ", ".join(f"{a} {ev['accuracy'][a]:.4f} (reference {ev['reference_accuracy'][a]:.4f})" for a in ev["archs"])
+    lines.append(f"evaluation, {ev['runs']} models x {ev['epochs']} epochs of {', '.join(ev['archs'])} ({ev['device']}): "
+                 f"ours {ev['seconds']:.1f} s, reference_eval.py {ev['reference_seconds']:.1f} s: "
+                 f"{ev['speedup_vs_reference']:.2f}x; accuracy {accs}")
+else:
+    lines.append(f"evaluation: no figures (bench exit {eval_rc}; see {dest / 'bench_eval.log'})")
 lines.append(f"gpu_check: {seconds} s; figures in {dest / 'gpu_check.json'}")
 (dest / "gpu_check.json").write_text(json.dumps(out, indent=2) + "\n")
 print("\n".join(lines))
 EOF
 
-[ "$pytest_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$pytest_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$eval_rc" -eq 0 ]

@@ -68,33 +68,47 @@ def test_auto_picks_cuda_and_a_cuda_config_distills_on_the_gpu(tmp_path):
 
 
 def _conv_output_dtypes(monkeypatch) -> set:
-    """Record the output dtype of every convolution of the models the evaluation builds."""
-    import ptmdd_ray.evaluate as evaluate
-
+    """Record the output dtype of every convolution (``nn.Conv2d`` and the grouped evaluation's
+    functional ones both call ``torch.nn.functional.conv2d``)."""
     seen: set = set()
-    build = evaluate.new_model
+    conv2d = torch.nn.functional.conv2d
 
-    def new_model(*args, **kwargs):
-        model = build(*args, **kwargs)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
-        return model
+    def recording(*args, **kwargs):
+        out = conv2d(*args, **kwargs)
+        seen.add(out.dtype)
+        return out
 
-    monkeypatch.setattr(evaluate, "new_model", new_model)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
     return seen
 
 
+@pytest.mark.parametrize("group", [True, False])
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_evaluation_runs_under_bf16_autocast_only_when_asked(monkeypatch, precision, dtype):
+def test_evaluation_runs_under_bf16_autocast_only_when_asked(monkeypatch, precision, dtype, group):
     cfg = build_config({"dataset": DIGITS, "model": "ConvNetW32", "device": "cuda", "precision": precision,
-                        "eval": {"runs": 1, "epochs": 10, "baseline": False}})
+                        "eval": {"runs": 2, "epochs": 10, "baseline": False, "group": group}})
     images, labels = random_real_subset(load_data(cfg.dataset, 0), 2, 0)
     seen = _conv_output_dtypes(monkeypatch)
     out = run_evaluate(cfg, images, labels, progress=False)
     assert seen == {dtype}  # training and scoring: every convolution ran in bf16, or none did
     acc = out["accuracy"]["ConvNetW32"]
-    assert math.isfinite(acc["mean"]) and 0.0 <= acc["mean"] <= 1.0 and acc["runs"]
+    assert math.isfinite(acc["mean"]) and 0.0 <= acc["mean"] <= 1.0 and len(acc["runs"]) == 2
+
+
+def test_grouped_evaluation_on_the_gpu_equals_one_model_at_a_time():
+    """The default on CUDA: the runs as one grouped network give each run's accuracy (fp32, no TF32)."""
+    from ptmdd_ray.config import EvalConfig
+    from ptmdd_ray.evaluate import evaluate_set
+
+    data = load_data(build_config({"dataset": {**DIGITS, "val_per_class": 10}}).dataset, 0).to("cuda")
+    x, y = random_real_subset(data, 3, 0)
+    cfg = EvalConfig(archs=["ConvNetW32"], runs=3, epochs=20, augment=True, compile=False, group=True)
+    with ieee_fp32():
+        grouped = evaluate_set(x, y, data, cfg, seed=0, progress=False, mixed_precision=False)
+        alone = evaluate_set(x, y, data, EvalConfig(**{**cfg.__dict__, "group": False}), seed=0, progress=False,
+                             mixed_precision=False)
+    for split in ("test", "val"):
+        assert grouped[split]["ConvNetW32"]["runs"] == pytest.approx(alone[split]["ConvNetW32"]["runs"], abs=0.02)
 
 
 def test_a_ptm_trained_on_the_gpu_loads_on_the_cpu_with_the_same_weights_and_predictions(tmp_path):
