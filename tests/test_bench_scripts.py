@@ -165,6 +165,15 @@ def test_bench_eval_times_the_grouped_evaluation_against_the_reference_loop():
     assert 0 <= r["accuracy"]["ConvNetW32"] <= 1 and 0 <= r["reference_accuracy"]["ConvNetW32"] <= 1
 
 
+def test_pair_eval_pairs_compiled_and_eager_evaluations_by_seed():
+    proc = bench("pair_eval.py", *TINY, "--ipc", "2", "--runs", "1", "--epochs", "2", "--seeds", "2",
+                 "--test-per-class", "10", "--json", timeout=600)
+    r = json.loads(proc.stdout)
+    assert len(r["eager"]) == len(r["compiled"]) == 2 and r["seeds"] == 2
+    assert r["diff"] == pytest.approx(sum(c - e for c, e in zip(r["compiled"], r["eager"])) / 2)
+    assert 0 <= r["p"] <= 1 and r["verdict"] in ("no significant difference", "significant difference")
+
+
 def _tiny_study(name: str, iterations: int) -> dict:
     base = {**TINY_BASE, "distill": {**TINY_BASE["distill"], "iterations": iterations, "batch_real": 16},
             "pool": {"archs": []}, "loss": {"clom": 0.0}, "eval": {"runs": 1, "epochs": 2, "baseline": False}}
