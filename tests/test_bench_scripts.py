@@ -174,6 +174,15 @@ def test_pair_eval_pairs_compiled_and_eager_evaluations_by_seed():
     assert 0 <= r["p"] <= 1 and r["verdict"] in ("no significant difference", "significant difference")
 
 
+def test_dc_classes_vmap_computes_the_same_matching_loss_both_ways():
+    proc = bench("dc_classes_vmap.py", "--classes", "3", "--batch-real", "4", "--ipc", "2", "--im-size", "8",
+                 "--channels", "1", "--reps", "1", "--json")
+    r = json.loads(proc.stdout)
+    assert r["loss_vmap"] == pytest.approx(r["loss_loop"], rel=1e-4)
+    assert r["grad_max_abs_diff"] <= 1e-4 * r["grad_max_abs"] + 1e-8
+    assert finite(r["loop_seconds"], True) and finite(r["vmap_seconds"], True)
+
+
 def _tiny_study(name: str, iterations: int) -> dict:
     base = {**TINY_BASE, "distill": {**TINY_BASE["distill"], "iterations": iterations, "batch_real": 16},
             "pool": {"archs": []}, "loss": {"clom": 0.0}, "eval": {"runs": 1, "epochs": 2, "baseline": False}}
