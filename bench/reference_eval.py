@@ -41,3 +41,18 @@ def reference_evaluate_synset(net: nn.Module, images_train: torch.Tensor, labels
         loss.item()
         correct += np.sum(np.equal(np.argmax(output.cpu().data.numpy(), axis=-1), lab.cpu().data.numpy()))
     return correct / len(y_test)
+
+
+def reference_train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, momentum: float,
+                    weight_decay: float, batch: int, milestones: tuple[int, ...]) -> nn.Module:
+    """A PTM trained the way the reference trains networks: the original ``epoch()`` over a shuffled
+    ``DataLoader``, no augmentation, the lr x0.1 by a new SGD optimiser at each milestone."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, num_workers=0)
+    for ep in range(epochs):
+        if ep in milestones and ep > 0:
+            lr *= 0.1
+            optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        _epoch(loader, net, optimizer, criterion, "none", x.shape[-1])
+    return net

@@ -92,19 +92,20 @@ def _env(**extra) -> dict:
 @pytest.mark.slow
 def test_reference_evaluation_trains_as_the_package_evaluation_does():
     """The yardstick of bench_eval.py learns what our evaluation learns from the same set (its loop
-    differs in RNG use, one extra epoch and the momentum restart, so the accuracies are close, not equal)."""
+    differs in RNG use, one extra epoch and the momentum restart, so the accuracies are close, not
+    equal). Full-batch training of 100 digits at 8 px: 150 steps per model."""
     from ptmdd_ray.config import EvalConfig
     from ptmdd_ray.evaluate import evaluate_set, random_real_subset
 
     data = load_data(build_config({"dataset": {"name": "digits", "im_size": 8, "test_per_class": 30}}).dataset)
-    x, y = random_real_subset(data, 5, seed=0)
+    x, y = random_real_subset(data, 10, seed=0)
     torch.manual_seed(0)
     ref = [reference_evaluate_synset(new_model("ConvNetW32", (1, 10, 8), seed=s), x, y, data.x_test, data.y_test,
-                                     epochs=200, strategy="none", batch_train=16) for s in range(3)]
-    ours = evaluate_set(x, y, data, EvalConfig(archs=["ConvNetW32"], runs=3, epochs=200, batch=16, augment=False),
-                        seed=0, progress=False)["test"]["ConvNetW32"]["runs"]
-    assert min(ref) > 0.6 and min(ours) > 0.6
-    assert abs(sum(ref) / 3 - sum(ours) / 3) < 0.1
+                                     epochs=150, strategy="none", lr=0.05, batch_train=100) for s in range(2)]
+    ours = evaluate_set(x, y, data, EvalConfig(archs=["ConvNetW32"], runs=2, epochs=150, batch=100, lr=0.05,
+                                               augment=False), seed=0, progress=False)["test"]["ConvNetW32"]["runs"]
+    assert min(ref) > 0.7 and min(ours) > 0.7
+    assert abs(sum(ref) / 2 - sum(ours) / 2) < 0.08
 
 
 def test_bench_distill_json_prints_one_object_with_dm_against_its_reference(tmp_path):

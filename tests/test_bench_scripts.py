@@ -183,6 +183,18 @@ def test_dc_classes_vmap_computes_the_same_matching_loss_both_ways():
     assert finite(r["loop_seconds"], True) and finite(r["vmap_seconds"], True)
 
 
+def test_bench_trial_times_every_phase_of_a_trial_both_ways():
+    proc = bench("bench_trial.py", *TINY, "--train-per-class", "30", "--test-per-class", "10", "--ipc", "2",
+                 "--iterations", "3", "--batch-real", "8", "--ptm-epochs", "1", "--runs", "1", "--eval-epochs", "2",
+                 "--json")
+    r = json.loads(proc.stdout)
+    assert list(r["phases"]) == ["pretrain", "distill", "eval_synthetic", "eval_baseline"]
+    for phase in r["phases"].values():
+        assert finite(phase["seconds"], True) and finite(phase["reference_seconds"], True)
+    assert r["seconds"] == pytest.approx(sum(p["seconds"] for p in r["phases"].values()))
+    assert 0 <= r["phases"]["eval_synthetic"]["accuracy"] <= 1 and 0 <= r["phases"]["eval_baseline"]["reference_accuracy"] <= 1
+
+
 def _tiny_study(name: str, iterations: int) -> dict:
     base = {**TINY_BASE, "distill": {**TINY_BASE["distill"], "iterations": iterations, "batch_real": 16},
             "pool": {"archs": []}, "loss": {"clom": 0.0}, "eval": {"runs": 1, "epochs": 2, "baseline": False}}
