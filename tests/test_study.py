@@ -532,7 +532,7 @@ def test_choices_are_made_on_validation_unless_the_user_says_otherwise(tmp_path)
     from ptmdd_ray import tracking
     from ptmdd_ray.report import selection_lines
     from ptmdd_ray.rows import StudyRun
-    from ptmdd_ray.study import _open_parent
+    from ptmdd_ray.study import open_parent
     from ptmdd_ray.study_spec import check_selection
 
     on_test = load_study(_write(tmp_path, {**STUDY, "metric": "acc.mean"}))
@@ -547,7 +547,7 @@ def test_choices_are_made_on_validation_unless_the_user_says_otherwise(tmp_path)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for flag, warned in ((True, True), (False, False)):
-        run_id = _open_parent(tracking, uri, on_test, ["loss.clom"], str(tmp_path / f"exp{flag}"), False, None, flag)
+        run_id = open_parent(tracking, uri, on_test, ["loss.clom"], str(tmp_path / f"exp{flag}"), False, None, flag)
         import mlflow
         parent = mlflow.MlflowClient(uri).get_run(run_id)
         assert (parent.data.tags.get("ptmdd.select_on_test") == "true") is flag
