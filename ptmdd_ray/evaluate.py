@@ -9,11 +9,11 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
+from .compiled import CompiledCall
 from .config import DSA_STRATEGY, EvalConfig
 from .data import ImageData
-from .synthetic import init_synthetic
-from .compiled import CompiledCall
 from .grouped import GroupedNet, group_accuracy, groupable, train_group
+from .synthetic import init_synthetic
 from .train import accuracy, new_model, train_classifier
 
 
@@ -57,6 +57,11 @@ def groups(cfg: EvalConfig, device: torch.device) -> bool:
     return cfg.group if cfg.group is not None else device.type == "cuda"
 
 
+def _run_seeds(seed: int, cfg: EvalConfig) -> list[int]:
+    """The seed of each evaluation run: its initialisation, shuffles and augmentations."""
+    return [seed * 1000 + run for run in range(cfg.runs)]
+
+
 def _shape(data: ImageData) -> tuple[int, int, int]:
     return data.channels, data.num_classes, data.im_size
 
@@ -70,8 +75,7 @@ def _one_at_a_time(arch, x, y, data, cfg, seed, scored, mixed_precision, bar) ->
     """The reference's protocol: one model after the other (its training steps through
     ``torch.compile`` with ``cfg.compile``); {split: accuracy of each run}."""
     out: dict[str, list[float]] = {split: [] for split in scored}
-    for run in range(cfg.runs):
-        run_seed = seed * 1000 + run
+    for run_seed in _run_seeds(seed, cfg):
         model = new_model(arch, _shape(data), seed=run_seed, device=x.device)
         forward = CompiledCall(model, "forward") if cfg.compile else None
         train_classifier(model, x, y, gen=torch.Generator().manual_seed(run_seed), mixed_precision=mixed_precision,
@@ -84,7 +88,7 @@ def _one_at_a_time(arch, x, y, data, cfg, seed, scored, mixed_precision, bar) ->
 
 def _grouped(arch, x, y, data, cfg, seed, scored, mixed_precision, bar) -> dict[str, list[float]]:
     """All runs of ``arch`` as one grouped network (the same seeds); {split: accuracy of each run}."""
-    run_seeds = [seed * 1000 + run for run in range(cfg.runs)]
+    run_seeds = _run_seeds(seed, cfg)
     net = GroupedNet([new_model(arch, _shape(data), seed=s, device=x.device) for s in run_seeds],
                      compile=bool(cfg.compile))
     train_group(net, x, y, gens=[torch.Generator().manual_seed(s) for s in run_seeds],
