@@ -22,6 +22,7 @@ import torch
 
 from . import __version__
 from .config import Config, to_dict
+from .cost import Meter, Seconds
 from .data import ImageData
 from .sources import source_id
 from .evaluate import evaluate_set, random_real_subset
@@ -31,15 +32,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class BaselineCost:
+    """What the random-real baseline cost a run: the seconds spent waiting for another run
+    evaluating it, and its own evaluation's (zero when read back from the store)."""
+
+    wait_seconds: float = 0.0
+    evaluation: Seconds = Seconds()
+
+
+@dataclass
 class Scores:
     """A distilled set's accuracies and the random-real baseline's, each {split: {arch: summary}}
-    (the baseline {} when ``eval.baseline`` is off), and what the evaluation cost."""
+    (the baseline {} when ``eval.baseline`` is off), and what the evaluation cost: ``seconds`` in
+    all (wall), ``set_cost`` the set's evaluation, ``baseline_cost`` the baseline's."""
 
     accuracy: dict[str, dict]
     baseline: dict[str, dict]
     baseline_cached: bool  # read back from the store
     baseline_wait_seconds: float  # waiting for another run evaluating the same baseline
     seconds: float
+    set_cost: Seconds = Seconds()
+    baseline_cost: Seconds = Seconds()
 
 
 def evaluate_against_baseline(cfg: Config, data: ImageData, images: torch.Tensor, labels: torch.Tensor,
@@ -50,17 +63,25 @@ def evaluate_against_baseline(cfg: Config, data: ImageData, images: torch.Tensor
     instead of idling."""
     t0 = time.perf_counter()
     acc: dict[str, dict] = {}
+    meter = Meter(_sync(data))
 
     def evaluate_synthetic() -> None:
-        acc.update(evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
-                                mixed_precision=cfg.precision == "bf16"))
+        with meter:
+            acc.update(evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
+                                    mixed_precision=cfg.precision == "bf16"))
 
-    waits: dict[str, float] = {}
+    spent = BaselineCost()
     baseline, cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress, evaluate_synthetic,
-                                            waits=waits) if cfg.eval.baseline else ({}, False)
+                                            spent=spent) if cfg.eval.baseline else ({}, False)
     if not acc:
         evaluate_synthetic()
-    return Scores(acc, baseline, cached, waits.get("lock", 0.0), time.perf_counter() - t0)
+    return Scores(acc, baseline, cached, spent.wait_seconds, time.perf_counter() - t0, meter.seconds,
+                  spent.evaluation)
+
+
+def _sync(data: ImageData):
+    """What a :class:`~ptmdd_ray.cost.Meter` of an evaluation on ``data``'s device synchronises."""
+    return torch.cuda.synchronize if data.x_train.device.type == "cuda" else None
 
 
 def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[str, Any]]:
@@ -74,16 +95,21 @@ def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[s
 
 def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool = True,
                          while_busy: Callable[[], None] | None = None, reuse: bool = True,
-                         waits: dict[str, float] | None = None) -> tuple[dict, bool]:
+                         spent: BaselineCost | None = None) -> tuple[dict, bool]:
     """The random-real baseline of ``ipc`` images per class, evaluated with ``cfg.eval``; returns
     ({split: {arch: summary}}, whether it came from the store). Evaluated once per record (see the
     module docstring). If another process is evaluating it, ``while_busy`` (the caller's other
-    work) runs before waiting for it (``waits["lock"]``: the seconds then spent waiting). An
+    work) runs before waiting for it. ``spent`` hears what it cost (the wait, the evaluation). An
     unwritable store only costs the reuse; ``reuse=False`` leaves the store alone."""
+    spent = spent if spent is not None else BaselineCost()
+
     def evaluate() -> dict:
         real_x, real_y = random_real_subset(data, ipc, cfg.seed)
-        return evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real",
-                            mixed_precision=cfg.precision == "bf16")
+        with Meter(_sync(data)) as meter:
+            out = evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real",
+                               mixed_precision=cfg.precision == "bf16")
+        spent.evaluation = meter.seconds
+        return out
 
     store = _writable_store(cfg) if reuse else None
     if store is None:
@@ -96,8 +122,7 @@ def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool 
             while_busy()
     t0 = time.perf_counter()
     with store.lock(name):
-        if waits is not None:
-            waits["lock"] = time.perf_counter() - t0
+        spent.wait_seconds = time.perf_counter() - t0
         rec = store.record(name)
         if rec is not None and rec.get("ident") == ident:
             return rec["baseline"], True

@@ -296,12 +296,26 @@ def cmd_store(args) -> int:
             train = f"  train acc {100 * float(m['train_accuracy']):.2f}%" if "train_accuracy" in m else ""
             print(f"{m['key']}  test acc {100 * float(m.get('test_accuracy', 0)):.2f}%{train}  {m.get('bytes', 0)} B")
     elif args.action == "stats":
-        stats = store.stats()
-        print(json.dumps(stats) if args.json else "  ".join(f"{k} {v}" for k, v in stats.items()))
+        _print_store_stats(store, args.json)
     else:
         removed = store.gc()
         print(json.dumps(removed) if args.json else "removed " + ", ".join(f"{v} {k}" for k, v in removed.items()))
     return 0
+
+
+def _print_store_stats(store, as_json: bool) -> None:
+    """``ptmdd store stats``: the totals, then what each PTM cost to train and takes up."""
+    from .pool import store_stats
+
+    stats = store_stats(store)
+    if as_json:
+        print(json.dumps(stats))
+        return
+    print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items() if k != "ptms"))
+    for r in stats["ptms"]:
+        secs = "cost unknown" if r["train_wall_s"] is None else \
+            f"{r['train_wall_s']:.1f} s wall, {r['train_cpu_s']:.1f} s CPU"
+        print(f"{r['key']}  {secs}  {r['bytes']} B")
 
 
 def _example(command: str) -> str:

@@ -11,24 +11,22 @@ by atomic file.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 
-from . import __version__, artifacts
+from . import __version__, artifacts, cost
 from .baseline import Scores, evaluate_against_baseline, random_real_baseline
 from .config import Config, ConfigError, eval_split, source_dataset, to_dict
 from .data import ImageData, load_data
 from .evaluate import evaluate_set
 from .methods import Distilled, DistillState, distill
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
+from .proc import memory_mb
 from .store import CheckpointRepository
-
-T = TypeVar("T")
 
 
 def pick_device(name: str) -> torch.device:
@@ -66,7 +64,8 @@ class Checkpoints(Protocol):
 def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = True,
                 on_log: Callable[[int, float], None] | None = None, repo: CheckpointRepository | None = None,
                 data: ImageData | None = None, on_eval: Callable[[int, float], None] | None = None,
-                checkpoints: Checkpoints | None = None) -> dict[str, Any]:
+                checkpoints: Checkpoints | None = None, ptm_users: Mapping[str, int] | None = None
+                ) -> dict[str, Any]:
     """Pretrain-if-needed, distill, evaluate; write ``result.json``, ``synthetic.parquet`` and
     ``synthetic.png`` into ``out`` (if given). Returns the result mapping. ``repo`` serves the
     pool (default: a local :class:`~ptmdd_ray.pool.PTMRepository` on ``cfg.store``); ``data`` is
@@ -74,14 +73,22 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     ``eval.every`` > 0 the set is also evaluated along the way (one run per arch, no baseline) and
     ``on_eval(iteration, mean accuracy)`` hears each result: a Tune scheduler prunes on these.
     With ``checkpoints`` the distillation goes on from the last saved state, if any, and saves its
-    state along the way."""
+    state along the way. ``ptm_users``: how many runs of the study share each PTM (by key), which
+    divides its training cost in ``cost.pool_amortised`` (default: this run alone)."""
     device = pick_device(cfg.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    if sync is not None:
+        torch.cuda.reset_peak_memory_stats(device)  # cost.peak_gpu_mb is this run's
     data = target_data(cfg, data, device)
-    pool, pool_seconds = _timed(resolve_pool, cfg, data, device, progress, repo=repo)
-    guide, guide_seconds = _timed(PTMGuide.from_config, cfg.loss, pool.ptms, data, cfg.seed)
-    run = distill_set(cfg, data, guide, progress, on_log, on_eval, checkpoints)
+    pool, pool_cost = cost.measured(sync, resolve_pool, cfg, data, device, progress, repo=repo)
+    guide, guide_cost = cost.measured(sync, PTMGuide.from_config, cfg.loss, pool.ptms, data, cfg.seed)
+    run, distill_cost = cost.measured(sync, distill_set, cfg, data, guide, progress, on_log, on_eval, checkpoints)
     scores = evaluate_against_baseline(cfg, data, run.syn.images, run.syn.labels, progress)
-    result = result_record(cfg, device, pool, run, scores, {"pool": pool_seconds, "guide": guide_seconds})
+    costs = cost_record(pool, ptm_users or {}, {"guide": guide_cost, "distill": distill_cost,
+                                                 "eval": scores.set_cost, "baseline": scores.baseline_cost},
+                        scores.baseline_wait_seconds, device)
+    result = result_record(cfg, device, pool, run, scores, {"pool": pool_cost.wall, "guide": guide_cost.wall},
+                           costs)
     if out is not None:
         write_outputs(Path(out), result, run.syn.images, run.syn.labels, data, cfg)
     return result
@@ -95,10 +102,23 @@ def target_data(cfg: Config, data: ImageData | None, device: torch.device) -> Im
     return data.to(device)
 
 
-def _timed(step: Callable[..., T], *args, **kwargs) -> tuple[T, float]:
-    """``step(*args, **kwargs)`` and the seconds it took."""
-    t0 = time.perf_counter()
-    return step(*args, **kwargs), time.perf_counter() - t0
+def cost_record(pool: Pool, ptm_users: Mapping[str, int], phases: dict[str, cost.Seconds], baseline_wait: float,
+                device: torch.device) -> dict[str, Any]:
+    """result.json's ``cost`` (see :mod:`ptmdd_ray.cost` for every entry): the phases' seconds,
+    the trainings this run ran, its pool's price alone and amortised over ``ptm_users``, peak
+    memory and store bytes; ``seconds``: the run all told with its pool amortised (None entries:
+    a PTM stored before costs were recorded)."""
+    total, share = cost.pool_total(pool.costs()), cost.amortised(pool.costs(), ptm_users)
+    wall = sum(c.wall for c in phases.values()) + (share.wall if share is not None else 0.0)
+    out: dict[str, Any] = {**{k: c.as_dict() for k, c in phases.items()}, "baseline_wait_s": baseline_wait,
+                           "ptm_train": pool.trained.as_dict(),
+                           "pool": None if total is None else total.as_dict(),
+                           "pool_amortised": None if share is None else share.as_dict(),
+                           "seconds": wall if share is not None else None,
+                           "peak_rss_mb": memory_mb().get("mem.peak_rss_mb"), "store_bytes": pool.bytes_written}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 @dataclass
@@ -153,8 +173,9 @@ class IntermediateEvals:
 
 
 def result_record(cfg: Config, device: torch.device, pool: Pool, run: DistillRun, scores: Scores,
-                  seconds: dict[str, float]) -> dict[str, Any]:
-    """The mapping ``result.json`` holds (``seconds``: of the steps before the distillation)."""
+                  seconds: dict[str, float], costs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mapping ``result.json`` holds (``seconds``: of the steps before the distillation;
+    ``costs``: :func:`cost_record`)."""
     syn = run.syn
     return {
         "version": __version__,
@@ -172,6 +193,7 @@ def result_record(cfg: Config, device: torch.device, pool: Pool, run: DistillRun
                    "baseline_wait_seconds": scores.baseline_wait_seconds, "guide_seconds": seconds["guide"]},
         "loss_history": syn.loss_history,
         "eval_history": run.eval_history,
+        "cost": costs or {},
         "device": str(device),
         "synthetic": "synthetic.parquet",
         "image": "synthetic.png",

@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import losses
+from .cost import Meter, Seconds
 from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, uses_ptms,
                      weight_for)
 from .data import ImageData, load_data
@@ -78,15 +79,23 @@ def save_epochs(cfg: Config) -> list[int]:
 
 @dataclass
 class Pool:
-    """A resolved pool: its PTMs, and how many of them were trained and reused to resolve it."""
+    """A resolved pool: its PTMs, how many of them were trained and reused to resolve it, and what
+    the trainings run here cost (seconds, bytes written to the store)."""
 
     ptms: list[PTM]
     trainings: int
     hits: int
+    trained: Seconds = Seconds()
+    bytes_written: int = 0
 
     def manifest(self) -> list[dict[str, Any]]:
         return [{"id": p.key, "arch": p.arch, "seed": p.seed, "epoch": p.epoch,
-                 "test_accuracy": p.test_accuracy, "train_accuracy": p.train_accuracy} for p in self.ptms]
+                 "test_accuracy": p.test_accuracy, "train_accuracy": p.train_accuracy,
+                 "train_cost": None if p.train_cost is None else p.train_cost.as_dict()} for p in self.ptms]
+
+    def costs(self) -> dict[str, Seconds | None]:
+        """Each PTM's training cost up to its epoch (None: stored before costs were recorded)."""
+        return {p.key: p.train_cost for p in self.ptms}
 
 
 def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
@@ -99,13 +108,14 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
     repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
     load_source = _source_loader(cfg, target, device)
     needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
-    hits0, trainings0 = repo.hits, repo.trainings
+    hits0, trainings0, trained0, bytes0 = repo.hits, repo.trainings, repo.trained, repo.bytes_written
     ptms = []
     for spec in pool_specs(cfg):
         ckpt = repo.get(spec, cfg.pool.epoch, save_epochs(cfg), load_source)
         check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels)
         ptms.append(load_ptm(ckpt, device))
-    return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0)
+    return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0, repo.trained - trained0,
+                repo.bytes_written - bytes0)
 
 
 def _source_loader(cfg: Config, target: ImageData, device: torch.device) -> Callable[[], ImageData]:
@@ -139,6 +149,8 @@ class PTMRepository:
         self.progress = progress
         self.trainings = 0
         self.hits = 0
+        self.trained = Seconds()  # what the trainings run here cost
+        self.bytes_written = 0
 
     def stored(self, key: str) -> Checkpoint | None:
         """The intact stored checkpoint ``key`` (counted as a hit), or None. The Ray service
@@ -160,64 +172,114 @@ class PTMRepository:
             if ckpt is not None:
                 self.hits += 1
                 return ckpt
-            if train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress):
+            run = train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress)
+            if run:
                 self.trainings += 1
+                self.trained, self.bytes_written = self.trained + run.seconds, self.bytes_written + run.bytes
                 return self.store.load(key)
             # another process trained it while we waited for the run's lock: load it as a hit
 
 
+@dataclass
+class Training:
+    """A pretraining run as :func:`train_run` did it: the keys written (none: another process had
+    trained them), what it cost, the bytes it wrote. True when it trained."""
+
+    keys: list[str]
+    seconds: Seconds = Seconds()
+    bytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
-              data: ImageData | Callable[[], ImageData], progress: bool = False) -> list[str]:
-    """Pretrain ``spec`` and save every requested epoch the store does not have yet; returns the
-    keys written. Under the run's store lock, so that processes sharing a local store (two
-    studies, each with its own Ray) train a run once: the second finds the epochs written and
-    returns [] without training. ``data`` may be a callable, called only when training."""
+              data: ImageData | Callable[[], ImageData], progress: bool = False) -> Training:
+    """Pretrain ``spec`` and save every requested epoch the store does not have yet. Under the
+    run's store lock, so that processes sharing a local store (two studies, each with its own Ray)
+    train a run once: the second finds the epochs written and returns an empty :class:`Training`
+    without training. ``data`` may be a callable, called only when training. Each checkpoint's
+    metadata keeps ``train_cost``: the seconds of its run up to its epoch (what that PTM costs)."""
     store.check_writable()
     with store.lock(f"train-{spec.run_id}"):
         missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
         if not missing:
-            return []
+            return Training([])
         data = data() if callable(data) else data
         log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
-        keys = []
-        for e, (state, acc) in pretrain(spec, missing, data, progress).items():
-            meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
-                    "train_accuracy": acc["train"],
-                    "run_id": spec.run_id, "spec": spec.identity(),
-                    "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
-            store.save(spec.key(e), state, meta)
-            keys.append(spec.key(e))
+        run = Training([])
+        with Meter(_sync(data.x_train.device)) as meter:
+            for e, (state, acc, cost) in pretrain(spec, missing, data, progress).items():
+                meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
+                        "train_accuracy": acc["train"], "train_cost": cost.as_dict(),
+                        "run_id": spec.run_id, "spec": spec.identity(),
+                        "shape": [data.channels, data.num_classes, data.im_size], "classes": data.classes}
+                run.bytes += store.save(spec.key(e), state, meta)["bytes"]
+                run.keys.append(spec.key(e))
+        run.seconds = meter.seconds
         store.count(trainings=1)
-        return keys
+        return run
+
+
+def store_stats(store: CheckpointStore) -> dict[str, Any]:
+    """The store's totals (checkpoints, life-time trainings and hits, bytes, training seconds) and
+    one row per PTM checkpoint: its bytes and what it cost to train, up to its epoch. A run's
+    checkpoints share one training, so the totals count each run once, at its longest checkpoint;
+    checkpoints stored before costs were recorded count in ``without_cost``."""
+    metas = store.ls()
+    rows, longest = [], {}
+    for m in metas:
+        cost = Seconds.from_dict(m.get("train_cost"))
+        rows.append({"key": m["key"], "arch": m.get("arch"), "seed": m.get("seed"), "epoch": m.get("epoch"),
+                     "bytes": int(m.get("bytes", 0)), "train_wall_s": None if cost is None else cost.wall,
+                     "train_cpu_s": None if cost is None else cost.cpu})
+        run = m.get("run_id", m["key"])
+        if cost is not None and (run not in longest or cost.wall > longest[run].wall):
+            longest[run] = cost
+    total = sum(longest.values(), Seconds())
+    return {"checkpoints": len(metas), **store.counters(), "bytes": sum(r["bytes"] for r in rows),
+            "train_wall_s": total.wall, "train_cpu_s": total.cpu,
+            "without_cost": sum(r["train_wall_s"] is None for r in rows), "ptms": rows}
+
+
+def _sync(device: torch.device) -> Callable[[], None] | None:
+    """What a :class:`~ptmdd_ray.cost.Meter` on ``device`` synchronises (None on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else None
 
 
 def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
-             ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]]:
+             ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float], Seconds]]:
     """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
     (schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation); return
-    {epoch: (state_dict, {"test": accuracy, "train": accuracy})} for the requested epochs: the
-    train accuracy says how far a checkpoint fits its data (an over-trained PTM is near 1)."""
+    {epoch: (state_dict, {"test": accuracy, "train": accuracy}, seconds so far)} for the requested
+    epochs: the train accuracy says how far a checkpoint fits its data (an over-trained PTM is
+    near 1); the seconds, what that checkpoint cost to make."""
     t = spec.pretrain
     shape = (data.channels, data.num_classes, data.im_size)
     model = new_model(spec.arch, shape, seed=spec.seed, device=data.x_train.device)
     gen = torch.Generator().manual_seed(spec.seed)
     wanted = set(epochs_to_save)
-    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
+    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float], Seconds]] = {}
     amp = spec.precision == "bf16"
     last = max(wanted)
     bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
+    meter = Meter(_sync(data.x_train.device))
 
     def on_epoch(e: int, m: nn.Module) -> None:
         bar.update(1)
         if e in wanted:
             acc = {"test": accuracy(m, data.x_test, data.y_test, mixed_precision=amp),
                    "train": accuracy(m, data.x_train, data.y_train, mixed_precision=amp)}
-            out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc)
+            out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc, meter.lap())
             bar.set_postfix(epoch=e, test_acc=f"{acc['test']:.3f}", train_acc=f"{acc['train']:.3f}")
 
-    train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
-                     weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
-                     gen=gen, on_epoch=on_epoch, mixed_precision=amp)
+    with meter:
+        train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
+                         weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
+                         gen=gen, on_epoch=on_epoch, mixed_precision=amp)
     bar.close()
     return out
 
@@ -233,6 +295,7 @@ class PTM:
     test_accuracy: float
     model: nn.Module
     train_accuracy: float | None = None  # None: stored before train accuracies were recorded
+    train_cost: Seconds | None = None  # its run's seconds up to its epoch; None: stored before costs were
 
 
 def load_ptm(ckpt: Checkpoint, device) -> PTM:
@@ -243,7 +306,7 @@ def load_ptm(ckpt: Checkpoint, device) -> PTM:
     model = model.to(device).eval().requires_grad_(False)  # frozen once; eval: BN PTMs must not drift
     train = m.get("train_accuracy")
     return PTM(m["arch"], m["seed"], m["epoch"], ckpt.key, float(m["test_accuracy"]), model,
-               None if train is None else float(train))
+               None if train is None else float(train), Seconds.from_dict(m.get("train_cost")))
 
 
 def check_compatible(ptm_data_shape: tuple[int, int, int], ptm_classes: list[str], target: ImageData,

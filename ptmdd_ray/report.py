@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .cost_report import cost_lines, pareto_plot, point_costs
 from .rows import StudyRun, from_mlflow, merge_runs, read_rows
 from .stats import ALPHA, holm, paired, t_interval, verdict
 from .study_spec import BEST, label, matches, metric_split, run_name
@@ -387,9 +388,22 @@ def _write_files(parent: StudyRun, study: str, out: Path, rows_files: list) -> t
         _matrix_plot(plt, study, key, by_axis[key], png)
         lines += matrix_lines(key, by_axis[key]) + ["", f"![matrix]({png.name})", ""]
         files.append(png)
+    lines += _cost_section(plt, study, parent.rows, control, out, files)
     md = out / "report.md"
     md.write_text("\n".join(lines))
     return md, files
+
+
+def _cost_section(plt, study: str, rows: list[dict[str, Any]], control: dict | None, out: Path,
+                  files: list[Path]) -> list[str]:
+    """The cost table (:mod:`ptmdd_ray.cost_report`) and, when any point has a cost, its Pareto plot."""
+    costs = point_costs(rows)
+    lines = cost_lines(costs, control)
+    png = out / "cost_pareto.png"
+    if lines and pareto_plot(plt, study, costs, png):
+        lines += [f"![accuracy against cost]({png.name})", ""]
+        files.append(png)
+    return lines
 
 
 def _header_lines(study: str, parent: StudyRun, rows: list[dict[str, Any]], swept: list[str],

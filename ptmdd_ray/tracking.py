@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, cost
 from .config import Config, ConfigError, flatten, to_dict
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     m["distill.resumed_from"] = float(t.get("resumed_from", 0))  # > 0: went on from a checkpoint
     if base:  # 1: the baseline was read back from the store (eval.seconds then covers the set alone)
         m["baseline.random.cached"] = float(bool(t.get("baseline_cached")))
-    return m
+    return {**m, **cost.flat(result.get("cost") or {})}
 
 
 def _first_contact(call, tracking_uri: str, wait: float = 90.0):

@@ -23,8 +23,8 @@ PACKAGE = ROOT / "ptmdd_ray"
 # Low -> high. A module imports only from its own layer (without a circle) or lower ones.
 # Names are top-level modules of ptmdd_ray; a package (config) is one entry, its submodules included.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("light: no torch", ["__init__", "errors", "archs", "sources", "config", "search", "s3", "proc", "stats"]),
-    ("study specs and reports: no torch", ["study_spec", "rows", "report"]),
+    ("light: no torch", ["__init__", "errors", "archs", "sources", "config", "search", "s3", "proc", "stats", "cost"]),
+    ("study specs and reports: no torch", ["study_spec", "rows", "cost_report", "report"]),
     ("torch building blocks and storage", ["augment", "losses", "models", "compiled", "store", "artifacts"]),
     ("tensors and training", ["data", "train", "grouped", "synthetic"]),
     ("distillation, the PTM pool, evaluation", ["methods", "pool", "evaluate", "baseline"]),

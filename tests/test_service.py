@@ -65,7 +65,8 @@ def test_concurrent_requests_for_a_missing_ptm_train_it_once(local_ray, tmp_path
     out = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "store", "stats", "--json", "--store", cfg.store],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"checkpoints": 2, "trainings": 1, "hits": 5, "bytes": stats["bytes"]}
+    totals = {k: v for k, v in json.loads(out.stdout).items() if k in ("checkpoints", "trainings", "hits", "bytes")}
+    assert totals == {"checkpoints": 2, "trainings": 1, "hits": 5, "bytes": stats["bytes"]}
     ray.kill(get_store_actor(cfg.store))
 
 

@@ -120,6 +120,16 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"synthetic.parquet", "synthetic.png", "result.json", "pool.json"} <= names
     assert len(client.get_metric_history(children[0].info.run_id, "distill.loss")) >= 2
+    # what each point cost, read back from MLflow: the CLoM trial trained the one PTM and carries
+    # all of it (no other trial shares it); the plain one has no pool to pay for
+    cost = {r.data.params["loss.clom"]: r.data.metrics for r in children}
+    assert cost["30.0"]["cost.ptm_train.wall_s"] > 0 and cost["30.0"]["cost.store_bytes"] > 0
+    assert cost["30.0"]["cost.pool_amortised.wall_s"] == cost["30.0"]["cost.pool.wall_s"] > 0
+    assert cost["0.0"]["cost.pool.wall_s"] == cost["0.0"]["cost.ptm_train.wall_s"] == 0
+    for m in cost.values():
+        phases = sum(m[f"cost.{k}.wall_s"] for k in ("guide", "distill", "eval", "baseline"))
+        assert m["cost.seconds"] == pytest.approx(phases + m["cost.pool_amortised.wall_s"])
+        assert m["cost.distill.cpu_s"] > 0 and m["cost.peak_rss_mb"] > 0
 
     # the report reads the runs back, tabulates each swept axis and logs itself to the parent run
     rep = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "report", "tiny", "--results", str(results),
@@ -134,7 +144,12 @@ def test_study_runs_trials_on_ray_and_records_them_in_mlflow(tmp_path):
     assert re.search(r"^\| 0\.0 \|.*\| the plain method \|$", md, re.M), md  # its own row, not a self-test
     assert "inconclusive (fewer than 2 paired samples)" in md  # one sample: no verdict claimed
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert {"report/report.md", "report/acc_vs_loss.clom.png", "report/matrix_loss.clom.png"} <= logged
+    assert {"report/report.md", "report/acc_vs_loss.clom.png", "report/matrix_loss.clom.png",
+            "report/cost_pareto.png"} <= logged
+    # the cost table: the CLoM point's pool, alone and amortised, as MLflow has it
+    row = re.search(r"^\| \d \| loss\.clom=30\.0 \| 1 \|.*$", md, re.M).group(0).split(" | ")
+    assert row[7] == row[8] == f"{cost['30.0']['cost.pool.wall_s']:.1f}", row
+    assert re.search(r"^\| \d \| loss\.clom=0\.0 \| 1 \|.*\| the plain method \|$", md, re.M)
 
     # a second run of the same study trains no PTM: all hits
     before = CheckpointStore(tmp_path / "store").stats()

@@ -13,6 +13,7 @@ from typing import Any
 from .. import tracking
 from ..study_spec import Study
 from .cluster import connect_ray
+from .costs import ptm_users
 from .parent import close_parent, open_parent, summarise_parent
 from .plan import StudyPlan, make_plan
 from .searcher import searcher_for
@@ -89,7 +90,8 @@ def _set_up(study: Study, plan: StudyPlan, data, stages: dict[str, float]) -> Tr
     stages["parent"] = time.time()
     return TrialContext(study=study, store_uri=plan.store_uri, mlflow_uri=plan.mlflow_uri, parent=parent,
                         swept=tuple(swept), search=bool(plan.search_trials), experiment_uri=plan.exp_path,
-                        data_ref=ray.put(data.to_arrays()) if shared else None)
+                        data_ref=ray.put(data.to_arrays()) if shared else None,
+                        ptm_users=ptm_users(study, plan.search_trials))
 
 
 def _swept(study: Study, plan: StudyPlan) -> list[str]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class TrialContext:
     search: bool  # a search's trial (named by its Tune id) or a grid's (named by its sample)
     experiment_uri: str  # the Tune experiment (local or a URI), searched for this trial's checkpoints
     data_ref: Any = None  # the shared data set's arrays in the object store; None: each trial loads it
+    ptm_users: Mapping[str, int] = field(default_factory=dict)  # trials per PTM key (study.costs.ptm_users)
 
 
 def trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -137,7 +139,8 @@ def _distill(ctx: TrialContext, run, cfg: Config, repo, reports: _Reports, check
         reports.memory.update(object_store_mb())
         marks["data"] = time.time()
         result = run_distill(cfg, out, progress=False, on_log=reports.on_log, repo=repo, data=data,
-                             on_eval=reports.on_eval if reports.scores else None, checkpoints=checkpoints)
+                             on_eval=reports.on_eval if reports.scores else None, checkpoints=checkpoints,
+                             ptm_users=ctx.ptm_users)
         marks["distilled"] = time.time()
         reports.on_log(-1, 0.0)
         run.finish(result, out, reports.memory)
