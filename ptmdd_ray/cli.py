@@ -210,11 +210,11 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     if args.from_file:
-        md = write_report(None, "", args.out, rows_file=args.from_file)
+        md = write_report(None, "", args.out, rows_file=args.from_file, optuna_storage=args.optuna_storage)
         print(f"wrote {md} (and plots beside it) from {', '.join(args.from_file)}")
         return 0
     uri, name = _study_source(args)
-    md = write_report(uri, name, args.out, run_id=args.run_id, kind=args.kind)
+    md = write_report(uri, name, args.out, run_id=args.run_id, kind=args.kind, optuna_storage=args.optuna_storage)
     print(f"wrote {md} (and plots beside it); logged to the study's parent run")
     return 0
 
@@ -417,6 +417,8 @@ def _add_report_command(sub) -> None:
                    "more than once: one study's invocations (an extension with other seeds), paired by seed")
     r.add_argument("--sync", action="store_true", help="first log the trials that finished while the MLflow "
                    "server was unreachable (from their result.json under --results)")
+    r.add_argument("--optuna-storage", help="a search's Optuna storage URL, for its importances, history and "
+                   "Pareto front (default: the one its parent run names; needed when that has a password)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     w = _command(sub, "rows", "write a study's per-trial rows (grid point, seed, accuracies per evaluation model, "
                  "baseline, timings, commit) to one Parquet file", "ptmdd rows quickstart --out quickstart.parquet",

@@ -29,6 +29,17 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+PHASES = ("guide", "distill", "eval", "baseline", "ptm_train", "pool", "pool_amortised")
+SCALARS = ("seconds", "baseline_wait_s", "peak_rss_mb", "store_bytes")
+
+
+def metric_names(gpu: bool = False) -> list[str]:
+    """Every ``cost.*`` metric a trial reports (the GPU ones only on CUDA): what a search may
+    minimise as its second objective."""
+    clocks = ("wall_s", "cpu_s", "gpu_s") if gpu else ("wall_s", "cpu_s")
+    gpu_only = ("peak_gpu_mb",) if gpu else ()
+    return [f"cost.{p}.{c}" for p in PHASES for c in clocks] + [f"cost.{s}" for s in (*SCALARS, *gpu_only)]
+
 
 @dataclass(frozen=True)
 class Seconds:

@@ -64,7 +64,8 @@ def _either(rows: list[dict[str, Any]], new: tuple[str, ...], old: tuple[str, ..
 
 
 def point_costs(rows: list[dict[str, Any]]) -> list[PointCost]:
-    """A :class:`PointCost` per point with a test accuracy, in the rows' order."""
+    """A :class:`PointCost` per point with a test accuracy, in the order of the points' JSON (the
+    same whether the rows come from MLflow or a rows file)."""
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if "acc.mean" in r["metrics"]:
@@ -77,7 +78,7 @@ def point_costs(rows: list[dict[str, Any]]) -> list[PointCost]:
         baseline=_mean(rs, "cost.baseline.wall_s"),
         pool_alone=_mean(rs, "cost.pool.wall_s"), pool_amortised=_mean(rs, "cost.pool_amortised.wall_s"),
         total=_mean(rs, "cost.seconds"), cpu=_mean(rs, *cpu_keys), peak_rss_mb=_mean(rs, "cost.peak_rss_mb"))
-        for k, rs in by.items()]
+        for k, rs in sorted(by.items())]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> set[int]:

@@ -330,11 +330,13 @@ def findings(tracking_uri: str, study: str, run_id: str | None = None) -> list[d
 
 def write_report(tracking_uri: str | None, study: str, out: str | Path, run_id: str | None = None,
                  kind: str = "study", rows_file: str | Path | list | None = None,
-                 run: StudyRun | None = None) -> Path:
+                 run: StudyRun | None = None, optuna_storage: str | None = None) -> Path:
     """``report.md`` and its plots in ``out`` for the study's latest parent run of ``kind`` (or
     ``run_id``, or ``run`` as already read from MLflow), each also logged to that run under
     ``report/``; with ``rows_file``, from that file of per-trial rows (``ptmdd rows``) instead,
-    or from several (one study's invocations, merged by seed), and logged nowhere."""
+    or from several (one study's invocations, merged by seed), and logged nowhere. A search's
+    report also reads its Optuna study (:mod:`ptmdd_ray.search_report`) from ``optuna_storage``,
+    by default the storage its parent run names."""
     files = [rows_file] if isinstance(rows_file, (str, Path)) else list(rows_file or [])
     if run is None:
         run = merge_runs([read_rows(f) for f in files], [str(f) for f in files]) if files else \
@@ -344,7 +346,7 @@ def write_report(tracking_uri: str | None, study: str, out: str | Path, run_id: 
                           else f"from: {', '.join(map(str, files))} holds no trials")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md, pngs = _write_files(run, study or run.study, out, files)
+    md, pngs = _write_files(run, study or run.study, out, files, optuna_storage)
     if not files:
         import mlflow
 
@@ -354,7 +356,8 @@ def write_report(tracking_uri: str | None, study: str, out: str | Path, run_id: 
     return md
 
 
-def _write_files(parent: StudyRun, study: str, out: Path, rows_files: list) -> tuple[Path, list[Path]]:
+def _write_files(parent: StudyRun, study: str, out: Path, rows_files: list,
+                 optuna_storage: str | None = None) -> tuple[Path, list[Path]]:
     """``report.md`` and the PNGs it shows, in ``out``."""
     import matplotlib
 
@@ -389,6 +392,8 @@ def _write_files(parent: StudyRun, study: str, out: Path, rows_files: list) -> t
         lines += matrix_lines(key, by_axis[key]) + ["", f"![matrix]({png.name})", ""]
         files.append(png)
     lines += _cost_section(plt, study, parent.rows, control, out, files)
+    if parent.tags.get("ptmdd.kind") == "search":
+        lines += _optuna_section(parent, optuna_storage, out, files)
     md = out / "report.md"
     md.write_text("\n".join(lines))
     return md, files
@@ -403,6 +408,22 @@ def _cost_section(plt, study: str, rows: list[dict[str, Any]], control: dict | N
     if lines and pareto_plot(plt, study, costs, png):
         lines += [f"![accuracy against cost]({png.name})", ""]
         files.append(png)
+    return lines
+
+
+def _optuna_section(parent: StudyRun, storage: str | None, out: Path, files: list[Path]) -> list[str]:
+    """A search's importances, history, parallel coordinates and Pareto front, from its Optuna
+    study; a line saying why not when its storage cannot be read."""
+    from .search_report import Objectives, search_section
+
+    storage = storage or parent.tags.get("ptmdd.optuna_storage")
+    if not storage or "***" in storage:
+        why = "its storage is not recorded" if not storage else f"its storage ({storage}) needs a password"
+        return ["## Optuna study", "", f"Not read: {why}; give `ptmdd report --kind search --optuna-storage URL`.", ""]
+    pairs = json.loads(parent.tags.get("ptmdd.objectives") or "null") or \
+        [[parent.tags.get("ptmdd.metric") or "val.acc.mean", "max"]]
+    lines, pngs = search_section(storage, parent.study, Objectives(tuple(map(tuple, pairs))), out)
+    files += pngs
     return lines
 
 

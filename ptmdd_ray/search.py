@@ -33,6 +33,24 @@ def open_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
+def check_directions(url: str, study_name: str, directions: list[str]) -> None:
+    """Refuse, in one line, to continue an Optuna study whose objectives differ from this search's
+    (a second objective added or dropped since it began): Optuna keeps a study's directions for life."""
+    from .config import ConfigError
+
+    try:
+        summaries = optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)
+    except Exception:  # noqa: BLE001 - an unreadable storage is reported where it is opened
+        return
+    for s in summaries:
+        if s.study_name == study_name:
+            have = [d.name.lower() for d in s.directions]
+            if have != directions:
+                raise ConfigError(f"second_objective: the Optuna study {study_name!r} in the storage optimises "
+                                  f"{have} and this search {directions}; keep its objectives or give the search "
+                                  "another name (or storage)")
+
+
 def trial_seed(seed: int, number: int) -> int:
     """The sampler seed of Optuna trial ``number`` of a search seeded with ``seed`` (well mixed:
     neighbouring numbers give unrelated streams)."""

@@ -17,6 +17,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from .cost import metric_names
 from .config import (Config, ConfigError, anchor_paths, build_config, check, eval_split, flatten, from_dict,
                      load_yaml, parse_override, set_dotted)
 
@@ -48,6 +49,7 @@ class StudyConfig:
     sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     cases: list[dict[str, Any]] = field(default_factory=list)  # paired overrides, crossed with the grid
     search: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    second_objective: str | None = None  # a search's second objective, minimised (e.g. cost.seconds)
     metric: str | None = None  # null: val.acc.mean with a validation split, else acc.mean (said to be on test)
     mode: str = "max"
     samples: int = 1
@@ -120,6 +122,32 @@ def _check_settings(spec: StudyConfig) -> None:
     check(spec.max_failures >= 0, "max_failures", f"must be >= 0, got {spec.max_failures}")
     check(spec.mode in ("max", "min"), "mode", f"expected max or min, got {spec.mode!r}")
     check(spec.resources.cpu > 0 and spec.resources.gpu >= 0, "resources", "cpu must be > 0 and gpu >= 0")
+    _check_second_objective(spec)
+
+
+# what every trial reports that a second objective may minimise, beside cost.* (cost.metric_names)
+TIMING_METRICS = ("distill.seconds", "distill.seconds_per_iteration", "eval.seconds")
+
+
+def _check_second_objective(spec: StudyConfig) -> None:
+    """A second objective is a cost or timing metric that every trial of the search reports: a
+    name no trial reports (or a GPU figure of CPU trials) is refused before anything starts."""
+    obj = spec.second_objective
+    if obj is None:
+        return
+    check(bool(spec.search), "second_objective", "needs a search space (`search`): a grid has no objectives")
+    reported = (*metric_names(gpu=spec.resources.gpu > 0), *TIMING_METRICS)
+    if obj in metric_names(gpu=True) and obj not in reported:
+        raise ConfigError(f"second_objective: {obj} is a GPU figure and the trials ask for no GPU (resources.gpu: 0)")
+    check(obj in reported, "second_objective", f"{obj!r} is not a metric every trial reports; one of "
+          f"cost.seconds, cost.<phase>.<wall_s|cpu_s> ({', '.join(('guide', 'distill', 'eval', 'baseline'))}, ...), "
+          f"{', '.join(TIMING_METRICS)}")
+    check(obj != spec.metric, "second_objective", "is the study's metric itself")
+
+
+def objectives(spec: StudyConfig) -> list[tuple[str, str]]:
+    """A search's objectives as (metric, "max"|"min"): the study's metric, then the second one (minimised)."""
+    return [(spec.metric, spec.mode)] + ([(spec.second_objective, "min")] if spec.second_objective else [])
 
 
 def _sweep_axes(spec: StudyConfig, known: set[str]) -> dict[str, list[Any]]:
@@ -225,6 +253,9 @@ def check_selection(study: Study, search: bool, prune: bool, select_on_test: boo
     first = study.trial_config(study.grid[0], 0)
     if prune and not (search and first.eval.every > 0):
         raise ConfigError("prune: needs `ptmdd search` and base.eval.every > 0 (the evaluations to prune on)")
+    if prune and spec.second_objective:
+        raise ConfigError("prune: a search with a second_objective is multi-objective, and Optuna prunes "
+                          "single-objective studies only; drop --prune or the second objective")
     split = metric_split(spec.metric)
     if search and split == "test" and not select_on_test:
         raise ConfigError(f"metric: {spec.metric} is test accuracy and a search chooses by it; choose on "

@@ -191,6 +191,11 @@ STUDY = {"name": "s", "base": {"dataset": {"name": "digits"}, "distill": {"ipc":
     ({"matrix": "distill.ipc"}, "matrix"),
     ({"unknown": 1}, "unknown"),
     ({"base": {"distill": {"ipcc": 1}}}, "distill.ipcc"),
+    ({"second_objective": "cost.seconds"}, "second_objective: needs a search space"),
+    ({"search": {"loss.clom": {"uniform": [0.0, 1.0]}}, "second_objective": "cost.secs"},
+     "second_objective: 'cost.secs' is not a metric every trial reports"),
+    ({"search": {"loss.clom": {"uniform": [0.0, 1.0]}}, "second_objective": "cost.distill.gpu_s"},
+     "second_objective: cost.distill.gpu_s is a GPU figure and the trials ask for no GPU"),
 ])
 def test_bad_study_file(tmp_path, edit, needle):
     import yaml
@@ -209,6 +214,23 @@ def test_search_without_a_space_and_prune_without_evaluations(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**STUDY, "search": {"loss.clom": {"uniform": [0.0, 1.0]}}}))
     assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--prune", "--results", "r"),
                           "prune")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_second_objective_refuses_pruning_and_an_optuna_study_with_other_directions(tmp_path):
+    import optuna
+    import yaml
+
+    space = {"loss.clom": {"uniform": [0.0, 1.0]}}
+    base = {**STUDY["base"], "dataset": {"name": "digits", "val_per_class": 5}, "eval": {"every": 1}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**STUDY, "base": base, "search": space,
+                                                     "second_objective": "cost.seconds"}))
+    assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--prune", "--results", "r"),
+                          "prune: a search with a second_objective is multi-objective")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")  # begun with one objective
+    assert_one_line_error(ptmdd(tmp_path, "search", "s.yaml", "--trials", "2", "--optuna-storage", storage,
+                                "--results", "r"), "second_objective: the Optuna study 's' in the storage optimises")
     assert not (tmp_path / "r").exists()
 
 

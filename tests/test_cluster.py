@@ -135,7 +135,18 @@ def test_a_submitted_study_runs_on_both_workers_with_the_store_and_tune_in_the_b
     for t in trials:
         assert t["metrics"]["objstore.node_mb"] > 0 and 0 <= t["metrics"]["acc.mean"] <= 1
 
-    assert _store_stats(env, "ptm_store")["trainings"] == 1  # one PTM, trained once for 2 trials that use it
+    stats = _store_stats(env, "ptm_store")
+    assert stats["trainings"] == 1  # one PTM, trained once for 2 trials that use it
+    # what it cost, read back from MLflow and the bucket: one CLoM trial trained the PTM, both pay
+    # half of its price (the two CLoM trials share it), the plain trials nothing
+    (ptm,) = stats["ptms"]
+    clom = [t["metrics"] for t in trials if t["tags"]["ptmdd.run_name"].startswith("clom=30")]
+    assert len(clom) == 2 and sorted(m["cost.ptm_train.wall_s"] > 0 for m in clom) == [False, True]
+    for m in clom:
+        assert m["cost.pool.wall_s"] == pytest.approx(ptm["train_wall_s"])
+        assert m["cost.pool_amortised.wall_s"] == pytest.approx(ptm["train_wall_s"] / 2)
+    assert sum(m["cost.store_bytes"] for m in clom) == ptm["bytes"] == stats["bytes"]
+    assert all(t["metrics"]["cost.pool.wall_s"] == 0 for t in trials if t["tags"]["ptmdd.run_name"].startswith("clom=0"))
     assert any(k.startswith("studies/cluster/") for k in _keys(env, "studies/"))  # Tune's experiment
     checkpoints = {}  # trial -> its checkpoint folders left in the bucket: the last one only
     for key in _keys(env, "studies/cluster/"):
@@ -191,7 +202,8 @@ def test_two_searches_at_once_on_the_cluster_share_one_optuna_study_in_postgresq
     import optuna
 
     where, env = cluster
-    study = {**STUDY, "name": "searched", "search": {"loss.clom": {"loguniform": [1.0, 100.0]}}}
+    study = {**STUDY, "name": "searched", "search": {"loss.clom": {"loguniform": [1.0, 100.0]}},
+             "second_objective": "cost.seconds"}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     cmds = [SEARCH.format(study="study.yaml", trials=n) for n in (2, 3)]
     assert SEARCH.format(study="studies/loss_weights.yaml", trials=8) in (ROOT / "README.md").read_text()
@@ -204,12 +216,23 @@ def test_two_searches_at_once_on_the_cluster_share_one_optuna_study_in_postgresq
             stop_session(p.pid)
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    trials = optuna.load_study(study_name="searched", storage=env["PG_URL"]).trials
+    searched = optuna.load_study(study_name="searched", storage=env["PG_URL"])
+    trials = searched.trials
     assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     parents, runs = _runs(env, "searched")
     assert len(parents) == 2 and sorted(len([r for r in runs if r["tags"]["mlflow.parentRunId"] == p["info"]["run_id"]])
                                         for p in parents) == [2, 3]
+    # two objectives, in PostgreSQL: each trial told its MLflow run's accuracy and cost
+    assert [d.name for d in searched.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for t in trials:
+        (run,) = [r for r in runs if float({p["key"]: p["value"] for p in r["data"]["params"]}["loss.clom"])
+                  == pytest.approx(t.params["loss.clom"])]
+        assert t.values == [run["metrics"]["val.acc.mean"], run["metrics"]["cost.seconds"]]
+    assert all("***" in p["tags"]["ptmdd.optuna_storage"] or "@" not in p["tags"]["ptmdd.optuna_storage"]
+               for p in parents)  # named without its password
+    reports = [k for k in _keys(env, "mlflow/") if k.endswith("report/optuna_pareto_front.png")]
+    assert len(reports) == 2  # each driver's report, in the bucket, read from PostgreSQL
 
 
 def test_losing_a_worker_node_mid_study_loses_no_work(cluster, tmp_path):

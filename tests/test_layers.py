@@ -24,7 +24,7 @@ PACKAGE = ROOT / "ptmdd_ray"
 # Names are top-level modules of ptmdd_ray; a package (config) is one entry, its submodules included.
 LAYERS: list[tuple[str, list[str]]] = [
     ("light: no torch", ["__init__", "errors", "archs", "sources", "config", "search", "s3", "proc", "stats", "cost"]),
-    ("study specs and reports: no torch", ["study_spec", "rows", "cost_report", "report"]),
+    ("study specs and reports: no torch", ["study_spec", "rows", "cost_report", "search_report", "report"]),
     ("torch building blocks and storage", ["augment", "losses", "models", "compiled", "store", "artifacts"]),
     ("tensors and training", ["data", "train", "grouped", "synthetic"]),
     ("distillation, the PTM pool, evaluation", ["methods", "pool", "evaluate", "baseline"]),

@@ -178,6 +178,38 @@ def test_search_runs_optuna_trials_and_a_second_call_continues_the_study(tmp_pat
     assert all(0.0 <= t.value <= 1.0 for t in done)
 
 
+@pytest.mark.slow
+def test_a_two_objective_search_tells_optuna_both_values_and_reports_its_pareto_front(tmp_path):
+    """``second_objective: cost.seconds``: a multi-objective Optuna study (its directions in the
+    storage), each trial's two values exactly what its MLflow run holds, and a search report with
+    Optuna's views, its Pareto front, and no importances yet (too few trials), logged to the parent."""
+    import mlflow
+    import optuna
+
+    path = _write(tmp_path, {**STUDY, "second_objective": "cost.seconds"})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "search", str(path), "--trials", "2",
+                           "--optuna-storage", storage, "--results", str(tmp_path / "results"),
+                           "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    parents, children = _children(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    for t in done:  # the values Optuna was told are the trial's own, as MLflow recorded them
+        (run,) = [r for r in children if float(r.data.params["loss.clom"]) == pytest.approx(t.params["loss.clom"])]
+        assert t.values == [run.data.metrics["val.acc.mean"], run.data.metrics["cost.seconds"]]
+    (parent,) = parents
+    assert json.loads(parent.data.tags["ptmdd.objectives"]) == [["val.acc.mean", "max"], ["cost.seconds", "min"]]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/optuna_history.png", "report/optuna_pareto_front.png", "report/report.md"} <= logged
+    md = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
+    assert "### Pareto front" in md and "Not yet: importances need 20 completed trials" in md
+    assert "cost.seconds (minimised)" in md
+
+
 def _children(tracking_uri, name="tiny"):
     import mlflow
 

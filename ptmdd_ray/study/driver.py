@@ -85,7 +85,7 @@ def _set_up(study: Study, plan: StudyPlan, data, stages: dict[str, float]) -> Tr
     tracking.limit_http_retries()
     swept = _swept(study, plan)
     parent = open_parent(tracking, plan.mlflow_uri, study, swept, plan.exp_path, plan.resume, plan.artifacts_uri,
-                         plan.on_test, plan.kind)
+                         plan.on_test, plan.kind, plan.optuna_storage)
     shared = _shares_data(study, plan, swept)
     stages["parent"] = time.time()
     return TrialContext(study=study, store_uri=plan.store_uri, mlflow_uri=plan.mlflow_uri, parent=parent,
@@ -189,7 +189,8 @@ def _summarise(study: Study, plan: StudyPlan, ctx: TrialContext, grid, stages: d
     rows = [{"overrides": r.config.get("overrides", {k: v for k, v in r.config.items() if k != "sample"}),
              "sample": r.config.get("sample", 0), "metrics": r.metrics or {}, "error": r.error is not None}
             for r in grid]
-    summarise_parent(tracking, plan.mlflow_uri, ctx.parent, study, rows, plan.local_results, plan.exp_name)
+    summarise_parent(tracking, plan.mlflow_uri, ctx.parent, study, rows, plan.local_results, plan.exp_name,
+                     plan.optuna_storage)
     stages["summarised"] = time.time()
     close_parent(tracking, plan.mlflow_uri, ctx.parent, "FAILED" if errors else "FINISHED", plan.results, plan.exp_path)
     trials = [{"overrides": r["overrides"], "sample": r["sample"], spec.metric: r["metrics"].get(spec.metric),

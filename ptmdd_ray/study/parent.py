@@ -12,15 +12,17 @@ from ..artifacts import read_json, write_json
 from ..config import to_dict
 from ..report import write_report
 from ..rows import from_mlflow, write_rows
-from ..study_spec import Study, StudyConfig
+from ..study_spec import Study, StudyConfig, objectives
 
 log = logging.getLogger(__name__)
 
 
 def open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_path: str, resume: bool,
-                artifacts_uri: str | None, select_on_test: bool = False, kind: str = "study") -> str:
+                artifacts_uri: str | None, select_on_test: bool = False, kind: str = "study",
+                optuna_storage: str | None = None) -> str:
     """The study's MLflow parent run: the interrupted one again on ``--resume`` (its id is kept in
-    the Tune experiment directory, local or in the bucket), else a new one."""
+    the Tune experiment directory, local or in the bucket), else a new one. A search's parent names
+    its objectives and its Optuna storage (without a password), which its report reads."""
     record = f"{exp_path}/mlflow_parent.json"
     saved = read_json(record) if resume else None
     same = saved and saved.get("tracking_uri") == tracking.redact(mlflow_uri)  # kept without its password
@@ -35,6 +37,8 @@ def open_parent(tracking, mlflow_uri: str, study: Study, swept: list[str], exp_p
         "ptmdd.cases": json.dumps(spec.cases, sort_keys=True, default=str),
         "ptmdd.claims": json.dumps([to_dict(c) for c in spec.claims]), "ptmdd.metric": spec.metric,
         "ptmdd.samples": str(spec.samples),
+        **({"ptmdd.objectives": json.dumps(objectives(spec)), "ptmdd.optuna_storage": tracking.redact(optuna_storage)}
+           if optuna_storage else {}),
         **({"ptmdd.select_on_test": "true"} if select_on_test else {})}, artifacts_uri)
     write_json(record, {"run_id": parent, "tracking_uri": tracking.redact(mlflow_uri)})
     # the data set row exists before the trials link to it (the study's data, on its parent)
@@ -60,7 +64,7 @@ def close_parent(tracking, mlflow_uri: str, parent: str, status: str, results: s
 
 
 def summarise_parent(tracking, mlflow_uri: str, parent: str, study: Study, rows: list[dict[str, Any]],
-                     local_results: str | None, exp_name: str) -> None:
+                     local_results: str | None, exp_name: str, optuna_storage: str | None = None) -> None:
     """The parent run's summary metrics, the study file and the report, so that the experiment's
     runs table and the parent's page say how the study came out. MLflow away: logged to the log."""
     import tempfile
@@ -77,7 +81,7 @@ def summarise_parent(tracking, mlflow_uri: str, parent: str, study: Study, rows:
             tracking.log_parent_summary(mlflow_uri, parent, metrics, [study_file])
             if metrics["trials.finished"]:
                 run = from_mlflow(mlflow_uri, spec.name, parent)
-                write_report(mlflow_uri, spec.name, where, run=run)
+                write_report(mlflow_uri, spec.name, where, run=run, optuna_storage=optuna_storage)
                 # the per-trial rows beside the report: what `ptmdd report --from` re-derives it from
                 tracking.log_parent_summary(mlflow_uri, parent, {}, [write_rows(run, Path(where, "rows.parquet"))])
     except Exception as e:  # noqa: BLE001 - the summary is a convenience; the trials are logged

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..config import ConfigError
-from ..study_spec import Study, check_selection, metric_split
+from ..study_spec import Study, check_selection, metric_split, objectives
 from .cluster import check_address
 
 
@@ -59,6 +59,11 @@ def make_plan(study: Study, address: str | None, mlflow_uri: str | None, store: 
         raise ConfigError(f"optuna-storage: --results {results} is not a local directory, so the default "
                           "Optuna SQLite file cannot live there: give --optuna-storage (e.g. postgresql://...)")
     check_address(address)
+    storage = (optuna_storage or f"sqlite:///{Path(local_results or '.') / 'optuna.db'}") if search_trials else None
+    if storage:
+        from ..search import check_directions
+
+        check_directions(storage, spec.name, ["maximize" if m == "max" else "minimize" for _, m in objectives(spec)])
     store_uri = store or study.trial_config(study.grid[0], 0).store
     if "://" not in store_uri:
         store_uri = str(Path(store_uri).expanduser().resolve())
@@ -71,8 +76,7 @@ def make_plan(study: Study, address: str | None, mlflow_uri: str | None, store: 
         # a search never resumes (its Optuna study continues instead), so each invocation gets an
         # experiment directory of its own: concurrent searches may share --results
         exp_name=search_experiment_name(spec.name) if search_trials else spec.name,
-        optuna_storage=(optuna_storage or f"sqlite:///{Path(local_results or '.') / 'optuna.db'}")
-        if search_trials else None,
+        optuna_storage=storage,
         search_trials=search_trials, resume=resume, share_data=share_data, prune=prune,
         # any test metric chooses on test (a search's best trial, or the best point the parent
         # run names): said in MLflow and the report, never silently

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import tracking
-from ..study_spec import Study, optuna_space
+from ..study_spec import Study, objectives, optuna_space
 from .plan import StudyPlan
 from .trial import PRUNED_REASON, TrialContext, trial_key
 
@@ -24,7 +24,12 @@ def searcher_for(study: Study, plan: StudyPlan, ctx: TrialContext) -> tuple[Any,
     # concurrent schema creation, the study a concurrent create_study (OptunaSearch loads it),
     # and each trial is sampled with its own seed, from its storage-assigned number, so that
     # concurrent drivers propose different points while one driver's search repeats exactly.
-    searcher = PruningAwareOptunaSearch(space=optuna_space(spec.search), metric=spec.metric, mode=spec.mode,
+    # with a second objective, a multi-objective Optuna study (its directions in the storage):
+    # each trial's final report tells Optuna both values
+    metrics, modes = zip(*objectives(spec))
+    searcher = PruningAwareOptunaSearch(space=optuna_space(spec.search),
+                                        metric=list(metrics) if len(metrics) > 1 else metrics[0],
+                                        mode=list(modes) if len(modes) > 1 else modes[0],
                                         study_name=spec.name, storage=open_storage(plan.optuna_storage),
                                         sampler=TrialSeededTPESampler(study.trial_config(study.grid[0], 0).seed),
                                         tracking_uri=plan.mlflow_uri, parent_id=ctx.parent)
@@ -42,7 +47,9 @@ def PruningAwareOptunaSearch(tracking_uri: str | None = None, parent_id: str | N
 
     class Search(OptunaSearch):
         def on_trial_result(self, trial_id, result):
-            if self.metric in result:  # progress reports (iteration, loss) carry no score to tell Optuna
+            # progress reports (iteration, loss) carry no score to tell Optuna; a multi-objective
+            # study takes final values only (Ray's OptunaSearch ignores intermediate ones)
+            if not isinstance(self.metric, list) and self.metric in result:
                 super().on_trial_result(trial_id, result)
 
         def suggest(self, trial_id):
