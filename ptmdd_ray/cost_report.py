@@ -64,8 +64,8 @@ def _either(rows: list[dict[str, Any]], new: tuple[str, ...], old: tuple[str, ..
 
 
 def point_costs(rows: list[dict[str, Any]]) -> list[PointCost]:
-    """A :class:`PointCost` per point with a test accuracy, in the order of the points' JSON (the
-    same whether the rows come from MLflow or a rows file)."""
+    """A :class:`PointCost` per point with a test accuracy, in :func:`_order` (the same whether the
+    rows come from MLflow or a rows file)."""
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if "acc.mean" in r["metrics"]:
@@ -78,7 +78,14 @@ def point_costs(rows: list[dict[str, Any]]) -> list[PointCost]:
         baseline=_mean(rs, "cost.baseline.wall_s"),
         pool_alone=_mean(rs, "cost.pool.wall_s"), pool_amortised=_mean(rs, "cost.pool_amortised.wall_s"),
         total=_mean(rs, "cost.seconds"), cpu=_mean(rs, *cpu_keys), peak_rss_mb=_mean(rs, "cost.peak_rss_mb"))
-        for k, rs in sorted(by.items())]
+        for k, rs in sorted(by.items(), key=lambda kv: _order(json.loads(kv[0])))]
+
+
+def _order(point: dict[str, Any]) -> tuple:
+    """Points in key order, numbers as numbers (pool.epoch 2 before 10), whatever the rows' order."""
+    def value(v: Any) -> tuple:
+        return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, json.dumps(v))
+    return tuple((k, value(v)) for k, v in sorted(point.items()))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> set[int]:

@@ -65,6 +65,10 @@ def test_auto_picks_cuda_and_a_cuda_config_distills_on_the_gpu(tmp_path):
         assert 0.0 <= result[split]["ConvNetW32"]["mean"] <= 1.0
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert saved["device"] == "cuda"
+    cost = result["cost"]  # on CUDA the phases also count GPU seconds (synchronised), and GPU memory
+    for phase in ("distill", "eval", "ptm_train"):
+        assert cost[phase]["gpu_s"] == cost[phase]["wall_s"] > 0
+    assert cost["peak_gpu_mb"] > 0 and cost["pool"]["gpu_s"] > 0
 
 
 def _conv_output_dtypes(monkeypatch) -> set:
