@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from emit import emit  # noqa: E402 - bench/ is on the path (the script's own folder)
 
 from ptmdd_ray.proc import reset_peak_memory, status_mb  # noqa: E402 - after the path (no torch)
 
@@ -300,11 +301,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['peak_over_start_mb']:>13.0f}{cuda}", file=table, flush=True)
     report = {"benchmark": "bench_distill", "settings": settings(args, methods, variants, rows), "results": results,
               "failed": failed}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2), flush=True)
+    emit(report, args.json, args.out, indent=2)
     return 1 if failed else 0
 
 

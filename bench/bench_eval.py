@@ -24,7 +24,6 @@ settings; the table goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from emit import emit  # noqa: E402 - bench/ is on the path (the script's own folder)
 
 
 def ours(x, y, data, args, arch: str, seed: int, epochs: int) -> list[float]:
@@ -141,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours {res['seconds']:.1f} s, reference {res['reference_seconds']:.1f} s: "
           f"{res['speedup_vs_reference']:.2f}x ({args.epochs} epochs x {args.runs} runs, {res['device_name']})",
           file=sys.stderr)
-    text = json.dumps(res)
-    if args.json:
-        print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(res, args.json, args.out)
     return 0
 
 

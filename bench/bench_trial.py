@@ -17,7 +17,6 @@ and ``speedup_vs_reference``, and each side's test accuracy of the set and of th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from emit import emit  # noqa: E402 - bench/ is on the path (the script's own folder)
 
 PHASES = ("pretrain", "distill", "eval_synthetic", "eval_baseline")
 
@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     res = measure(args)
     print(f"trial: ours {res['seconds']:.1f} s, reference {res['reference_seconds']:.1f} s: "
           f"{res['speedup_vs_reference']:.2f}x", file=sys.stderr)
-    text = json.dumps(res)
-    if args.json:
-        print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(res, args.json, args.out)
     return 0
 
 

@@ -14,13 +14,13 @@ significant difference" if p >= 0.05). ``--json`` prints one JSON object on stdo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from emit import emit  # noqa: E402 - bench/ is on the path (the script's own folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
            "verdict": "significant difference" if test["p"] < 0.05 else "no significant difference"}
     print(f"compiled - eager: {res['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] points, p = {res['p']:.3g} "
           f"(n = {args.seeds}): {res['verdict']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(res))
+    emit(res, args.json, None)
     return 0
 
 

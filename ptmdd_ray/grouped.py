@@ -24,7 +24,6 @@ statistics that a functional pass would not carry back. Other architectures trai
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 from . import augment
 from .archs import convnet_options
-from .train import _autocast, lr_at
+from .train import autocast, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def train_group(
     if len(gens) != r:
         raise ValueError(f"train_group: {len(gens)} generators for {r} models")
     optimizer = torch.optim.SGD(list(net.params.values()), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    amp = _autocast(device) if mixed_precision else contextlib.nullcontext()
+    amp = autocast(device, mixed_precision)
     for m in net.models:
         m.train()
     for ep in range(epochs):
@@ -176,7 +175,7 @@ def group_accuracy(net: GroupedNet, x: torch.Tensor, y: torch.Tensor, batch: int
     """Top-1 accuracy of each of the R models on (x, y), as fractions, one grouped pass per chunk."""
     r = len(net.models)
     correct = torch.zeros(r, dtype=torch.long, device=x.device)
-    with _autocast(x.device) if mixed_precision else contextlib.nullcontext():
+    with autocast(x.device, mixed_precision):
         for start in range(0, x.shape[0], batch):
             xb = x[start:start + batch]
             logits = net(xb.unsqueeze(0).expand(r, *xb.shape))

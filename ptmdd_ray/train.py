@@ -36,10 +36,11 @@ def lr_at(epoch: int, lr: float, milestones: Sequence[int]) -> float:
     return lr * 0.1 ** sum(1 for m in milestones if 0 < m <= epoch)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (the ``precision: bf16`` default; ``precision: fp32`` switches it off);
-    the CPU always computes in fp32."""
-    if device.type == "cuda":
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA when ``enabled`` (``mixed_precision``: the ``precision: bf16`` default;
+    ``precision: fp32`` switches it off); the CPU always computes in fp32. The one place that says
+    how training and scoring use mixed precision (:mod:`ptmdd_ray.grouped` too)."""
+    if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -74,7 +75,7 @@ def train_classifier(
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = x.shape[0]
     size = x.shape[-1]
-    amp = _autocast(device) if mixed_precision else contextlib.nullcontext()
+    amp = autocast(device, mixed_precision)
     for ep in range(epochs):
         model.train()
         for group in optimizer.param_groups:
@@ -101,7 +102,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     """Top-1 accuracy as a fraction in [0, 1]; the model is left in eval mode."""
     model.eval()
     correct = 0
-    with _autocast(x.device) if mixed_precision else contextlib.nullcontext():
+    with autocast(x.device, mixed_precision):
         for start in range(0, x.shape[0], batch):
             correct += (model(x[start:start + batch]).argmax(1) == y[start:start + batch]).sum().item()
     return correct / max(1, x.shape[0])

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from reference_dc import _match_loss, reference_dc_iteration  # noqa: E402
 from reference_dm import reference_dm_iteration  # noqa: E402
 from reference_eval import reference_evaluate_synset  # noqa: E402
+from emit import emit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,11 @@ def test_gpu_check_without_cuda_says_so_and_exits_0():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "gpu_check: no CUDA device here (torch.cuda.is_available() is False" in proc.stdout
     assert re.search(r"gpu_check: \d+ tests? collected", proc.stdout), proc.stdout  # its tests import here
+
+
+def test_a_benchmarks_figures_go_to_stdout_as_one_json_object_and_to_its_out_file(tmp_path, capsys):
+    res = {"seconds": 1.5, "speedup_vs_reference": 2.0}
+    emit(res, True, str(tmp_path / "sub" / "out.json"))
+    assert json.loads(capsys.readouterr().out) == res == json.loads((tmp_path / "sub" / "out.json").read_text())
+    emit(res, False, None)
+    assert capsys.readouterr().out == ""
