@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .config import Config, to_dict
-from .cost import Meter, Seconds
+from .cost import Meter, Seconds, device_sync
 from .data import ImageData
 from .sources import source_id
 from .evaluate import evaluate_set, random_real_subset
@@ -63,7 +63,7 @@ def evaluate_against_baseline(cfg: Config, data: ImageData, images: torch.Tensor
     instead of idling."""
     t0 = time.perf_counter()
     acc: dict[str, dict] = {}
-    meter = Meter(_sync(data))
+    meter = Meter(device_sync(data.x_train.device))
 
     def evaluate_synthetic() -> None:
         with meter:
@@ -77,11 +77,6 @@ def evaluate_against_baseline(cfg: Config, data: ImageData, images: torch.Tensor
         evaluate_synthetic()
     return Scores(acc, baseline, cached, spent.wait_seconds, time.perf_counter() - t0, meter.seconds,
                   spent.evaluation)
-
-
-def _sync(data: ImageData):
-    """What a :class:`~ptmdd_ray.cost.Meter` of an evaluation on ``data``'s device synchronises."""
-    return torch.cuda.synchronize if data.x_train.device.type == "cuda" else None
 
 
 def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[str, Any]]:
@@ -105,7 +100,7 @@ def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool 
 
     def evaluate() -> dict:
         real_x, real_y = random_real_subset(data, ipc, cfg.seed)
-        with Meter(_sync(data)) as meter:
+        with Meter(device_sync(data.x_train.device)) as meter:
             out = evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real",
                                mixed_precision=cfg.precision == "bf16")
         spent.evaluation = meter.seconds

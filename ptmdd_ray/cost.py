@@ -87,17 +87,27 @@ class Meter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.sync is not None and exc[0] is None:
-            self.sync()
-        wall = time.perf_counter() - self._wall
-        self.seconds = Seconds(wall, time.process_time() - self._cpu, wall if self.sync is not None else None)
+        self.seconds = self._elapsed(sync=exc[0] is None)  # a failed phase's queue is not waited for
 
     def lap(self) -> Seconds:
         """The seconds since entering, without leaving (a training's cost up to a checkpoint)."""
-        if self.sync is not None:
+        return self._elapsed(sync=True)
+
+    def _elapsed(self, sync: bool) -> Seconds:
+        if sync and self.sync is not None:
             self.sync()
         wall = time.perf_counter() - self._wall
         return Seconds(wall, time.process_time() - self._cpu, wall if self.sync is not None else None)
+
+
+def device_sync(device) -> Callable[[], None] | None:
+    """What a :class:`Meter` of work on ``device`` (a ``torch.device``) synchronises: CUDA's
+    ``synchronize``, or nothing on the CPU (torch is imported only then)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.synchronize
 
 
 def measured(sync: Callable[[], None] | None, step: Callable[..., T], *args, **kwargs) -> tuple[T, Seconds]:

@@ -76,7 +76,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     state along the way. ``ptm_users``: how many runs of the study share each PTM (by key), which
     divides its training cost in ``cost.pool_amortised`` (default: this run alone)."""
     device = pick_device(cfg.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    sync = cost.device_sync(device)
     if sync is not None:
         torch.cuda.reset_peak_memory_stats(device)  # cost.peak_gpu_mb is this run's
     data = target_data(cfg, data, device)

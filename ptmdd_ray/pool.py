@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import losses
-from .cost import Meter, Seconds
+from .cost import Meter, Seconds, device_sync
 from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, uses_ptms,
                      weight_for)
 from .data import ImageData, load_data
@@ -211,7 +211,7 @@ def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
         data = data() if callable(data) else data
         log.info("training PTM %s (epochs %s)", spec.key(max(missing)), missing)
         run = Training([])
-        with Meter(_sync(data.x_train.device)) as meter:
+        with Meter(device_sync(data.x_train.device)) as meter:
             for e, (state, acc, cost) in pretrain(spec, missing, data, progress).items():
                 meta = {"arch": spec.arch, "seed": spec.seed, "epoch": e, "test_accuracy": acc["test"],
                         "train_accuracy": acc["train"], "train_cost": cost.as_dict(),
@@ -245,11 +245,6 @@ def store_stats(store: CheckpointStore) -> dict[str, Any]:
             "without_cost": sum(r["train_wall_s"] is None for r in rows), "ptms": rows}
 
 
-def _sync(device: torch.device) -> Callable[[], None] | None:
-    """What a :class:`~ptmdd_ray.cost.Meter` on ``device`` synchronises (None on the CPU)."""
-    return torch.cuda.synchronize if device.type == "cuda" else None
-
-
 def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
              ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float], Seconds]]:
     """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
@@ -266,7 +261,7 @@ def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress
     amp = spec.precision == "bf16"
     last = max(wanted)
     bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
-    meter = Meter(_sync(data.x_train.device))
+    meter = Meter(device_sync(data.x_train.device))
 
     def on_epoch(e: int, m: nn.Module) -> None:
         bar.update(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -38,6 +39,8 @@ def check_directions(url: str, study_name: str, directions: list[str]) -> None:
     (a second objective added or dropped since it began): Optuna keeps a study's directions for life."""
     from .config import ConfigError
 
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return  # no study yet; opening would create the file before anything is meant to be written
     try:
         summaries = optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)
     except Exception:  # noqa: BLE001 - an unreadable storage is reported where it is opened
