@@ -5,7 +5,8 @@ in one process.
 
     .venv/bin/python bench/bench_eval.py [--data parquet:../shared/data/cifar10-jpeg.parquet]
         [--archs ConvNetW32,ConvNet] [--ipc 10] [--runs 5] [--epochs 1000] [--blocks 2]
-        [--no-compile] [--group auto|on|off] [--device auto|cpu|cuda] [--json] [--out FILE]
+        [--no-compile] [--group auto|on|off] [--precision bf16|bf16-cpu|fp32] [--device auto|cpu|cuda]
+        [--json] [--out FILE]
 
 The set is ``--ipc`` random real images per class (what a set holds does not change the cost).
 A block is one whole evaluation of the set by one side: ``--runs`` models of every ``--archs``
@@ -41,7 +42,8 @@ def ours(x, y, data, args, arch: str, seed: int, epochs: int) -> list[float]:
 
     group = {"auto": None, "on": True, "off": False}[args.group]
     cfg = EvalConfig(archs=[arch], runs=args.runs, epochs=epochs, augment=True, compile=not args.no_compile, group=group)
-    return evaluate_set(x, y, data, cfg, seed, progress=False, splits=("test",))["test"][arch]["runs"]
+    return evaluate_set(x, y, data, cfg, seed, progress=False, splits=("test",),
+                        precision=args.precision)["test"][arch]["runs"]
 
 
 def reference(x, y, data, args, arch: str, seed: int, epochs: int) -> list[float]:
@@ -106,7 +108,8 @@ def measure(args) -> dict:
         print(f"block {block}: ours {pair['ours']:.1f} s, reference {pair['reference']:.1f} s, "
               f"{pair['reference'] / pair['ours']:.2f}x", file=sys.stderr)
     return {"data": args.data, "archs": archs, "ipc": args.ipc, "runs": args.runs, "epochs": args.epochs,
-            "blocks": args.blocks, "compile": not args.no_compile, "group": args.group, "device": str(device),
+            "blocks": args.blocks, "compile": not args.no_compile, "group": args.group, "precision": args.precision,
+            "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "seconds": sum(ours_s), "reference_seconds": sum(ref_s),
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="our training passes eager")
     p.add_argument("--group", choices=["auto", "on", "off"], default="auto",
                    help="train our runs as one grouped network (auto: on CUDA only, the package default)")
+    p.add_argument("--precision", choices=["bf16", "bf16-cpu", "fp32"], default="bf16",
+                   help="our precision (bf16, the default: bf16 autocast on CUDA, fp32 on the CPU; bf16-cpu: "
+                        "bf16 on the CPU too); the reference computes fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
     p.add_argument("--out", help="also write the JSON object to this file")

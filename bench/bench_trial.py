@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_trial.py [--data parquet:../shared/data/cifar10-jpeg.parquet]
         [--train-per-class 500] [--model ConvNetW32] [--ipc 10] [--iterations 200] [--batch-real 64]
-        [--ptm-epochs 2] [--runs 3] [--eval-epochs 300] [--eval-compile auto|on|off] [--json] [--out FILE]
+        [--ptm-epochs 2] [--runs 3] [--eval-epochs 300] [--eval-compile auto|on|off]
+        [--precision bf16|bf16-cpu|fp32] [--json] [--out FILE]
 
 A trial: train the 2-PTM pool (``--model``, ``--ptm-epochs`` epochs of a 150-epoch schedule on the
 training images), distill IPC ``--ipc`` with DM + CLoM (α 2000 on the raw images, the reference's)
@@ -43,7 +44,7 @@ def config(args, store: str):
         "loss": {"clom": 2000.0},
         "eval": {"runs": args.runs, "epochs": args.eval_epochs, "baseline": True,
                  "compile": {"auto": None, "on": True, "off": False}[args.eval_compile]},
-        "store": store, "device": "cpu"})
+        "store": store, "device": "cpu", "precision": args.precision})
 
 
 def clock(fn):
@@ -66,7 +67,8 @@ def ours(cfg, data, phase: str, state: dict):
         return None
     x, y = (state["set"].images, state["set"].labels) if phase == "eval_synthetic" else \
         random_real_subset(data, cfg.distill.ipc, cfg.seed)
-    return evaluate_set(x, y, data, cfg.eval, cfg.seed, progress=False, splits=("test",))["test"][cfg.model]["mean"]
+    return evaluate_set(x, y, data, cfg.eval, cfg.seed, progress=False, splits=("test",),
+                        precision=cfg.precision)["test"][cfg.model]["mean"]
 
 
 def reference(cfg, data, phase: str, state: dict):
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-epochs", type=int, default=300)
     p.add_argument("--eval-compile", choices=["auto", "on", "off"], default="auto",
                    help="eval.compile (auto: the package default, on from 500 epochs)")
+    p.add_argument("--precision", choices=["bf16", "bf16-cpu", "fp32"], default="bf16",
+                   help="our precision in pretraining and evaluation (bf16-cpu: bf16 autocast on the CPU too; "
+                        "the reference computes fp32)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out")
     args = p.parse_args(argv)

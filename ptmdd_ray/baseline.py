@@ -68,7 +68,7 @@ def evaluate_against_baseline(cfg: Config, data: ImageData, images: torch.Tensor
     def evaluate_synthetic() -> None:
         with meter:
             acc.update(evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
-                                    mixed_precision=cfg.precision == "bf16"))
+                                    precision=cfg.precision))
 
     spent = BaselineCost()
     baseline, cached = random_real_baseline(cfg, data, cfg.distill.ipc, progress, evaluate_synthetic,
@@ -102,7 +102,7 @@ def random_real_baseline(cfg: Config, data: ImageData, ipc: int, progress: bool 
         real_x, real_y = random_real_subset(data, ipc, cfg.seed)
         with Meter(device_sync(data.x_train.device)) as meter:
             out = evaluate_set(real_x, real_y, data, cfg.eval, cfg.seed, progress, "eval random real",
-                               mixed_precision=cfg.precision == "bf16")
+                               precision=cfg.precision)
         spent.evaluation = meter.seconds
         return out
 

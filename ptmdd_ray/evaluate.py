@@ -30,21 +30,21 @@ def splits_of(data: ImageData) -> tuple[str, ...]:
 
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, data: ImageData, cfg: EvalConfig, seed: int,
                  progress: bool = True, desc: str = "eval", splits: tuple[str, ...] | None = None,
-                 mixed_precision: bool = True) -> dict[str, dict[str, dict]]:
+                 precision: str = "bf16") -> dict[str, dict[str, dict]]:
     """Train ``cfg.runs`` fresh models of every ``cfg.archs`` on (images, labels) and score each on
     every split of ``splits`` (default :func:`splits_of`): one training serves both the validation
     score (what choices are made on) and the test score (what is reported). Returns
     {split: {arch: {mean, std, runs}}} with accuracies as fractions in [0, 1]. Run ``i`` of every
     arch is seeded ``seed * 1000 + i`` (its initialisation, shuffles and augmentations), whether
     the runs train as one grouped network (``cfg.group``, :mod:`ptmdd_ray.grouped`) or one at a
-    time. ``mixed_precision``: bf16 autocast on CUDA (no effect on the CPU)."""
+    time. ``precision``: the run's ``precision`` (:func:`ptmdd_ray.train.autocast`)."""
     x, y = images.to(data.x_train.device), labels.to(data.x_train.device)
     scored = {split: data.split(split) for split in splits or splits_of(data)}
     accs: dict[str, dict[str, list[float]]] = {split: {} for split in scored}
     with tqdm(total=len(cfg.archs) * cfg.runs, desc=desc, disable=not progress, leave=False) as bar:
         for arch in cfg.archs:
             train = _grouped if groups(cfg, x.device) and groupable(arch) else _one_at_a_time
-            for split, runs in train(arch, x, y, data, cfg, seed, scored, mixed_precision, bar).items():
+            for split, runs in train(arch, x, y, data, cfg, seed, scored, precision, bar).items():
                 accs[split][arch] = runs
     return {split: {arch: summarize(a) for arch, a in by_arch.items()} for split, by_arch in accs.items()}
 
@@ -71,29 +71,29 @@ def _train_kwargs(cfg: EvalConfig) -> dict:
                 batch=cfg.batch, milestones=(cfg.epochs // 2,), dsa_strategy=DSA_STRATEGY if cfg.augment else "none")
 
 
-def _one_at_a_time(arch, x, y, data, cfg, seed, scored, mixed_precision, bar) -> dict[str, list[float]]:
+def _one_at_a_time(arch, x, y, data, cfg, seed, scored, precision, bar) -> dict[str, list[float]]:
     """The reference's protocol: one model after the other (its training steps through
     ``torch.compile`` with ``cfg.compile``); {split: accuracy of each run}."""
     out: dict[str, list[float]] = {split: [] for split in scored}
     for run_seed in _run_seeds(seed, cfg):
         model = new_model(arch, _shape(data), seed=run_seed, device=x.device)
         forward = CompiledCall(model, "forward") if cfg.compile else None
-        train_classifier(model, x, y, gen=torch.Generator().manual_seed(run_seed), mixed_precision=mixed_precision,
+        train_classifier(model, x, y, gen=torch.Generator().manual_seed(run_seed), precision=precision,
                          forward=forward, **_train_kwargs(cfg))
         for split, (xs, ys) in scored.items():
-            out[split].append(accuracy(model, xs, ys, mixed_precision=mixed_precision))
+            out[split].append(accuracy(model, xs, ys, precision=precision))
         bar.update(1)
     return out
 
 
-def _grouped(arch, x, y, data, cfg, seed, scored, mixed_precision, bar) -> dict[str, list[float]]:
+def _grouped(arch, x, y, data, cfg, seed, scored, precision, bar) -> dict[str, list[float]]:
     """All runs of ``arch`` as one grouped network (the same seeds); {split: accuracy of each run}."""
     run_seeds = _run_seeds(seed, cfg)
     net = GroupedNet([new_model(arch, _shape(data), seed=s, device=x.device) for s in run_seeds],
                      compile=bool(cfg.compile))
     train_group(net, x, y, gens=[torch.Generator().manual_seed(s) for s in run_seeds],
-                mixed_precision=mixed_precision, **_train_kwargs(cfg))
-    out = {split: group_accuracy(net, xs, ys, mixed_precision=mixed_precision) for split, (xs, ys) in scored.items()}
+                precision=precision, **_train_kwargs(cfg))
+    out = {split: group_accuracy(net, xs, ys, precision=precision) for split, (xs, ys) in scored.items()}
     bar.update(cfg.runs)
     return out
 

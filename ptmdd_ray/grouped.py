@@ -138,7 +138,7 @@ def train_group(
     batch: int,
     milestones: Sequence[int] = (),
     dsa_strategy: str = "none",
-    mixed_precision: bool = True,
+    precision: str = "bf16",
 ) -> GroupedNet:
     """:func:`ptmdd_ray.train.train_classifier` for the R models of ``net`` at once, model r drawing
     its shuffles and augmentations from ``gens[r]`` exactly as it would alone."""
@@ -146,7 +146,7 @@ def train_group(
     if len(gens) != r:
         raise ValueError(f"train_group: {len(gens)} generators for {r} models")
     optimizer = torch.optim.SGD(list(net.params.values()), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    amp = autocast(device, mixed_precision)
+    amp = autocast(device, precision)
     for m in net.models:
         m.train()
     for ep in range(epochs):
@@ -171,11 +171,11 @@ def train_group(
 
 @torch.no_grad()
 def group_accuracy(net: GroupedNet, x: torch.Tensor, y: torch.Tensor, batch: int = 1024,
-                   mixed_precision: bool = True) -> list[float]:
+                   precision: str = "bf16") -> list[float]:
     """Top-1 accuracy of each of the R models on (x, y), as fractions, one grouped pass per chunk."""
     r = len(net.models)
     correct = torch.zeros(r, dtype=torch.long, device=x.device)
-    with autocast(x.device, mixed_precision):
+    with autocast(x.device, precision):
         for start in range(0, x.shape[0], batch):
             xb = x[start:start + batch]
             logits = net(xb.unsqueeze(0).expand(r, *xb.shape))

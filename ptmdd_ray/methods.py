@@ -153,7 +153,7 @@ def dc_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
             break
         train_classifier(net, syn.detach(), syn_y, epochs=cfg.inner_loop, lr=cfg.lr_net, momentum=0.0,
                          weight_decay=0.0, batch=cfg.batch_train, dsa_strategy=cfg.dsa_strategy, gen=gen,
-                         optimizer=opt_net, mixed_precision=False, forward=forward)
+                         optimizer=opt_net, precision="fp32", forward=forward)
     return out
 
 

@@ -159,13 +159,13 @@ class IntermediateEvals:
     def __init__(self, cfg: Config, data: ImageData, history: list, on_eval: Callable[[int, float], None] | None):
         self.data, self.seed, self.on_eval = data, cfg.seed, on_eval
         self.quick = replace(cfg.eval, runs=1)
-        self.amp = cfg.precision == "bf16"
+        self.precision = cfg.precision
         self.split = eval_split(cfg)
         self.history: list[tuple[int, float]] = [(int(i), float(a)) for i, a in history]
 
     def __call__(self, it: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         acc = evaluate_set(images, labels, self.data, self.quick, self.seed, False, splits=(self.split,),
-                           mixed_precision=self.amp)[self.split]
+                           precision=self.precision)[self.split]
         mean = sum(a["mean"] for a in acc.values()) / len(acc)
         self.history.append((it, mean))
         if self.on_eval is not None:
@@ -234,7 +234,7 @@ def run_evaluate(cfg: Config, images: torch.Tensor, labels: torch.Tensor, progre
     data = data.to(device)
     ipc = int(torch.bincount(labels).max())
     acc = evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
-                       mixed_precision=cfg.precision == "bf16")
+                       precision=cfg.precision)
     out = {"config": to_dict(cfg), "accuracy": acc["test"], "baseline_random": None, "val_accuracy": acc.get("val"),
            "baseline_random_val": None, "ipc": ipc}
     if cfg.eval.baseline:

@@ -49,7 +49,7 @@ class PTMSpec:
     seed: int
     source: DatasetConfig
     pretrain: PretrainConfig
-    precision: str = "bf16"  # autocast on CUDA while training (Config.precision)
+    precision: str = "bf16"  # autocast while training (Config.precision, train.autocast)
 
     def identity(self) -> dict[str, Any]:
         src = {k: v for k, v in to_dict(self.source).items()
@@ -258,7 +258,6 @@ def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress
     gen = torch.Generator().manual_seed(spec.seed)
     wanted = set(epochs_to_save)
     out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float], Seconds]] = {}
-    amp = spec.precision == "bf16"
     last = max(wanted)
     bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
     meter = Meter(device_sync(data.x_train.device))
@@ -266,15 +265,15 @@ def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress
     def on_epoch(e: int, m: nn.Module) -> None:
         bar.update(1)
         if e in wanted:
-            acc = {"test": accuracy(m, data.x_test, data.y_test, mixed_precision=amp),
-                   "train": accuracy(m, data.x_train, data.y_train, mixed_precision=amp)}
+            acc = {"test": accuracy(m, data.x_test, data.y_test, precision=spec.precision),
+                   "train": accuracy(m, data.x_train, data.y_train, precision=spec.precision)}
             out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc, meter.lap())
             bar.set_postfix(epoch=e, test_acc=f"{acc['test']:.3f}", train_acc=f"{acc['train']:.3f}")
 
     with meter:
         train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
                          weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
-                         gen=gen, on_epoch=on_epoch, mixed_precision=amp)
+                         gen=gen, on_epoch=on_epoch, precision=spec.precision)
     bar.close()
     return out
 

@@ -36,13 +36,31 @@ def lr_at(epoch: int, lr: float, milestones: Sequence[int]) -> float:
     return lr * 0.1 ** sum(1 for m in milestones if 0 < m <= epoch)
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA when ``enabled`` (``mixed_precision``: the ``precision: bf16`` default;
-    ``precision: fp32`` switches it off); the CPU always computes in fp32. The one place that says
-    how training and scoring use mixed precision (:mod:`ptmdd_ray.grouped` too)."""
-    if enabled and device.type == "cuda":
+def autocast(device: torch.device, precision: str = "bf16"):
+    """The autocast context of a run's ``precision`` (``Config.precision``) on ``device``: the one
+    place that says how training and scoring use mixed precision (:mod:`ptmdd_ray.grouped` too).
+
+    ``bf16`` (the default): bf16 autocast on CUDA, fp32 on the CPU. ``bf16-cpu``: bf16 autocast on
+    the CPU as well, where oneDNN computes bf16 natively (avx512_bf16 or AMX): the convolutions of
+    evaluation and pretraining take about half the time (BENCHMARKS.md, "bf16 on the CPU"), at the
+    cost of bf16 rounding in the forward pass (weights and optimiser stay fp32). ``fp32``: off.
+    A CPU without native bf16 is refused (emulated bf16 would be slower than fp32)."""
+    if precision in ("bf16", "bf16-cpu") and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16-cpu" and device.type == "cpu":
+        if not cpu_has_bf16():
+            raise RuntimeError("precision bf16-cpu: this CPU computes no bf16 natively (needs avx512_bf16 "
+                               "or AMX); use precision bf16 or fp32")
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (avx512_bf16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def train_classifier(
@@ -60,7 +78,7 @@ def train_classifier(
     gen: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
-    mixed_precision: bool = True,
+    precision: str = "bf16",
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """SGD with cross-entropy for ``epochs`` passes over (x, y), shuffled with ``gen``.
@@ -75,7 +93,7 @@ def train_classifier(
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = x.shape[0]
     size = x.shape[-1]
-    amp = autocast(device, mixed_precision)
+    amp = autocast(device, precision)
     for ep in range(epochs):
         model.train()
         for group in optimizer.param_groups:
@@ -98,11 +116,11 @@ def train_classifier(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024,
-             mixed_precision: bool = True) -> float:
+             precision: str = "bf16") -> float:
     """Top-1 accuracy as a fraction in [0, 1]; the model is left in eval mode."""
     model.eval()
     correct = 0
-    with autocast(x.device, mixed_precision):
+    with autocast(x.device, precision):
         for start in range(0, x.shape[0], batch):
             correct += (model(x[start:start + batch]).argmax(1) == y[start:start + batch]).sum().item()
     return correct / max(1, x.shape[0])

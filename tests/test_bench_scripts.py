@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from helpers import TINY_BASE
+from ptmdd_ray.train import cpu_has_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -174,6 +175,15 @@ def test_pair_eval_pairs_compiled_and_eager_evaluations_by_seed():
     assert 0 <= r["p"] <= 1 and r["verdict"] in ("no significant difference", "significant difference")
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU computes no bf16 natively")
+def test_pair_eval_pairs_fp32_and_bf16_cpu_evaluations_by_seed():
+    proc = bench("pair_eval.py", "--compare", "precision", *TINY, "--ipc", "2", "--runs", "1", "--epochs", "2",
+                 "--seeds", "2", "--test-per-class", "10", "--json", timeout=600)
+    r = json.loads(proc.stdout)
+    assert r["sides"] == ["fp32", "bf16-cpu"] and len(r["fp32"]) == len(r["bf16-cpu"]) == 2
+    assert r["diff"] == pytest.approx(sum(b - f for b, f in zip(r["bf16-cpu"], r["fp32"])) / 2)
+
+
 def test_dc_classes_vmap_computes_the_same_matching_loss_both_ways():
     proc = bench("dc_classes_vmap.py", "--classes", "3", "--batch-real", "4", "--ipc", "2", "--im-size", "8",
                  "--channels", "1", "--reps", "1", "--json")
@@ -186,8 +196,9 @@ def test_dc_classes_vmap_computes_the_same_matching_loss_both_ways():
 def test_bench_trial_times_every_phase_of_a_trial_both_ways():
     proc = bench("bench_trial.py", *TINY, "--train-per-class", "30", "--test-per-class", "10", "--ipc", "2",
                  "--iterations", "3", "--batch-real", "8", "--ptm-epochs", "1", "--runs", "1", "--eval-epochs", "2",
-                 "--json")
+                 *(["--precision", "bf16-cpu"] if cpu_has_bf16() else []), "--json")
     r = json.loads(proc.stdout)
+    assert r["settings"]["precision"] == ("bf16-cpu" if cpu_has_bf16() else "bf16")
     assert list(r["phases"]) == ["pretrain", "distill", "eval_synthetic", "eval_baseline"]
     for phase in r["phases"].values():
         assert finite(phase["seconds"], True) and finite(phase["reference_seconds"], True)

@@ -393,3 +393,9 @@ def test_checkpoint_interval_is_resolved_with_the_config():
     assert build_config({"distill": {"iterations": 200}}).distill.checkpoint_every == 20
     assert build_config({"distill": {"iterations": 5}}).distill.checkpoint_every == 1
     assert build_config({"distill": {"iterations": 200, "checkpoint_every": 7}}).distill.checkpoint_every == 7
+
+
+def test_precision_names_its_three_choices():
+    assert build_config({"precision": "bf16-cpu"}).precision == "bf16-cpu"
+    with pytest.raises(ConfigError, match=r"precision: expected one of bf16, bf16-cpu, fp32, got 'fp16'"):
+        build_config({"precision": "fp16"})

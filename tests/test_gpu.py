@@ -108,9 +108,9 @@ def test_grouped_evaluation_on_the_gpu_equals_one_model_at_a_time():
     x, y = random_real_subset(data, 3, 0)
     cfg = EvalConfig(archs=["ConvNetW32"], runs=3, epochs=20, augment=True, compile=False, group=True)
     with ieee_fp32():
-        grouped = evaluate_set(x, y, data, cfg, seed=0, progress=False, mixed_precision=False)
+        grouped = evaluate_set(x, y, data, cfg, seed=0, progress=False, precision="fp32")
         alone = evaluate_set(x, y, data, EvalConfig(**{**cfg.__dict__, "group": False}), seed=0, progress=False,
-                             mixed_precision=False)
+                             precision="fp32")
     for split in ("test", "val"):
         assert grouped[split]["ConvNetW32"]["runs"] == pytest.approx(alone[split]["ConvNetW32"]["runs"], abs=0.02)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ptmdd_ray import losses
-from ptmdd_ray.config import ConfigError, build_config
+from ptmdd_ray.config import PRECISIONS, ConfigError, build_config
 from ptmdd_ray.data import load_data
 from ptmdd_ray.pool import PTMGuide, PTMRepository, PTMSpec, pool_specs, resolve_pool, save_epochs
 from ptmdd_ray.store import CheckpointRepository, CheckpointStore, IntegrityError
@@ -30,6 +30,8 @@ def test_spec_key_is_content_addressed(tmp_path):
     assert moved.run_id == a.run_id
     other = PTMSpec(a.arch, a.seed, a.source.__class__(**{**a.source.__dict__, "domain": "invert"}), a.pretrain)
     assert other.run_id != a.run_id
+    # bf16 on the CPU trains other weights than the default's fp32 there: another PTM
+    assert len({PTMSpec(a.arch, a.seed, a.source, a.pretrain, p).run_id for p in PRECISIONS}) == 3
     assert save_epochs(cfg) == [1, 3]
 
 

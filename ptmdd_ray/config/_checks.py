@@ -168,4 +168,4 @@ def check_eval(evaluation: EvalConfig, model: str, method: str) -> EvalConfig:
 def check_device(device: str, precision: str) -> None:
     check(device in ("auto", "cpu") or device.startswith("cuda"), "device",
           f"expected auto, cpu or cuda[:N], got {device!r}")
-    check(precision in PRECISIONS, "precision", f"expected {' or '.join(PRECISIONS)}, got {precision!r}")
+    check(precision in PRECISIONS, "precision", f"expected one of {', '.join(PRECISIONS)}, got {precision!r}")
