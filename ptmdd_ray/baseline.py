@@ -24,7 +24,7 @@ from . import __version__
 from .config import Config, to_dict
 from .cost import Meter, Seconds, device_sync
 from .data import ImageData
-from .sources import source_id
+from .sources import canonical_name, source_id
 from .evaluate import evaluate_set, random_real_subset
 from .store import CheckpointStore, StoreError
 
@@ -82,7 +82,8 @@ def evaluate_against_baseline(cfg: Config, data: ImageData, images: torch.Tensor
 def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[str, Any]]:
     """The store record name of a random-real baseline and what it identifies: everything the
     evaluation depends on (the source's files, the subset, ipc, seed, protocol, device kind)."""
-    ident = {"data": source_id(cfg.dataset), "dataset": to_dict(cfg.dataset), "ipc": ipc, "seed": cfg.seed,
+    dataset = {**to_dict(cfg.dataset), "name": canonical_name(cfg.dataset.name)}
+    ident = {"data": source_id(cfg.dataset), "dataset": dataset, "ipc": ipc, "seed": cfg.seed,
              "eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("baseline", "every")},
              "device": data.x_train.device.type, "precision": cfg.precision, "version": __version__}
     return "baseline-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24], ident

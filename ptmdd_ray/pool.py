@@ -27,6 +27,7 @@ from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_
                      weight_for)
 from .data import ImageData, load_data
 from .models import embed_chunked
+from .sources import canonical_name
 from .store import Checkpoint, CheckpointRepository, CheckpointStore, load_checked
 from .train import accuracy, new_model, train_classifier
 
@@ -54,6 +55,7 @@ class PTMSpec:
     def identity(self) -> dict[str, Any]:
         src = {k: v for k, v in to_dict(self.source).items()
                if k not in _LOCATION_FIELDS and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+        src["name"] = canonical_name(src["name"])
         train = {k: v for k, v in to_dict(self.pretrain).items() if k != "save_epochs"}
         ident = {"arch": self.arch, "seed": self.seed, "source": src, "pretrain": train}
         return ident if self.precision == "bf16" else {**ident, "precision": self.precision}

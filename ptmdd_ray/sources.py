@@ -62,6 +62,16 @@ def parse_name(name: str, key: str) -> tuple[str, str | None]:
     raise ConfigError(f"{key}.name: unknown dataset {name!r} (known: {KNOWN})")
 
 
+def canonical_name(name: str) -> str:
+    """``name`` as part of an identity (a PTM's key, a cached baseline's): a file source with its
+    absolute, normalised path, so that ``parquet:../shared/x.parquet`` anchored in /work/a and
+    ``parquet:/work/shared/x.parquet`` are one source; built-in names as given."""
+    for kind in ("parquet", "imagefolder"):
+        if name.startswith(kind + ":") and name[len(kind) + 1:].strip():
+            return f"{kind}:{os.path.abspath(os.path.expanduser(name[len(kind) + 1:].strip()))}"
+    return name
+
+
 def _parquet_schema(path: str, key: str):
     import pyarrow.parquet as pq
     try:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ptmdd_ray import losses
-from ptmdd_ray.config import PRECISIONS, ConfigError, build_config
+from ptmdd_ray.config import PRECISIONS, ConfigError, DatasetConfig, build_config
 from ptmdd_ray.data import load_data
 from ptmdd_ray.pool import PTMGuide, PTMRepository, PTMSpec, pool_specs, resolve_pool, save_epochs
 from ptmdd_ray.store import CheckpointRepository, CheckpointStore, IntegrityError
@@ -30,6 +30,11 @@ def test_spec_key_is_content_addressed(tmp_path):
     assert moved.run_id == a.run_id
     other = PTMSpec(a.arch, a.seed, a.source.__class__(**{**a.source.__dict__, "domain": "invert"}), a.pretrain)
     assert other.run_id != a.run_id
+    # a file source is one source however its path is spelled (a study anchors ../ paths where it runs)
+    spelled = [PTMSpec(a.arch, a.seed, DatasetConfig(name=f"parquet:{p}"), a.pretrain)
+               for p in ("/data/x.parquet", "/work/exp/../../data/x.parquet", "/data/./x.parquet")]
+    assert len({s.run_id for s in spelled}) == 1
+    assert PTMSpec(a.arch, a.seed, DatasetConfig(name="parquet:/data/y.parquet"), a.pretrain).run_id != spelled[0].run_id
     # bf16 on the CPU trains other weights than the default's fp32 there: another PTM
     assert len({PTMSpec(a.arch, a.seed, a.source, a.pretrain, p).run_id for p in PRECISIONS}) == 3
     assert save_epochs(cfg) == [1, 3]
