@@ -2,7 +2,7 @@
 reading it into uint8 numpy arrays.
 
 Sources are sklearn's bundled ``digits`` (offline, used by tests and smoke runs), torchvision data sets,
-a Parquet table of encoded images (``parquet:PATH``) and an ImageFolder tree (``imagefolder:PATH``).
+Fashion-MNIST's original IDX files (Debian's ``dataset-fashion-mnist`` package, read offline), a Parquet table of encoded images (``parquet:PATH``) and an ImageFolder tree (``imagefolder:PATH``).
 :func:`check_dataset_config` validates a :class:`~ptmdd_ray.config.DatasetConfig` without decoding
 anything, so the config rejects a bad one before any work is queued. Decoding is the slow part, so
 :func:`load_uint8` decodes once into a ``.npz`` cache (no pickle) and an in-process LRU cache.
@@ -39,6 +39,16 @@ TORCHVISION = {
     "fashionmnist": ("FashionMNIST", ("FashionMNIST/raw",)),
     "svhn": ("SVHN", ("train_32x32.mat", "test_32x32.mat")),
 }
+# name -> (Debian package, its folder under DEBIAN_DATASETS, the IDX files' stems: train and test
+# images and labels): data sets read from their original IDX files, no network and no torchvision
+IDX = {
+    "fashionmnist": ("dataset-fashion-mnist", "fashion-mnist",
+                     ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                      "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+}
+IDX_CLASSES = {"fashionmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                "Sneaker", "Bag", "Ankle boot"]}  # torchvision's names, in label order
+DEBIAN_DATASETS = os.environ.get("PTMDD_DEBIAN_DATASETS", "/usr/share/datasets")  # where Debian installs them
 DOMAINS = ("none", "grayscale", "lowres", "invert")  # derived domains, see data._domain
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10, "svhn": 10}
 KNOWN = ", ".join([*NUM_CLASSES, "parquet:PATH", "imagefolder:PATH"])
@@ -91,7 +101,12 @@ def check_dataset_config(ds: DatasetConfig, key: str) -> None:
         for split in ("train", "test"):
             if not os.path.isdir(os.path.join(path, split)):
                 raise ConfigError(f"{key}.name: image folder {path} has no '{split}' subfolder")
-    elif kind in TORCHVISION and not ds.download:
+    elif kind in IDX and not ds.download and idx_dir(kind, ds.root) is None:
+        package, folder, _ = IDX[kind]
+        raise ConfigError(f"{key}.root: no {kind} IDX files in {os.path.expanduser(ds.root)} or "
+                          f"{os.path.join(DEBIAN_DATASETS, folder)} (install Debian's {package}: "
+                          f"apt-get install {package}; or set {key}.root to a folder holding them)")
+    elif kind in TORCHVISION and kind not in IDX and not ds.download:
         root = os.path.expanduser(ds.root)
         if not all(os.path.exists(os.path.join(root, m)) for m in TORCHVISION[kind][1]):
             raise ConfigError(f"{key}.root: no {kind} data under {root} (set {key}.download: true to fetch it)")
@@ -233,6 +248,50 @@ def _read_torchvision(kind: str, root: str, download: bool) -> Arrays:
     return (*out, names)
 
 
+def idx_dir(kind: str, root: str) -> str | None:
+    """The first folder holding all of ``kind``'s IDX files (each plain or gzipped): ``root``
+    itself, torchvision's layout under it (``FashionMNIST/raw``), then Debian's folder; None if
+    none does."""
+    root = os.path.abspath(os.path.expanduser(root))
+    places = (root, os.path.join(root, *TORCHVISION[kind][1][0].split("/")), os.path.join(DEBIAN_DATASETS, IDX[kind][1]))
+    for d in places:
+        if all(_idx_file(d, stem) for stem in IDX[kind][2]):
+            return d
+    return None
+
+
+def _idx_file(folder: str, stem: str) -> str | None:
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def read_idx(path: str) -> np.ndarray:
+    """One IDX file (LeCun's format, plain or gzipped) as a uint8 array: a big-endian header of
+    two zero bytes, the type (0x08: unsigned byte) and the number of dimensions, then one 32-bit
+    size per dimension, then the data. Anything else is a ConfigError naming the file."""
+    import gzip
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise ConfigError(f"dataset.root: {path} is not an unsigned-byte IDX file")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", raw[3], 4))
+    body = 4 + 4 * len(shape)
+    if len(raw) - body != int(np.prod(shape)):
+        raise ConfigError(f"dataset.root: {path} holds {len(raw) - body} bytes of data, its header says {shape}")
+    return np.frombuffer(raw, np.uint8, offset=body).reshape(shape)
+
+
+def _read_idx(kind: str, folder: str) -> Arrays:
+    x_tr, y_tr, x_te, y_te = (read_idx(_idx_file(folder, stem)) for stem in IDX[kind][2])
+    for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "t10k")):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ConfigError(f"dataset.root: {folder}: {split} images {x.shape} and labels {y.shape} do not match")
+    return (np.ascontiguousarray(x_tr[..., None]), y_tr.astype(np.int64),
+            np.ascontiguousarray(x_te[..., None]), y_te.astype(np.int64), list(IDX_CLASSES[kind]))
+
+
 def _read_digits() -> Arrays:
     """sklearn digits, split 80/20 per class with a fixed seed 0 so every run sees the same test set."""
     from sklearn.datasets import load_digits
@@ -254,7 +313,10 @@ def _signature(kind: str, src: str) -> tuple:
     if kind == "imagefolder":
         return tuple((str(p.relative_to(src)), p.stat().st_size, p.stat().st_mtime_ns)
                      for split in ("train", "test") for p in sorted(Path(src, split).rglob("*")) if p.is_file())
-    paths = [src] if kind == "parquet" else [os.path.join(src, m) for m in TORCHVISION[kind][1]]
+    if kind in IDX and idx_dir(kind, src) == src:
+        paths = [_idx_file(src, stem) for stem in IDX[kind][2]]
+    else:
+        paths = [src] if kind == "parquet" else [os.path.join(src, m) for m in TORCHVISION[kind][1]]
     return tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) if os.path.exists(p) else None for p in paths)
 
 
@@ -325,6 +387,8 @@ def _cache_write(dirs: list[Path], fname: str, arrs: Arrays) -> None:
 def _load_uint8_cached(kind: str, src: str | None, sig: tuple, download: bool, cache_dir: str | None) -> Arrays:
     if kind == "digits":
         arrs = _read_digits()
+    elif kind in IDX and idx_dir(kind, src) == src:  # as fast to read as a cache, so none is written
+        arrs = _read_idx(kind, src)
     else:
         dirs = _cache_dirs(kind, src, cache_dir)
         fname = _cache_name(kind, src, sig)
@@ -349,6 +413,8 @@ def _source(ds: DatasetConfig, key: str) -> tuple[str, str | None]:
     kind, path = parse_name(ds.name, key)
     if path is None and kind != "digits":
         path = os.path.abspath(os.path.expanduser(ds.root))
+        if kind in IDX:
+            path = idx_dir(kind, ds.root) or path  # else torchvision downloads into root
     return kind, path
 
 

@@ -143,3 +143,23 @@ def test_small_run_on_the_cifar10_parquet(tmp_path):
     meta = json.loads(pq.read_table(out / "synthetic.parquet").schema.metadata[b"ptmdd"])
     assert meta["shape"] == [3, 32, 32] and meta["classes"][0] == "airplane"
     assert pq.read_table(out / "synthetic.parquet").num_rows == 20
+
+
+def test_a_run_on_the_real_fashion_mnist_with_validation_domains_and_the_store(tmp_path):
+    # Debian's Fashion-MNIST, read offline: a validation split, a PTM pool from its inverted domain
+    # (CCLoM), a class subset; the second run reuses the stored PTMs
+    args = ["--set", "dataset.name=fashionmnist", "--set", "dataset.train_per_class=30",
+            "--set", "dataset.val_per_class=10", "--set", "dataset.test_per_class=20",
+            "--set", "dataset.classes=[0,1,7,9]", "--set", "model=ConvNetW32", "--set", "distill.ipc=2",
+            "--set", "distill.iterations=5", "--set", "distill.batch_real=16", "--set", "pool.archs=[ConvNetW32]",
+            "--set", "pool.seeds=1", "--set", "pool.epoch=1", "--set", "pool.source={domain: invert}",
+            "--set", "loss.clom=0", "--set", "loss.cclom=1.0", "--set", "eval.runs=1", "--set", "eval.epochs=5",
+            "--set", f"store={tmp_path / 'store'}"]
+    for run in ("a", "b"):
+        ptmdd("distill", *args, "--out", str(tmp_path / run), cwd=tmp_path)
+    first, second = (json.loads((tmp_path / r / "result.json").read_text()) for r in ("a", "b"))
+    assert first["config"]["dataset"]["name"] == "fashionmnist" and first["config"]["pool"]["source"]["domain"] == "invert"
+    assert set(first["val_accuracy"]) == {"ConvNetW32"} and 0.0 <= first["accuracy"]["ConvNetW32"]["mean"] <= 1.0
+    assert first["pool_stats"]["trainings"] == 1 and second["pool_stats"]["trainings"] == 0
+    meta = json.loads(pq.read_table(tmp_path / "a" / "synthetic.parquet").schema.metadata[b"ptmdd"])
+    assert meta["shape"] == [1, 28, 28] and meta["classes"] == ["T-shirt/top", "Trouser", "Sneaker", "Ankle boot"]

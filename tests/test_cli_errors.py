@@ -90,6 +90,13 @@ def test_missing_config_file(tmp_path):
     distill_fails(tmp_path, "missing.yaml", "missing.yaml")
 
 
+def test_fashion_mnist_without_its_files_names_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(ENV, "PTMDD_DEBIAN_DATASETS", str(tmp_path / "no-datasets"))
+    line = distill_fails(tmp_path, "dataset.root: no fashionmnist IDX files", "--set", "dataset.name=fashionmnist",
+                         "--set", f"dataset.root={tmp_path}")
+    assert "apt-get install dataset-fashion-mnist" in line
+
+
 def test_ipc_larger_than_a_class(tmp_path):
     # digits has ~140 training images per class: detected after loading the data, before writing
     line = distill_fails(tmp_path, "distill.ipc", "--set", "distill.ipc=500")

@@ -214,6 +214,61 @@ def test_real_cifar10_parquet(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- imagefolder
 
+# --------------------------------------------------------------------------- Fashion-MNIST (IDX files)
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """``array`` (uint8) as an IDX file, gzipped when ``path`` ends in .gz (as Debian ships them)."""
+    import gzip
+    head = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (gzip.open if path.suffix == ".gz" else open)(path, "wb").write(head + array.astype(np.uint8).tobytes())
+    return path
+
+
+def tiny_fashion(folder: Path, gz: bool) -> None:
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    for split, n in (("train", 40), ("t10k", 20)):
+        write_idx(folder / f"{split}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(folder / f"{split}-labels-idx1-ubyte{ext}", np.arange(n) % 10)
+
+
+def test_real_fashion_mnist_reads_debians_idx_files_offline():
+    arrs = sources.load_uint8(DatasetConfig(name="fashionmnist"))
+    assert [a.shape for a in arrs[:4]] == [(60000, 28, 28, 1), (60000,), (10000, 28, 28, 1), (10000,)]
+    assert arrs[1][:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]  # the data set's own first labels
+    assert arrs[4][0] == "T-shirt/top" and arrs[4][9] == "Ankle boot"
+    assert np.bincount(arrs[1]).tolist() == [6000] * 10 and np.bincount(arrs[3]).tolist() == [1000] * 10
+    d = load_data(DatasetConfig(name="fashionmnist", train_per_class=20, val_per_class=10, test_per_class=5))
+    assert d.x_train.shape == (200, 1, 28, 28) and d.x_test.shape == (50, 1, 28, 28) and d.has_val
+    assert sources.source_id(DatasetConfig(name="fashionmnist")) != sources.source_id(DatasetConfig(name="mnist"))
+
+
+@pytest.mark.parametrize("layout, gz", [("", True), ("FashionMNIST/raw", False)])
+def test_fashion_mnist_reads_idx_files_from_root_first(tmp_path, layout, gz):
+    tiny_fashion(tmp_path / layout if layout else tmp_path, gz)
+    x_tr, y_tr, x_te, y_te, _ = sources.load_uint8(DatasetConfig(name="fashionmnist", root=str(tmp_path)))
+    assert x_tr.shape == (40, 28, 28, 1) and x_te.shape == (20, 28, 28, 1) and y_te.tolist() == [*range(10)] * 2
+    assert not list(tmp_path.rglob("*.npz"))  # read as they are: no cache beside them
+
+
+def test_fashion_mnist_absent_names_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "DEBIAN_DATASETS", str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match=r"^dataset.root: no fashionmnist IDX files in .* "
+                                          r"\(install Debian's dataset-fashion-mnist: apt-get install"):
+        sources.check_dataset_config(DatasetConfig(name="fashionmnist", root=str(tmp_path)), "dataset")
+
+
+def test_a_broken_idx_file_is_named(tmp_path):
+    tiny_fashion(tmp_path, gz=False)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + np.asarray([20, 28, 28], ">u4").tobytes() + b"x")
+    with pytest.raises(ConfigError, match=r"t10k-images-idx3-ubyte holds 1 bytes of data, its header says \(20, 28, 28\)"):
+        sources.load_uint8(DatasetConfig(name="fashionmnist", root=str(tmp_path)))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ConfigError, match="is not an unsigned-byte IDX file"):
+        sources.read_idx(str(tmp_path / "t10k-images-idx3-ubyte"))
+
+
 def test_imagefolder(tmp_path):
     root = tmp_path / "folder"
     colours = {"cat": (200, 0, 0), "ant": (0, 200, 0)}

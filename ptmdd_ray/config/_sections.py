@@ -42,7 +42,8 @@ class DatasetConfig:
 
     name: str = setting("digits",
         "digits (embedded), cifar10, cifar100, mnist, fashionmnist, svhn, parquet:PATH or imagefolder:PATH")
-    root: str = setting("data", "directory of the torchvision data sets")
+    root: str = setting("data", "directory of the torchvision data sets (fashionmnist: its IDX files, "
+                               "else Debian's /usr/share/datasets/fashion-mnist)")
     download: bool = setting(False, "let torchvision download the data set into root")
     im_size: int | None = setting(None, "image side in pixels; null: native size (digits: 16, upsampled from 8)")
     train_per_class: int | None = setting(None, "training images per class; null: all")
