@@ -50,6 +50,9 @@ IDX_CLASSES = {"fashionmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "
                                 "Sneaker", "Bag", "Ankle boot"]}  # torchvision's names, in label order
 DEBIAN_DATASETS = os.environ.get("PTMDD_DEBIAN_DATASETS", "/usr/share/datasets")  # where Debian installs them
 DOMAINS = ("none", "grayscale", "lowres", "invert")  # derived domains, see data._domain
+# (channels, side) of the images a built-in name gives at its native size (digits: upsampled from 8)
+NATIVE_SHAPE = {"digits": (1, 16), "cifar10": (3, 32), "cifar100": (3, 32), "mnist": (1, 28), "fashionmnist": (1, 28),
+                "svhn": (3, 32)}
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10, "svhn": 10}
 KNOWN = ", ".join([*NUM_CLASSES, "parquet:PATH", "imagefolder:PATH"])
 IMAGE_COLUMNS = ("jpeg", "png", "image", "bytes")
@@ -426,6 +429,18 @@ def load_uint8(ds: DatasetConfig, *, key: str = "dataset") -> Arrays:
     kind, src = _source(ds, key)
     sig = () if kind == "digits" else _signature(kind, src)
     return _load_uint8_cached(kind, src, sig, bool(ds.download), ds.cache_dir)
+
+
+def image_shape(ds: DatasetConfig, key: str = "dataset") -> tuple[int, int]:
+    """(channels, side) of the images a run on ``ds`` sees: ``im_size`` if set, else the set's
+    own (a built-in's from :data:`NATIVE_SHAPE`; a file source is decoded once, into its cache)."""
+    kind, _ = parse_name(ds.name, key)
+    if kind in NATIVE_SHAPE:
+        channels, side = NATIVE_SHAPE[kind]
+    else:
+        x = load_uint8(ds, key=key)[0]
+        channels, side = x.shape[3], x.shape[1]
+    return channels, ds.im_size or side
 
 
 def source_id(ds: DatasetConfig, *, key: str = "dataset") -> str:

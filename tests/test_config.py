@@ -303,13 +303,54 @@ def test_pool_source_mapping_inherits_the_target_but_not_its_domain():
     from ptmdd_ray.config import build_config, source_dataset
 
     cfg = build_config({"dataset": {"name": "digits", "im_size": 8, "train_per_class": 7, "domain": "invert"},
-                        "pool": {"archs": ["MLP"], "source": {"domain": "grayscale", "classes": [1, 2]}}})
+                        "pool": {"archs": ["MLP"], "source": {"domain": "grayscale", "classes": [1, 2]}},
+                        "loss": {"clom": 0, "cclom": 1}})
     src = source_dataset(cfg)
     assert (src.name, src.im_size, src.train_per_class, src.domain, src.classes) == ("digits", 8, 7, "grayscale", [1, 2])
     by_name = build_config({"dataset": {"name": "digits", "im_size": 8, "classes": [0, 1]},
-                            "pool": {"archs": ["MLP"], "source": "digits"}})
+                            "pool": {"archs": ["MLP"], "source": "digits"}, "loss": {"clom": 0, "cclom": 1}})
     s2 = source_dataset(by_name)
     assert (s2.im_size, s2.classes, s2.domain) == (8, None, "none")
+
+
+def test_a_pool_from_another_data_set_takes_the_targets_input_and_only_cclom(tmp_path):
+    from ptmdd_ray.config import build_config, source_dataset
+
+    cclom = {"archs": ["ConvNetW32"]}, {"clom": 0, "cclom": 1}
+    fashion = build_config({"dataset": {"name": "digits"}, "pool": {**cclom[0], "source": "fashionmnist"}, "loss": cclom[1]})
+    assert source_dataset(fashion).im_size == 16  # 28px Fashion-MNIST resized to the digits' 16
+    digits = build_config({"dataset": {"name": "fashionmnist"}, "pool": {**cclom[0], "source": "digits"}, "loss": cclom[1]})
+    assert source_dataset(digits).im_size == 28
+    inverted = build_config({"dataset": {"name": "digits"}, "pool": {**cclom[0], "source": {"domain": "invert"}}})
+    assert source_dataset(inverted).im_size is None and inverted.loss.clom > 0  # same labels: CLoM as usual
+    with pytest.raises(ConfigError, match=r"^loss.clom: the pool's label space \(fashionmnist, classes all\) differs "
+                                          r"from the target's \(digits, classes all\): use loss.cclom"):
+        build_config({"dataset": {"name": "digits"}, "pool": {**cclom[0], "source": "fashionmnist"}})
+    with pytest.raises(ConfigError, match=r"^loss.clom: the pool's label space \(digits, classes \[0, 1\]\)"):
+        build_config({"dataset": {"name": "digits"}, "pool": {**cclom[0], "source": {"classes": [0, 1]}}})
+    with pytest.raises(ConfigError, match=r"^pool.source.im_size: 20px does not match the target's 16px"):
+        build_config({"dataset": {"name": "digits"}, "pool": {**cclom[0], "source": {"name": "fashionmnist", "im_size": 20}},
+                      "loss": cclom[1]})
+    rgb = _rgb_parquet(tmp_path / "rgb.parquet")
+    with pytest.raises(ConfigError, match=r"^pool.source: fashionmnist images have 1 channel\(s\), the target's 3"):
+        build_config({"dataset": {"name": f"parquet:{rgb}"}, "pool": {**cclom[0], "source": "fashionmnist"}, "loss": cclom[1]})
+
+
+def _rgb_parquet(path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def png(c):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (40 * c, 0, 0)).save(buf, "PNG")
+        return buf.getvalue()
+    rows = [(s, c) for c in range(2) for s in ("train", "train", "test")]
+    pq.write_table(pa.table({"split": [s for s, _ in rows], "png": [png(c) for _, c in rows],
+                             "label": pa.array([c for _, c in rows], pa.int8())}), path)
+    return path
 
 
 def test_anchor_paths_makes_relative_paths_absolute_and_leaves_the_rest():

@@ -136,19 +136,21 @@ def test_processes_sharing_a_local_store_train_a_run_once(tmp_path):
 
 
 def test_clom_needs_the_target_label_space(tmp_path):
-    cfg = build_config({
-        "dataset": {"name": "digits", "im_size": 8, "train_per_class": 10},
-        "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 1,
-                 "source": {"name": "digits", "im_size": 8, "train_per_class": 10, "classes": [0, 1, 2, 3, 4]}},
-        "loss": {"clom": 1.0},
-        "store": str(tmp_path / "store"),
-    })
-    data = load_data(cfg.dataset)
-    with pytest.raises(ConfigError, match="loss.clom"):
-        resolve_pool(cfg, data, DEVICE, progress=False)
+    from dataclasses import replace
+
+    spec = {"dataset": {"name": "digits", "im_size": 8, "train_per_class": 10},
+            "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 1,
+                     "source": {"name": "digits", "im_size": 8, "train_per_class": 10, "classes": [0, 1, 2, 3, 4]}},
+            "store": str(tmp_path / "store")}
+    with pytest.raises(ConfigError, match="loss.clom: the pool's label space"):  # the config refuses it first
+        build_config({**spec, "loss": {"clom": 1.0}})
     # CCLoM only needs embeddings: the same pool works
-    ok = build_config({**_asdict(cfg), "loss": {"clom": 0.0, "cclom": 1.0}})
+    ok = build_config({**spec, "loss": {"clom": 0.0, "cclom": 1.0}})
+    data = load_data(ok.dataset)
     assert len(resolve_pool(ok, data, DEVICE, progress=False).ptms) == 1
+    # and the pool refuses CLoM from the PTMs' own classes, for a config built around the checks
+    with pytest.raises(ConfigError, match="loss.clom"):
+        resolve_pool(replace(ok, loss=replace(ok.loss, clom=1.0)), data, DEVICE, progress=False)
 
 
 def test_guide_computes_weighted_clom_and_cclom(tmp_path):

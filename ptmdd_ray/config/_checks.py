@@ -14,10 +14,10 @@ from typing import Any
 
 from ..archs import is_known
 from ..errors import ConfigError, check
-from ..sources import check_dataset_config
+from ..sources import canonical_name, check_dataset_config, image_shape
 from ._methods import COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc
 from ._sections import (INITS, METHODS, PRECISIONS, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
-                        PoolConfig, PretrainConfig, source_dataset)
+                        PoolConfig, PretrainConfig, source_dataset, weight_for)
 
 
 def resolve(cfg: Config) -> Config:
@@ -28,6 +28,7 @@ def resolve(cfg: Config) -> Config:
     pool = check_pool(cfg)
     check_pretrain(cfg.pretrain, pool.epoch)
     loss = check_loss(cfg.loss, pool.archs, distill.method)
+    check_label_space(cfg, pool, loss)
     evaluation = check_eval(cfg.eval, cfg.model, distill.method)
     check_device(cfg.device, cfg.precision)
     check(bool(cfg.store), "store", "must not be empty")
@@ -119,10 +120,36 @@ def check_pool(cfg: Config) -> PoolConfig:
         return replace(pool, seeds=seeds)
     source = source_dataset(cfg)
     check_dataset(source, "pool.source")
+    if canonical_name(source.name) != canonical_name(target.name):
+        source = _sized_like_target(source, target)
     check(source.name != target.name or source.val_per_class >= target.val_per_class, "pool.source.val_per_class",
           f"{source.val_per_class} is below dataset.val_per_class {target.val_per_class}: "
           "the PTMs read the same files and would train on validation images")
     return replace(pool, seeds=seeds, source=source)
+
+
+def _sized_like_target(source: DatasetConfig, target: DatasetConfig) -> DatasetConfig:
+    """A pool source from another data set must give PTMs the target's input: the same channels,
+    and its images resized to the target's side (what ``im_size`` left unset means for it)."""
+    (tc, ts), (sc, ss) = image_shape(target, "dataset"), image_shape(source, "pool.source")
+    check(sc == tc, "pool.source", f"{source.name} images have {sc} channel(s), the target's {tc}: "
+          "a PTM must take the target's images")
+    if source.im_size is None:
+        return source if ss == ts else replace(source, im_size=ts)
+    check(ss == ts, "pool.source.im_size", f"{ss}px does not match the target's {ts}px")
+    return source
+
+
+def check_label_space(cfg: Config, pool: PoolConfig, loss: LossConfig) -> None:
+    """CLoM scores the synthetic images with the PTM's own classifier, so it needs the target's
+    labels: a pool from another data set or class subset is for CCLoM only."""
+    if pool.source is None or not any(weight_for(loss.clom, a) > 0 for a in pool.archs):
+        return
+    source, target = pool.source, cfg.dataset
+    same = canonical_name(source.name) == canonical_name(target.name) and source.classes == target.classes
+    check(same, "loss.clom", f"the pool's label space ({source.name}, classes {source.classes or 'all'}) differs "
+          f"from the target's ({target.name}, classes {target.classes or 'all'}): use loss.cclom for PTMs "
+          "from another label space")
 
 
 def check_pretrain(pretrain: PretrainConfig, pool_epoch: int) -> None:
