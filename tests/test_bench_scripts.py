@@ -324,3 +324,23 @@ def test_bench_cluster_runs_both_layouts_on_local_clusters(tmp_path):
     # local_cluster.sh down stopped every process it started
     left = [p for d in (tmp_path / "cluster").rglob("pids") for p in d.iterdir()]
     assert not left, left
+
+
+def test_paper_scale_says_there_is_no_cuda_and_exits_0():
+    proc = subprocess.run(["bash", str(BENCH / "paper_scale.sh")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "paper_scale: no CUDA device here" in proc.stdout
+
+
+def test_paper_scale_runs_its_steps_and_cuts_the_evaluation_to_its_budget(tmp_path):
+    out = tmp_path / "ps.json"
+    proc = bench("paper_scale.py", "--data", "digits", "--im-size", "8", "--train-per-class", "20",
+                 "--test-per-class", "10", "--model", "ConvNetW32", "--ipc", "2", "--iterations", "3",
+                 "--batch-real", "8", "--ptm-epoch", "1", "--eval-runs", "3", "--eval-epochs", "40",
+                 "--budget-s", "1", "--device", "cpu", "--out", str(out), timeout=600)
+    r = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == r
+    assert list(r["sets"]) == ["dm", "dm+clom", "random real"] and r["sets"]["dm+clom"]["clom"] == 2000.0
+    assert r["eval_runs"] == 1 and r["eval_shortened"] and "cut from 3 to 1" in r["eval_note"]
+    assert all(len(s["accuracy_runs"]) == 1 and 0 <= s["accuracy_mean"] <= 100 for s in r["sets"].values())
+    assert r["published"]["dm"]["mean"] == 48.9 and "published DM" in proc.stderr
