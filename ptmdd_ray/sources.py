@@ -62,27 +62,36 @@ CACHE_VERSION = 1  # bump when the cached array layout changes
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
 
 
+def _file_source(name: str) -> tuple[str, str] | None:
+    """``(kind, path as written)`` of a ``parquet:PATH`` or ``imagefolder:PATH`` name, else None."""
+    for kind in ("parquet", "imagefolder"):
+        if name.startswith(kind + ":"):
+            return kind, name[len(kind) + 1:].strip()
+    return None
+
+
 def parse_name(name: str, key: str) -> tuple[str, str | None]:
     """``(kind, absolute path or None)``; kind is a built-in name, ``parquet`` or ``imagefolder``."""
     if name.lower() in NUM_CLASSES:
         return name.lower(), None
-    for kind in ("parquet", "imagefolder"):
-        if name.startswith(kind + ":"):
-            path = name[len(kind) + 1:].strip()
-            if not path:
-                raise ConfigError(f"{key}.name: {kind}: needs a path ({kind}:PATH)")
-            return kind, os.path.abspath(os.path.expanduser(path))
-    raise ConfigError(f"{key}.name: unknown dataset {name!r} (known: {KNOWN})")
+    source = _file_source(name)
+    if source is None:
+        raise ConfigError(f"{key}.name: unknown dataset {name!r} (known: {KNOWN})")
+    kind, path = source
+    if not path:
+        raise ConfigError(f"{key}.name: {kind}: needs a path ({kind}:PATH)")
+    return kind, os.path.abspath(os.path.expanduser(path))
 
 
 def canonical_name(name: str) -> str:
     """``name`` as part of an identity (a PTM's key, a cached baseline's): a file source with its
     absolute, normalised path, so that ``parquet:../shared/x.parquet`` anchored in /work/a and
     ``parquet:/work/shared/x.parquet`` are one source; built-in names as given."""
-    for kind in ("parquet", "imagefolder"):
-        if name.startswith(kind + ":") and name[len(kind) + 1:].strip():
-            return f"{kind}:{os.path.abspath(os.path.expanduser(name[len(kind) + 1:].strip()))}"
-    return name
+    source = _file_source(name)
+    if source is None or not source[1]:
+        return name
+    kind, path = source
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
 
 
 def _parquet_schema(path: str, key: str):
@@ -257,10 +266,12 @@ def idx_dir(kind: str, root: str) -> str | None:
     none does."""
     root = os.path.abspath(os.path.expanduser(root))
     places = (root, os.path.join(root, *TORCHVISION[kind][1][0].split("/")), os.path.join(DEBIAN_DATASETS, IDX[kind][1]))
-    for d in places:
-        if all(_idx_file(d, stem) for stem in IDX[kind][2]):
-            return d
-    return None
+    return next((d for d in places if _holds_idx(kind, d)), None)
+
+
+def _holds_idx(kind: str, folder: str) -> bool:
+    """Whether ``folder`` holds every one of ``kind``'s IDX files."""
+    return all(_idx_file(folder, stem) for stem in IDX[kind][2])
 
 
 def _idx_file(folder: str, stem: str) -> str | None:
@@ -316,7 +327,7 @@ def _signature(kind: str, src: str) -> tuple:
     if kind == "imagefolder":
         return tuple((str(p.relative_to(src)), p.stat().st_size, p.stat().st_mtime_ns)
                      for split in ("train", "test") for p in sorted(Path(src, split).rglob("*")) if p.is_file())
-    if kind in IDX and idx_dir(kind, src) == src:
+    if kind in IDX and _holds_idx(kind, src):
         paths = [_idx_file(src, stem) for stem in IDX[kind][2]]
     else:
         paths = [src] if kind == "parquet" else [os.path.join(src, m) for m in TORCHVISION[kind][1]]
@@ -390,7 +401,7 @@ def _cache_write(dirs: list[Path], fname: str, arrs: Arrays) -> None:
 def _load_uint8_cached(kind: str, src: str | None, sig: tuple, download: bool, cache_dir: str | None) -> Arrays:
     if kind == "digits":
         arrs = _read_digits()
-    elif kind in IDX and idx_dir(kind, src) == src:  # as fast to read as a cache, so none is written
+    elif kind in IDX and _holds_idx(kind, src):  # as fast to read as a cache, so none is written
         arrs = _read_idx(kind, src)
     else:
         dirs = _cache_dirs(kind, src, cache_dir)
