@@ -81,23 +81,24 @@ def run(args) -> dict:
         t = time.perf_counter()
         pool = resolve_pool(cfg, data, device, progress=True)
         ptm_s = time.perf_counter() - t
-        sets, rows = {}, {}
+        sets, rows = {}, {}  # {name: (images, labels)}, {name: its figures}
         for name, loss in (("dm", replace(cfg.loss, clom=0.0)), ("dm+clom", cfg.loss)):
             guide = PTMGuide.from_config(loss, pool.ptms, data, cfg.seed) if loss.clom else None
-            sets[name] = distill(cfg.distill, cfg.model, data, cfg.seed, guide, progress=True)
-            rows[name] = {"clom": loss.clom, "distill_seconds": sets[name].seconds,
-                          "seconds_per_iteration": sets[name].seconds / max(1, cfg.distill.iterations)}
-            print(f"paper_scale: {name}: {sets[name].seconds:.0f} s", file=sys.stderr)
+            made = distill(cfg.distill, cfg.model, data, cfg.seed, guide, progress=True)
+            sets[name] = (made.images, made.labels)
+            rows[name] = {"clom": loss.clom, "distill_seconds": made.seconds,
+                          "seconds_per_iteration": made.seconds / max(1, cfg.distill.iterations)}
+            print(f"paper_scale: {name}: {made.seconds:.0f} s", file=sys.stderr)
         sets["random real"] = random_real_subset(data, cfg.distill.ipc, cfg.seed)
         t = time.perf_counter()
-        evaluate_set(*_xy(sets["dm"]), data, replace(cfg.eval, epochs=PROBE_EPOCHS), cfg.seed, progress=False,
+        evaluate_set(*sets["dm"], data, replace(cfg.eval, epochs=PROBE_EPOCHS), cfg.seed, progress=False,
                      splits=("test",), precision=cfg.precision)
         probe = time.perf_counter() - t
         runs = evaluation_runs(probe, args, len(sets), args.budget_s - (time.perf_counter() - t0))
         evaluation = replace(cfg.eval, runs=runs)
         for name, s in sets.items():
             t = time.perf_counter()
-            acc = evaluate_set(*_xy(s), data, evaluation, cfg.seed, progress=False, splits=("test",),
+            acc = evaluate_set(*s, data, evaluation, cfg.seed, progress=False, splits=("test",),
                                precision=cfg.precision)["test"][cfg.model]
             rows.setdefault(name, {}).update(accuracy_mean=100 * acc["mean"], accuracy_std=100 * acc["std"],
                                              accuracy_runs=[100 * a for a in acc["runs"]],
@@ -111,10 +112,6 @@ def run(args) -> dict:
                           if runs < args.eval_runs else None),
             "ptm_seconds": ptm_s, "eval_probe_seconds": probe, "sets": rows, "wall_seconds": wall,
             "within_budget": wall <= args.budget_s, "published": PUBLISHED}
-
-
-def _xy(s):
-    return (s.images, s.labels) if hasattr(s, "images") else s
 
 
 def table(res: dict) -> str:
