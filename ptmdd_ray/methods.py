@@ -3,8 +3,8 @@ matching), each optionally guided by a PTM pool (CLoM/CCLoM, see :mod:`ptmdd_ray
 
 Each iteration draws a freshly initialised matching network, as in the original methods, so the
 synthetic set is optimised over the distribution of initialisations rather than for one network.
-The PTM loss is computed on the *same augmented* synthetic images the matching term sees (the
-reference code fed it un-augmented images). The loop never deep-copies the synthetic set; real
+The PTM loss sees the raw synthetic images, as in the reference code (``loss.augmented``: the
+augmented ones the matching term sees). The loop never deep-copies the synthetic set; real
 features are computed without grad; DM sends all classes through one batched forward.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .data import ImageData
 from .errors import DivergenceError  # noqa: F401  (raised here; importable from here)
 from .models import embed_chunked, has_batchnorm
 from .synthetic import RealSampler, init_synthetic
-from .train import new_model, train_classifier
+from .train import autocast, new_model, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +87,36 @@ Guide = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None,
-            embed: CompiledCall | None = None):
+            embed: CompiledCall | None = None, precision: str = "fp32"):
     """One DM update: match class-mean embeddings of real and synthetic images under a random net
-    (its passes through ``embed``, a compiled call, if given)."""
+    (its passes through ``embed``, a compiled call, if given, under ``precision``'s autocast; the
+    distance itself is fp32)."""
     _frozen(net).train()
     real = sampler.batch_all(cfg.batch_real)
     per = real.shape[0] // classes
     params = augment.sample(cfg.dsa_strategy, classes, syn.shape[-1], gen, syn.device)
-    with torch.no_grad():
-        real_feat = embed_chunked(net, augment.apply(real, params, _groups(classes, per, syn.device)), embed)
+    real_aug = augment.apply(real, params, _groups(classes, per, syn.device))
     syn_aug = augment.apply(syn, params, _groups(classes, ipc, syn.device))
-    syn_feat = embed_chunked(net, syn_aug, embed)
+    with autocast(syn.device, precision):
+        with torch.no_grad():
+            real_feat = embed_chunked(net, real_aug, embed)
+        syn_feat = embed_chunked(net, syn_aug, embed)
     loss = losses.distribution_distance(
-        syn_feat.view(classes, ipc, -1).mean(1), real_feat.view(classes, per, -1).mean(1))
+        syn_feat.float().view(classes, ipc, -1).mean(1), real_feat.float().view(classes, per, -1).mean(1))
     if guide is not None:
         loss = loss + guide(syn_aug, syn, syn_y)
     return loss
+
+
+def dm_precision(cfg: DistillConfig, precision: str) -> str:
+    """The precision of DM's network passes under the run's ``precision``: ``bf16-cpu`` autocasts
+    them to bf16 when they are compiled (``distill.compile``), where the real side's embedding takes
+    ~0.6x and the whole step ~0.7x the fp32 time (BENCHMARKS.md, "bf16 on the CPU"); eager bf16 is
+    no faster than fp32 on the CPU (each eager call converts layouts; with channels-last weights it
+    is 1.5x slower), so eager DM stays fp32, as do DC/DSA (their matching differentiates through
+    gradients, where bf16 rounding would enter the matched quantity itself). ``bf16`` leaves DM in
+    fp32 on CUDA too: its published GPU figures are fp32."""
+    return "bf16-cpu" if precision == "bf16-cpu" and cfg.method == "dm" and cfg.compile else "fp32"
 
 
 def _freeze_batchnorm(net: nn.Module, sampler: RealSampler, classes: int) -> None:
@@ -170,13 +184,15 @@ def distill(
     resume: DistillState | None = None,
     state_every: int = 0,
     on_state: Callable[[DistillState], None] | None = None,
+    precision: str = "fp32",
 ) -> Distilled:
     """Run ``cfg.method`` for ``cfg.iterations`` iterations on ``data`` (already on its device).
     With ``every`` > 0, ``on_every(iterations done, images, labels)`` sees a detached copy of the
     synthetic set every ``every`` iterations before the last (intermediate evaluation, pruning).
     With ``state_every`` > 0, ``on_state`` gets a :class:`DistillState` every ``state_every``
     iterations before the last (a checkpoint); ``resume`` continues from one, with the same result
-    as the uninterrupted run (every random draw comes from the saved generators)."""
+    as the uninterrupted run (every random draw comes from the saved generators). ``precision`` is
+    the run's (``Config.precision``); see :func:`dm_precision` for what it does here."""
     device = data.x_train.device
     gen = torch.Generator().manual_seed(seed)
     classes = data.num_classes
@@ -188,7 +204,7 @@ def distill(
     history: list[tuple[int, float]] = list(resume.loss_history) if resume else []
     start, before = (_restore(resume, opt, gen, guide), resume.seconds) if resume else (0, 0.0)
 
-    step = _outer_step(cfg, syn, syn_y, sampler, gen, guide, opt, classes)
+    step = _outer_step(cfg, syn, syn_y, sampler, gen, guide, opt, classes, precision)
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), desc=f"distill {cfg.method}", disable=not progress, leave=False,
                initial=start, total=cfg.iterations)
@@ -208,13 +224,14 @@ def distill(
 
 
 def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, sampler: RealSampler,
-                gen: torch.Generator, guide: Guide | None, opt: torch.optim.Optimizer, classes: int
-                ) -> Callable[[nn.Module], list[torch.Tensor]]:
+                gen: torch.Generator, guide: Guide | None, opt: torch.optim.Optimizer, classes: int,
+                precision: str = "fp32") -> Callable[[nn.Module], list[torch.Tensor]]:
     """One iteration of ``cfg.method`` on a fresh network, as a call returning its losses. With
     ``distill.compile`` the passes that dominate go through a compiled call built from the first
     network (later networks are its inputs, so one graph serves them all): DM's embedding (and the
     PTMs' forward, through the guide), DC/DSA's inner-loop training forward."""
     compiled: CompiledCall | None = None
+    passes = dm_precision(cfg, precision)
 
     def update(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -225,7 +242,7 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
         nonlocal compiled
         if cfg.compile and compiled is None:
             compiled = CompiledCall(net, "embed")
-        loss = dm_step(net, syn, syn_y, sampler, cfg, cfg.ipc, classes, gen, guide, compiled)
+        loss = dm_step(net, syn, syn_y, sampler, cfg, cfg.ipc, classes, gen, guide, compiled, passes)
         update(loss)
         return [loss.detach()]
 
@@ -238,7 +255,7 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
     if cfg.method != "dm":
         return dc
     if cfg.compile and hasattr(guide, "compile"):
-        guide.compile()
+        guide.compile(passes)
     return dm
 
 

@@ -147,7 +147,7 @@ def distill_set(cfg: Config, data: ImageData, guide: PTMGuide, progress: bool = 
 
     syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log,
                   cfg.eval.every, along, resume=resume, state_every=checkpoints.every if checkpoints else 0,
-                  on_state=save_state if checkpoints else None)
+                  on_state=save_state if checkpoints else None, precision=cfg.precision)
     return DistillRun(syn, along.history, along.split, resume.iteration if resume else 0)
 
 

@@ -29,7 +29,7 @@ from .data import ImageData, load_data
 from .models import embed_chunked
 from .sources import canonical_name
 from .store import Checkpoint, CheckpointRepository, CheckpointStore, load_checked
-from .train import accuracy, new_model, train_classifier
+from .train import accuracy, autocast, new_model, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,7 @@ class PTMGuide:
         self.gen = torch.Generator().manual_seed(seed)
         self._features: dict[int, torch.Tensor] = {}  # id(PTM model) -> embeddings of real_x
         self._calls: dict[str, tuple] = {}  # arch -> compiled (forward, embed), see compile()
+        self._precision = "fp32"  # of the PTMs' passes on the synthetic images, see compile()
 
     @classmethod
     def from_config(cls, loss, ptms: list[PTM], real: ImageData, seed: int) -> PTMGuide:
@@ -356,11 +357,13 @@ class PTMGuide:
     def __bool__(self) -> bool:
         return bool(self.archs)
 
-    def compile(self) -> None:
+    def compile(self, precision: str = "fp32") -> None:
         """Run the PTMs' passes on the synthetic images through ``torch.compile`` (one compilation
-        per architecture serves all its PTMs; see :mod:`ptmdd_ray.compiled`)."""
+        per architecture serves all its PTMs; see :mod:`ptmdd_ray.compiled`), under ``precision``'s
+        autocast (:func:`ptmdd_ray.methods.dm_precision`); the losses stay fp32."""
         from .compiled import CompiledCall
 
+        self._precision = precision
         for arch, ptms in self.by_arch.items():
             self._calls[arch] = (CompiledCall(ptms[0].model, "forward"), CompiledCall(ptms[0].model, "embed"))
 
@@ -383,11 +386,14 @@ class PTMGuide:
         loss = syn.new_zeros(())
         forward, embed = self._calls.get(arch, (None, None))
         if alpha > 0:
-            loss = loss + alpha * losses.clom(forward(ptm, syn) if forward else ptm(syn), syn_y)
+            with autocast(syn.device, self._precision):
+                logits = forward(ptm, syn) if forward else ptm(syn)
+            loss = loss + alpha * losses.clom(logits.float(), syn_y)
         if beta > 0:
             idx = torch.randint(self.real_x.shape[0], (self.cclom_batch,), generator=self.gen).to(self.real_x.device)
-            feats = embed(ptm, syn) if embed else ptm.embed(syn)
-            loss = loss + beta * losses.cclom(feats, self.real_features(ptm, idx), syn_y, self.real_y[idx])
+            with autocast(syn.device, self._precision):
+                feats = embed(ptm, syn) if embed else ptm.embed(syn)
+            loss = loss + beta * losses.cclom(feats.float(), self.real_features(ptm, idx), syn_y, self.real_y[idx])
         return loss
 
     @torch.no_grad()

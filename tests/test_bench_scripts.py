@@ -184,6 +184,27 @@ def test_pair_eval_pairs_fp32_and_bf16_cpu_evaluations_by_seed():
     assert r["diff"] == pytest.approx(sum(b - f for b, f in zip(r["bf16-cpu"], r["fp32"])) / 2)
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU computes no bf16 natively")
+def test_pair_distill_pairs_fp32_and_bf16_cpu_distillations_by_seed_on_validation():
+    proc = bench("pair_distill.py", *TINY, "--train-per-class", "20", "--val-per-class", "5", "--ipc", "1",
+                 "--iterations", "2", "--batch-real", "4", "--ptm-epochs", "1", "--runs", "1", "--epochs", "2",
+                 "--seeds", "2", "--json", timeout=600)
+    r = json.loads(proc.stdout)
+    assert r["sides"] == ["fp32", "bf16-cpu"] and len(r["fp32"]) == len(r["bf16-cpu"]) == 2
+    for split in ("val", "test"):
+        assert r[split]["diff"] == pytest.approx(sum(b[split] - f[split] for b, f in zip(r["bf16-cpu"], r["fp32"])) / 2)
+    assert r["verdict"] == ("significant difference" if r["val"]["p"] < 0.05 else "no significant difference")
+
+
+def test_pair_distill_pairs_eager_and_compiled_dsa_unguided():
+    proc = bench("pair_distill.py", "--compare", "compile", "--method", "dsa", "--clom", "0", *TINY,
+                 "--train-per-class", "20", "--val-per-class", "5", "--ipc", "1", "--iterations", "1",
+                 "--batch-real", "4", "--runs", "1", "--epochs", "2", "--seeds", "2", "--json", timeout=600)
+    r = json.loads(proc.stdout)
+    assert r["sides"] == ["eager", "compiled"] and r["settings"]["method"] == "dsa"
+    assert all(0 <= row[s] <= 100 for side in ("eager", "compiled") for row in r[side] for s in ("val", "test"))
+
+
 def test_dc_classes_vmap_computes_the_same_matching_loss_both_ways():
     proc = bench("dc_classes_vmap.py", "--classes", "3", "--batch-real", "4", "--ipc", "2", "--im-size", "8",
                  "--channels", "1", "--reps", "1", "--json")

@@ -4,9 +4,9 @@ import torch
 from ptmdd_ray import augment, losses
 from ptmdd_ray.config import build_config, loops_for_ipc
 from ptmdd_ray.data import load_data
-from ptmdd_ray.methods import DivergenceError, distill, dm_step
+from ptmdd_ray.methods import DivergenceError, distill, dm_precision, dm_step
 from ptmdd_ray.synthetic import RealSampler
-from ptmdd_ray.train import new_model
+from ptmdd_ray.train import cpu_has_bf16, new_model
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,48 @@ def test_compiled_dm_follows_the_eager_run(digits):
     assert [i for i, _ in a.loss_history] == [i for i, _ in b.loss_history]
     assert all(abs(x - y) <= 1e-4 * abs(x) for (_, x), (_, y) in zip(a.loss_history, b.loss_history))
     assert torch.allclose(a.images, b.images, atol=1e-3)
+
+
+def test_bf16_cpu_reaches_dm_only_where_its_passes_are_compiled():
+    """``precision: bf16-cpu`` autocasts compiled DM passes; eager DM (no faster in bf16 on the CPU),
+    DC/DSA (bf16 would round the matched gradients) and the default ``bf16`` stay fp32."""
+    assert dm_precision(_cfg("dm", compile=True).distill, "bf16-cpu") == "bf16-cpu"
+    assert dm_precision(_cfg("dm", compile=False).distill, "bf16-cpu") == "fp32"
+    assert dm_precision(_cfg("dsa", compile=True).distill, "bf16-cpu") == "fp32"
+    assert dm_precision(_cfg("dm", compile=True).distill, "bf16") == "fp32"
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU computes no bf16 natively")
+
+
+@needs_bf16
+def test_dm_step_runs_its_network_passes_in_bf16_and_its_distance_in_fp32(digits):
+    cfg = _cfg("dm")
+    net = new_model("ConvNetW32", (1, 10, 8), seed=0)
+    seen = []
+    net.features[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    syn = digits.x_train[torch.cat([i[:2] for i in digits.class_indices()])].clone().requires_grad_(True)
+    args = (syn, torch.arange(10).repeat_interleave(2))
+    losses_ = []
+    for precision in ("fp32", "bf16-cpu"):
+        losses_.append(dm_step(net, *args, RealSampler(digits, torch.Generator().manual_seed(0)), cfg.distill, 2,
+                               10, torch.Generator().manual_seed(0), None, precision=precision))
+        passes, seen[:] = list(seen), []
+        assert len(passes) >= 2 and set(passes) == {torch.bfloat16 if precision == "bf16-cpu" else torch.float32}
+    assert all(v.dtype == torch.float32 for v in losses_)
+    assert losses_[1].item() == pytest.approx(losses_[0].item(), rel=2e-2)
+
+
+@needs_bf16
+def test_compiled_dm_in_bf16_cpu_follows_the_fp32_run(digits):
+    """Compiled DM + CLoM + CCLoM under ``bf16-cpu``: bf16 rounding moves the path a little, not
+    away (the accuracy this costs is paired in BENCHMARKS.md, "bf16 on the CPU")."""
+    cfg = _cfg("dm", iterations=3, log_every=1, compile=True)
+    a, b = (distill(cfg.distill, cfg.model, digits, seed=1, guide=_guide(digits), progress=False, precision=p)
+            for p in ("fp32", "bf16-cpu"))
+    assert all(abs(x - y) <= 3e-2 * abs(x) for (_, x), (_, y) in zip(a.loss_history, b.loss_history))
+    assert not torch.equal(a.images, b.images)  # the bf16 passes ran
+    assert torch.allclose(a.images, b.images, atol=2e-2)
 
 
 @pytest.mark.parametrize("method", ["dc", "dsa"])
