@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_trial.py [--data parquet:../shared/data/cifar10-jpeg.parquet]
         [--train-per-class 500] [--model ConvNetW32] [--ipc 10] [--iterations 200] [--batch-real 64]
         [--ptm-epochs 2] [--runs 3] [--eval-epochs 300] [--eval-compile auto|on|off]
-        [--precision bf16|bf16-cpu|fp32] [--json] [--out FILE]
+        [--distill-compile auto|on|off] [--precision bf16|bf16-cpu|fp32] [--json] [--out FILE]
 
 A trial: train the 2-PTM pool (``--model``, ``--ptm-epochs`` epochs of a 150-epoch schedule on the
 training images), distill IPC ``--ipc`` with DM + CLoM (α 2000 on the raw images, the reference's)
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from emit import emit  # noqa: E402 - bench/ is on the path (the script's own folder)
 
 PHASES = ("pretrain", "distill", "eval_synthetic", "eval_baseline")
+ON_OFF = {"auto": None, "on": True, "off": False}
 
 
 def config(args, store: str):
@@ -39,11 +40,12 @@ def config(args, store: str):
                     **({"im_size": args.im_size} if args.im_size else {}),
                     **({"test_per_class": args.test_per_class} if args.test_per_class else {})},
         "model": args.model,
-        "distill": {"method": "dm", "ipc": args.ipc, "iterations": args.iterations, "batch_real": args.batch_real},
+        "distill": {"method": "dm", "ipc": args.ipc, "iterations": args.iterations, "batch_real": args.batch_real,
+                    "compile": ON_OFF[args.distill_compile]},
         "pool": {"archs": [args.model], "seeds": 2, "epoch": args.ptm_epochs},
         "loss": {"clom": 2000.0},
         "eval": {"runs": args.runs, "epochs": args.eval_epochs, "baseline": True,
-                 "compile": {"auto": None, "on": True, "off": False}[args.eval_compile]},
+                 "compile": ON_OFF[args.eval_compile]},
         "store": store, "device": "cpu", "precision": args.precision})
 
 
@@ -63,7 +65,7 @@ def ours(cfg, data, phase: str, state: dict):
         return None
     if phase == "distill":
         guide = PTMGuide.from_config(cfg.loss, state["pool"].ptms, data, cfg.seed)
-        state["set"] = distill(cfg.distill, cfg.model, data, cfg.seed, guide, progress=False)
+        state["set"] = distill(cfg.distill, cfg.model, data, cfg.seed, guide, progress=False, precision=cfg.precision)
         return None
     x, y = (state["set"].images, state["set"].labels) if phase == "eval_synthetic" else \
         random_real_subset(data, cfg.distill.ipc, cfg.seed)
@@ -151,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-epochs", type=int, default=300)
     p.add_argument("--eval-compile", choices=["auto", "on", "off"], default="auto",
                    help="eval.compile (auto: the package default, on from 500 epochs)")
+    p.add_argument("--distill-compile", choices=["auto", "on", "off"], default="auto",
+                   help="distill.compile (auto: the package default, on from 1000 DM iterations)")
     p.add_argument("--precision", choices=["bf16", "bf16-cpu", "fp32"], default="bf16",
-                   help="our precision in pretraining and evaluation (bf16-cpu: bf16 autocast on the CPU too; "
-                        "the reference computes fp32)")
+                   help="our precision (bf16-cpu: bf16 autocast on the CPU too, in pretraining, evaluation and "
+                        "compiled DM passes; the reference computes fp32)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out")
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import losses
+from .compiled import CompiledCall
 from .cost import Meter, Seconds, device_sync
 from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, uses_ptms,
                      weight_for)
@@ -264,20 +265,31 @@ def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress
     bar = tqdm(total=last, desc=f"pretrain {spec.arch} s{spec.seed}", disable=not progress, leave=False)
     meter = Meter(device_sync(data.x_train.device))
 
+    forward = compiled_forward(model, spec.precision)
+
     def on_epoch(e: int, m: nn.Module) -> None:
         bar.update(1)
         if e in wanted:
-            acc = {"test": accuracy(m, data.x_test, data.y_test, precision=spec.precision),
-                   "train": accuracy(m, data.x_train, data.y_train, precision=spec.precision)}
+            acc = {"test": accuracy(m, data.x_test, data.y_test, precision=spec.precision, forward=forward),
+                   "train": accuracy(m, data.x_train, data.y_train, precision=spec.precision, forward=forward)}
             out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc, meter.lap())
             bar.set_postfix(epoch=e, test_acc=f"{acc['test']:.3f}", train_acc=f"{acc['train']:.3f}")
 
     with meter:
         train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
                          weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
-                         gen=gen, on_epoch=on_epoch, precision=spec.precision)
+                         gen=gen, on_epoch=on_epoch, precision=spec.precision, forward=forward)
     bar.close()
     return out
+
+
+def compiled_forward(model: nn.Module, precision: str):
+    """The compiled forward that trains and scores a PTM under ``precision: bf16-cpu`` (its
+    bf16 convolutions pay only in a compiled graph: BENCHMARKS.md, "bf16 on the CPU"; one
+    compilation per architecture and batch shape serves every PTM of a run). The other precisions
+    train eager, as every PTM stored before did: the choice is part of the precision, which is part
+    of a PTM's identity, so no stored key changes meaning."""
+    return CompiledCall(model, "forward") if precision == "bf16-cpu" else None
 
 
 @dataclass
@@ -361,8 +373,6 @@ class PTMGuide:
         """Run the PTMs' passes on the synthetic images through ``torch.compile`` (one compilation
         per architecture serves all its PTMs; see :mod:`ptmdd_ray.compiled`), under ``precision``'s
         autocast (:func:`ptmdd_ray.methods.dm_precision`); the losses stay fp32."""
-        from .compiled import CompiledCall
-
         self._precision = precision
         for arch, ptms in self.by_arch.items():
             self._calls[arch] = (CompiledCall(ptms[0].model, "forward"), CompiledCall(ptms[0].model, "embed"))

@@ -116,11 +116,15 @@ def train_classifier(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024,
-             precision: str = "bf16") -> float:
-    """Top-1 accuracy as a fraction in [0, 1]; the model is left in eval mode."""
+             precision: str = "bf16", forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+             ) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]; the model is left in eval mode. ``forward(model, x)``
+    replaces ``model(x)``, as in :func:`train_classifier`."""
     model.eval()
     correct = 0
     with autocast(x.device, precision):
         for start in range(0, x.shape[0], batch):
-            correct += (model(x[start:start + batch]).argmax(1) == y[start:start + batch]).sum().item()
+            xb = x[start:start + batch]
+            logits = model(xb) if forward is None else forward(model, xb)
+            correct += (logits.argmax(1) == y[start:start + batch]).sum().item()
     return correct / max(1, x.shape[0])

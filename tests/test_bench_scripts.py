@@ -217,9 +217,10 @@ def test_dc_classes_vmap_computes_the_same_matching_loss_both_ways():
 def test_bench_trial_times_every_phase_of_a_trial_both_ways():
     proc = bench("bench_trial.py", *TINY, "--train-per-class", "30", "--test-per-class", "10", "--ipc", "2",
                  "--iterations", "3", "--batch-real", "8", "--ptm-epochs", "1", "--runs", "1", "--eval-epochs", "2",
+                 "--distill-compile", "on",
                  *(["--precision", "bf16-cpu"] if cpu_has_bf16() else []), "--json")
     r = json.loads(proc.stdout)
-    assert r["settings"]["precision"] == ("bf16-cpu" if cpu_has_bf16() else "bf16")
+    assert r["settings"]["precision"] == ("bf16-cpu" if cpu_has_bf16() else "bf16") and r["distill_compile"]
     assert list(r["phases"]) == ["pretrain", "distill", "eval_synthetic", "eval_baseline"]
     for phase in r["phases"].values():
         assert finite(phase["seconds"], True) and finite(phase["reference_seconds"], True)

@@ -4,8 +4,10 @@ import torch
 from ptmdd_ray import losses
 from ptmdd_ray.config import PRECISIONS, ConfigError, DatasetConfig, build_config
 from ptmdd_ray.data import load_data
-from ptmdd_ray.pool import PTMGuide, PTMRepository, PTMSpec, pool_specs, resolve_pool, save_epochs
+from ptmdd_ray.pool import (PTMGuide, PTMRepository, PTMSpec, compiled_forward, pool_specs, pretrain, resolve_pool,
+                            save_epochs)
 from ptmdd_ray.store import CheckpointRepository, CheckpointStore, IntegrityError
+from ptmdd_ray.train import accuracy, cpu_has_bf16, new_model, train_classifier
 
 DEVICE = torch.device("cpu")
 
@@ -38,6 +40,25 @@ def test_spec_key_is_content_addressed(tmp_path):
     # bf16 on the CPU trains other weights than the default's fp32 there: another PTM
     assert len({PTMSpec(a.arch, a.seed, a.source, a.pretrain, p).run_id for p in PRECISIONS}) == 3
     assert save_epochs(cfg) == [1, 3]
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU computes no bf16 natively")
+def test_bf16_cpu_ptms_train_and_score_through_the_compiled_forward(tmp_path):
+    """Under ``bf16-cpu`` a PTM trains and is scored through the compiled forward (where its bf16
+    pays), taking the eager bf16 run's path up to rounding; other precisions stay eager."""
+    cfg = _cfg(tmp_path)
+    data = load_data(cfg.dataset)
+    model = new_model("ConvNetW32", (1, 10, 8), seed=0)
+    assert compiled_forward(model, "fp32") is None and compiled_forward(model, "bf16") is None
+    spec = PTMSpec("ConvNetW32", 0, cfg.dataset, cfg.pretrain, "bf16-cpu")
+    state, acc, _ = pretrain(spec, [1], data, progress=False)[1]
+    t = cfg.pretrain
+    eager = train_classifier(model, data.x_train, data.y_train, epochs=1, lr=t.lr, momentum=t.momentum,
+                             weight_decay=t.weight_decay, batch=t.batch, milestones=(1, 2),
+                             gen=torch.Generator().manual_seed(0), precision="bf16-cpu")
+    for k, v in eager.state_dict().items():
+        assert torch.allclose(state[k], v, atol=2e-2), k
+    assert acc["test"] == pytest.approx(accuracy(eager, data.x_test, data.y_test, precision="bf16-cpu"), abs=0.02)
 
 
 def test_resolution_reuses_what_exists_and_trains_what_is_missing(tmp_path):
