@@ -16,7 +16,10 @@ Prints, per shipped study (run at its CPU scale on ``digits`` with a fresh check
   (``--cold``: also a run whose trials train them); wall time, the sum of trial times three ways
   (worker process, MLflow run, the pipeline's own work) and efficiency on each, and per trial where
   the fixed costs go (worker start and imports, MLflow claim and start, data, pool, distill, eval,
-  MLflow logging, the gap to the next trial in its slot);
+  MLflow logging, the gap to the next trial in its slot); with ``--after KEY=VALUE ...`` (e.g. the fast
+  paths: ``base.precision=bf16-cpu base.distill.compile=true base.eval.compile=true``) each run is
+  made twice in a row, as the study is ("before") and with those overrides ("after"), each on its own
+  warm store, and the trials per hour of both and their ratio are printed;
 - memory (``--memory``): mean per-trial peak RSS and private memory of a tiny CIFAR-10 study
   (the Parquet, ~740 MB of float tensors) with the data set shared through the object store vs.
   loaded in every trial.
@@ -163,38 +166,58 @@ def efficiency(args, out: Path) -> dict:
     import ray
 
     from ptmdd_ray.pipeline import run_pretrain
-    from ptmdd_ray.study import run_study
     from ptmdd_ray.study_spec import load_study
 
     sets = [f"base.distill.iterations={args.iterations}", f"base.distill.ipc={args.ipc}",
             f"max_concurrent={args.slots}", "name=efficiency", *args.set]
-    study = load_study(ROOT / "bench" / "efficiency.yaml", sets)
-    warm = out / "store-warm"
-    if not (warm / "ptm").exists():  # the warm-up: the pool's PTMs, trained once, outside any study
-        t = time.perf_counter()
-        run_pretrain(replace(study.trial_config(study.grid[0], 0), store=str(warm)), progress=False)
-        print(f"warm-up: PTMs trained in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    variants = {"": load_study(ROOT / "bench" / "efficiency.yaml", sets)}
+    if args.after:
+        variants = {"before, ": variants[""], "after, ": load_study(ROOT / "bench" / "efficiency.yaml", sets + args.after)}
+    for label, study in variants.items():
+        warm = out / f"store-warm{'-after' if label.startswith('after') else ''}"
+        if not (warm / "ptm").exists():  # the warm-up: the pool's PTMs, trained once, outside any study
+            t = time.perf_counter()
+            run_pretrain(replace(study.trial_config(study.grid[0], 0), store=str(warm)), progress=False)
+            print(f"warm-up {label}PTMs trained in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     rows = {}
     for mode in (["cold"] if args.cold else []) + ["warm"] * args.repeats:
-        store = out / "store-run"
-        shutil.rmtree(store, ignore_errors=True)
-        if mode == "warm":
-            shutil.copytree(warm, store)  # the PTMs only: every run evaluates its baselines itself
-        results = out / "efficiency"
-        shutil.rmtree(results, ignore_errors=True)
-        t0 = time.time()
-        summary = run_study(study, store=str(store), results=str(results), quiet=True,
-                            **({"reuse_actors": False} if args.no_reuse else {}))
-        t1 = time.time()
-        assert summary["errors"] == 0, summary
-        e = efficiency_table(trial_timelines(summary), t0, t1, args.slots, summary.get("timing"))
-        key = f"{mode} store, {args.slots} slots" + (f" #{len(rows)}" if mode == "warm" and args.repeats > 1 else "")
-        rows[key] = e
-        print_efficiency(key, e)
-        if args.fresh_ray:
-            ray.shutdown()
+        for label, study in variants.items():  # before and after in turn: drift hits both alike
+            warm = out / f"store-warm{'-after' if label.startswith('after') else ''}"
+            e = efficiency_run(args, out / f"efficiency-{len(rows)}", study, warm if mode == "warm" else None)
+            key = f"{label}{mode} store, {args.slots} slots" + (f" #{len(rows)}" if mode == "warm" and args.repeats > 1 else "")
+            rows[key] = e
+            print_efficiency(key, e)
+            if args.fresh_ray:
+                ray.shutdown()
     ray.shutdown()
+    if args.after:
+        rate = {label: statistics.fmean(e["trials_per_hour"] for k, e in rows.items() if k.startswith(label))
+                for label in variants}
+        rows["speedup"] = {"trials_per_hour_before": rate["before, "], "trials_per_hour_after": rate["after, "],
+                           "ratio": rate["after, "] / rate["before, "], "after": args.after}
+        print(f"\ntrials per hour: before {rate['before, ']:.1f}, after {rate['after, ']:.1f} "
+              f"({' '.join(args.after)}): {rows['speedup']['ratio']:.2f}x")
     return rows
+
+
+def efficiency_run(args, out: Path, study, warm: Path | None) -> dict:
+    """One run of ``study`` in the fresh folder ``out`` (its store a copy of ``warm``'s PTMs, if
+    given; its own results folder, as MLflow keeps its database open in this process)."""
+    from ptmdd_ray.study import run_study
+
+    shutil.rmtree(out, ignore_errors=True)
+    store = out / "store"
+    if warm is not None:
+        shutil.copytree(warm, store)  # the PTMs only: every run evaluates its baselines itself
+    results = out / "results"
+    t0 = time.time()
+    summary = run_study(study, store=str(store), results=str(results), quiet=True,
+                        **({"reuse_actors": False} if args.no_reuse else {}))
+    t1 = time.time()
+    assert summary["errors"] == 0, summary
+    e = efficiency_table(trial_timelines(summary), t0, t1, args.slots, summary.get("timing"))
+    e["trials_per_hour"] = 3600 * e["trials"] / e["wall_s"]
+    return e
 
 
 def study_file(name: str) -> Path:
@@ -230,6 +253,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="--efficiency: warm runs")
     ap.add_argument("--no-reuse", action="store_true", help="--efficiency: a new worker process per trial")
     ap.add_argument("--fresh-ray", action="store_true", help="--efficiency: a new local Ray for every run")
+    ap.add_argument("--after", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="--efficiency: also run the study with these overrides, in turn with it, and compare trials/h")
     args = ap.parse_args()
 
     import ray

@@ -291,17 +291,20 @@ def test_bench_study_efficiency_times_each_trials_phases(tmp_path):
                  "--set", "samples=1", "--set", "base.pool.epoch=1", "--set", "base.pool.seeds=1",
                  "--set", "base.dataset.im_size=8", "--set", "base.distill.batch_real=16",
                  "--set", "base.eval.runs=1", "--set", "base.eval.epochs=2", "--out", tmp_path / "out",
-                 timeout=600, cwd=tmp_path)
+                 "--after", "base.eval.epochs=3", timeout=900, cwd=tmp_path)
     rows = last_json(proc.stderr)  # --efficiency: the tables on stdout, the JSON on stderr
-    assert list(rows) == ["warm store, 2 slots"]
-    e = rows["warm store, 2 slots"]
+    assert list(rows) == ["before, warm store, 2 slots", "after, warm store, 2 slots", "speedup"]
+    before, after, speedup = rows.values()
+    assert speedup["ratio"] == pytest.approx(after["trials_per_hour"] / before["trials_per_hour"])
+    assert speedup["after"] == ["base.eval.epochs=3"] and "trials per hour: before" in proc.stdout
+    e = before
     assert e["trials"] == 2 and e["slots"] == 2 and finite(e["wall_s"], True) and len(e["rows"]) == 2
     for k in ("worker", "mlflow", "work"):
         assert finite(e[f"sum_trial_s.{k}"], True) and finite(e[f"efficiency.{k}"], True)
     assert all(finite(v) for v in e["slot_s"].values()) and all(finite(v) for v in e["driver_s"].values())
     for r in e["rows"]:
         assert all(finite(r[k]) for k in ("gap_s", "claim_s", "data_s", "distill_s", "eval_s", "trial_s.work"))
-    assert "warm store, 2 slots: 2 trials, 2 slots, wall" in proc.stdout and "| slot | reused_process |" in proc.stdout
+    assert "before, warm store, 2 slots: 2 trials, 2 slots, wall" in proc.stdout and "| slot | reused_process |" in proc.stdout
 
 
 @pytest.mark.slow
