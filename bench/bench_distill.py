@@ -3,7 +3,8 @@ memory, on CIFAR-10 from the Parquet at CPU scale (ConvNetW32, IPC 10, batch_rea
 
     .venv/bin/python bench/bench_distill.py [--data parquet:../shared/data/cifar10-jpeg.parquet]
         [--methods dc,dsa,dm] [--variants plain,clom,cclom] [--model ConvNetW32] [--pool-arch ConvNetW32]
-        [--ipc 10] [--batch-real 64] [--iterations N] [--device auto|cpu|cuda] [--json] [--out FILE]
+        [--ipc 10] [--batch-real 64] [--iterations N] [--device auto|cpu|cuda] [--precision bf16|bf16-cpu|fp32]
+        [--json] [--out FILE]
 
 Each case runs in its own process, after warm-up iterations; peak RSS is measured over the timed
 iterations alone (the data set's ~600 MB of float tensors included), and "+MB" is that peak over
@@ -66,6 +67,7 @@ def config(args, method: str, variant: str):
                  "cclom_batch": 256},
         "store": args.store,
         "device": args.device,
+        "precision": args.precision,
     })
 
 
@@ -108,7 +110,7 @@ def run_case(args, method: str, variant: str) -> dict:
     guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, 0) or None
     warm = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": WARMUP[method]})
     t_warm = time.perf_counter()
-    distill(warm, cfg.model, data, 0, guide, progress=False)  # includes torch.compile's compilation
+    distill(warm, cfg.model, data, 0, guide, progress=False, precision=cfg.precision)  # incl. torch.compile's compilation
     warmup_seconds = time.perf_counter() - t_warm
     if device.type == "cuda":
         sync(device)
@@ -116,7 +118,7 @@ def run_case(args, method: str, variant: str) -> dict:
         cuda_start = torch.cuda.memory_allocated(device) / 2**20
     base_rss = rss_mb("VmRSS")
     reset_peak_memory()  # a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)
-    out = distill(cfg.distill, cfg.model, data, 0, guide, progress=False)
+    out = distill(cfg.distill, cfg.model, data, 0, guide, progress=False, precision=cfg.precision)
     per_it = out.seconds / out.iterations
     row = {"method": method, "variant": variant, "seconds_per_iteration": per_it,
            "run_seconds_per_iteration": per_it, "iterations": out.iterations,
@@ -159,7 +161,7 @@ def interleaved_times(cfg, data, guide, ptms, blocks: int = 6, per_block: int = 
     block = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": per_block})
     ours, ref = [], []
     for b in range(blocks):
-        ours.append(distill(block, cfg.model, data, b, guide, progress=False).seconds)
+        ours.append(distill(block, cfg.model, data, b, guide, progress=False, precision=cfg.precision).seconds)
         sync(device)
         t0 = time.perf_counter()
         for k in range(per_block):
@@ -217,7 +219,7 @@ def subset(values: list[str], allowed: tuple[str, ...], flag: str) -> list[str]:
 def case_command(args, method: str, variant: str) -> list[str]:
     cmd = [sys.executable, __file__, "--case", f"{method}:{variant}", "--data", args.data, "--ipc", str(args.ipc),
            "--store", args.store, "--device", args.device, "--model", args.model, "--pool-arch", args.pool_arch,
-           "--batch-real", str(args.batch_real), "--im-size", str(args.im_size)]
+           "--batch-real", str(args.batch_real), "--im-size", str(args.im_size), "--precision", args.precision]
     return cmd + (["--iterations", str(args.iterations)] if args.iterations else []) + (
         ["--no-compile"] if args.no_compile else [])
 
@@ -232,7 +234,8 @@ def settings(args, methods: list[str], variants: list[str], rows: list[dict]) ->
         torch_version, device = torch.__version__, args.device
     return {"data": args.data, "im_size": first.get("im_size"), "model": args.model, "pool_arch": args.pool_arch, "ipc": args.ipc,
             "batch_real": args.batch_real, "iterations": {m: iterations(args, m) for m in methods},
-            "warmup": {m: WARMUP[m] for m in methods}, "compile": not args.no_compile, "methods": methods, "variants": variants,
+            "warmup": {m: WARMUP[m] for m in methods}, "compile": not args.no_compile, "precision": args.precision,
+            "methods": methods, "variants": variants,
             "device": device, "device_requested": args.device, "device_name": first.get("device_name"),
             "cuda": first.get("cuda"), "torch": torch_version, "threads": first.get("threads"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-compile", action="store_true",
                    help="eager passes (default: through torch.compile: DM's embeddings, DC/DSA's inner-loop training)")
+    p.add_argument("--precision", choices=["bf16", "bf16-cpu", "fp32"], default="bf16",
+                   help="the run's precision (bf16-cpu: compiled DM passes in bf16 on the CPU too; the reference is fp32)")
     p.add_argument("--methods", nargs="+", default=["dc,dsa,dm"], help="a subset of dc,dsa,dm (comma or space separated)")
     p.add_argument("--variants", nargs="+", default=["plain,clom,cclom"],
                    help="a subset of plain,clom,cclom (comma or space separated)")

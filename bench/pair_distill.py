@@ -1,7 +1,7 @@
 """Does a faster distillation path change the accuracy of the sets it makes? The same trial
 distilled both ways with the same seeds, each set evaluated identically, paired by seed (issue 23:
 no accuracy is traded). ``--compare precision``: compiled DM in fp32 against compiled DM under
-``precision: bf16-cpu`` (its network passes in bf16, :func:`ptmdd_ray.methods.dm_precision`);
+``precision: bf16-cpu`` (its network passes in bf16, :func:`ptmdd_ray.methods.pass_precision`);
 ``--compare compile``: eager against ``distill.compile`` (any method, fp32).
 
     .venv/bin/python bench/pair_distill.py [--compare precision|compile] [--method dm|dc|dsa]

@@ -108,15 +108,16 @@ def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
     return loss
 
 
-def dm_precision(cfg: DistillConfig, precision: str) -> str:
-    """The precision of DM's network passes under the run's ``precision``: ``bf16-cpu`` autocasts
-    them to bf16 when they are compiled (``distill.compile``), where the real side's embedding takes
-    ~0.6x and the whole step ~0.7x the fp32 time (BENCHMARKS.md, "bf16 on the CPU"); eager bf16 is
+def pass_precision(cfg: DistillConfig, precision: str) -> str:
+    """The precision of a distillation's compiled passes under the run's ``precision``: DM's
+    embeddings and its guide's PTM passes, DC/DSA's inner-loop training. ``bf16-cpu`` autocasts
+    them to bf16 when they are compiled (``distill.compile``), where DM's real-side embedding takes
+    ~0.6x and its whole step ~0.7x the fp32 time (BENCHMARKS.md, "bf16 on the CPU"); eager bf16 is
     no faster than fp32 on the CPU (each eager call converts layouts; with channels-last weights it
-    is 1.5x slower), so eager DM stays fp32, as do DC/DSA (their matching differentiates through
-    gradients, where bf16 rounding would enter the matched quantity itself). ``bf16`` leaves DM in
-    fp32 on CUDA too: its published GPU figures are fp32."""
-    return "bf16-cpu" if precision == "bf16-cpu" and cfg.method == "dm" and cfg.compile else "fp32"
+    is 1.5x slower), so eager passes stay fp32. DC/DSA's gradient matching stays fp32 whatever the
+    precision: it differentiates through gradients, where bf16 would round the matched quantity
+    itself. ``bf16`` leaves distillation in fp32 on CUDA too: its published GPU figures are fp32."""
+    return "bf16-cpu" if precision == "bf16-cpu" and cfg.compile else "fp32"
 
 
 def _freeze_batchnorm(net: nn.Module, sampler: RealSampler, classes: int) -> None:
@@ -133,11 +134,11 @@ def _freeze_batchnorm(net: nn.Module, sampler: RealSampler, classes: int) -> Non
 
 
 def dc_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None,
-            update: Callable[[torch.Tensor], None], forward: CompiledCall | None = None):
+            update: Callable[[torch.Tensor], None], forward: CompiledCall | None = None, precision: str = "fp32"):
     """One DC/DSA iteration: ``outer_loop`` updates of the synthetic set, each matching per-class
     gradients of a network that is trained on the synthetic set in between (``inner_loop`` epochs,
-    their steps through ``forward``, a compiled call, if given: the inner loop is ~80 % of the
-    iteration. The matching differentiates through gradients, a double backward that compiled
+    their steps through ``forward``, a compiled call, if given, under ``precision``: the inner loop
+    is ~80 % of the iteration. The matching differentiates through gradients, a double backward that compiled
     graphs do not support, so it stays eager)."""
     params = list(net.parameters())
     opt_net = torch.optim.SGD(params, lr=cfg.lr_net)
@@ -167,7 +168,7 @@ def dc_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
             break
         train_classifier(net, syn.detach(), syn_y, epochs=cfg.inner_loop, lr=cfg.lr_net, momentum=0.0,
                          weight_decay=0.0, batch=cfg.batch_train, dsa_strategy=cfg.dsa_strategy, gen=gen,
-                         optimizer=opt_net, precision="fp32", forward=forward)
+                         optimizer=opt_net, precision=precision, forward=forward)
     return out
 
 
@@ -192,7 +193,7 @@ def distill(
     With ``state_every`` > 0, ``on_state`` gets a :class:`DistillState` every ``state_every``
     iterations before the last (a checkpoint); ``resume`` continues from one, with the same result
     as the uninterrupted run (every random draw comes from the saved generators). ``precision`` is
-    the run's (``Config.precision``); see :func:`dm_precision` for what it does here."""
+    the run's (``Config.precision``); see :func:`pass_precision` for what it does here."""
     device = data.x_train.device
     gen = torch.Generator().manual_seed(seed)
     classes = data.num_classes
@@ -231,7 +232,7 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
     network (later networks are its inputs, so one graph serves them all): DM's embedding (and the
     PTMs' forward, through the guide), DC/DSA's inner-loop training forward."""
     compiled: CompiledCall | None = None
-    passes = dm_precision(cfg, precision)
+    passes = pass_precision(cfg, precision)
 
     def update(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -250,7 +251,7 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
         nonlocal compiled
         if cfg.compile and compiled is None:
             compiled = CompiledCall(net, "forward")
-        return dc_step(net, syn, syn_y, sampler, cfg, cfg.ipc, classes, gen, guide, update, compiled)
+        return dc_step(net, syn, syn_y, sampler, cfg, cfg.ipc, classes, gen, guide, update, compiled, passes)
 
     if cfg.method != "dm":
         return dc

@@ -372,7 +372,7 @@ class PTMGuide:
     def compile(self, precision: str = "fp32") -> None:
         """Run the PTMs' passes on the synthetic images through ``torch.compile`` (one compilation
         per architecture serves all its PTMs; see :mod:`ptmdd_ray.compiled`), under ``precision``'s
-        autocast (:func:`ptmdd_ray.methods.dm_precision`); the losses stay fp32."""
+        autocast (:func:`ptmdd_ray.methods.pass_precision`); the losses stay fp32."""
         self._precision = precision
         for arch, ptms in self.by_arch.items():
             self._calls[arch] = (CompiledCall(ptms[0].model, "forward"), CompiledCall(ptms[0].model, "embed"))

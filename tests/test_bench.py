@@ -113,7 +113,7 @@ def test_bench_distill_json_prints_one_object_with_dm_against_its_reference(tmp_
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_distill.py"), "--methods", "dm", "--json",
                            "--data", "digits", "--im-size", "8", "--ipc", "1", "--batch-real", "16",
                            "--iterations", "2", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "b.json"),
-                           "--no-compile"],  # compiling costs a minute here; tests/test_methods.py checks it
+                           "--no-compile", "--precision", "fp32"],  # compiling costs a minute here; tests/test_methods.py checks it
                           capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # the whole of stdout is one JSON object; the table went to stderr
@@ -121,6 +121,7 @@ def test_bench_distill_json_prints_one_object_with_dm_against_its_reference(tmp_
     s = report["settings"]
     assert (s["model"], s["ipc"], s["batch_real"], s["data"], s["device"]) == ("ConvNetW32", 1, 16, "digits", "cpu")
     assert s["iterations"] == {"dm": 2} and s["torch"] == torch.__version__ and s["date"] and s["compile"] is False
+    assert s["precision"] == "fp32"
     assert report["failed"] == {} and list(report["results"]) == ["dm"]
     dm = report["results"]["dm"]
     assert list(dm) == ["plain", "clom", "cclom"]

@@ -4,7 +4,7 @@ import torch
 from ptmdd_ray import augment, losses
 from ptmdd_ray.config import build_config, loops_for_ipc
 from ptmdd_ray.data import load_data
-from ptmdd_ray.methods import DivergenceError, distill, dm_precision, dm_step
+from ptmdd_ray.methods import DivergenceError, distill, dm_step, pass_precision
 from ptmdd_ray.synthetic import RealSampler
 from ptmdd_ray.train import cpu_has_bf16, new_model
 
@@ -133,13 +133,14 @@ def test_compiled_dm_follows_the_eager_run(digits):
     assert torch.allclose(a.images, b.images, atol=1e-3)
 
 
-def test_bf16_cpu_reaches_dm_only_where_its_passes_are_compiled():
-    """``precision: bf16-cpu`` autocasts compiled DM passes; eager DM (no faster in bf16 on the CPU),
-    DC/DSA (bf16 would round the matched gradients) and the default ``bf16`` stay fp32."""
-    assert dm_precision(_cfg("dm", compile=True).distill, "bf16-cpu") == "bf16-cpu"
-    assert dm_precision(_cfg("dm", compile=False).distill, "bf16-cpu") == "fp32"
-    assert dm_precision(_cfg("dsa", compile=True).distill, "bf16-cpu") == "fp32"
-    assert dm_precision(_cfg("dm", compile=True).distill, "bf16") == "fp32"
+def test_bf16_cpu_reaches_a_distillation_only_where_its_passes_are_compiled():
+    """``precision: bf16-cpu`` autocasts compiled passes (DM's, DC/DSA's inner loop); eager passes
+    (no faster in bf16 on the CPU) and the default ``bf16`` stay fp32."""
+    assert pass_precision(_cfg("dm", compile=True).distill, "bf16-cpu") == "bf16-cpu"
+    assert pass_precision(_cfg("dsa", compile=True).distill, "bf16-cpu") == "bf16-cpu"
+    assert pass_precision(_cfg("dm", compile=False).distill, "bf16-cpu") == "fp32"
+    assert pass_precision(_cfg("dc", compile=False).distill, "bf16-cpu") == "fp32"
+    assert pass_precision(_cfg("dm", compile=True).distill, "bf16") == "fp32"
 
 
 needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU computes no bf16 natively")
@@ -173,6 +174,26 @@ def test_compiled_dm_in_bf16_cpu_follows_the_fp32_run(digits):
     assert all(abs(x - y) <= 3e-2 * abs(x) for (_, x), (_, y) in zip(a.loss_history, b.loss_history))
     assert not torch.equal(a.images, b.images)  # the bf16 passes ran
     assert torch.allclose(a.images, b.images, atol=2e-2)
+
+
+@needs_bf16
+def test_compiled_dsa_with_a_bf16_inner_loop_matches_in_fp32(digits):
+    """Under ``bf16-cpu`` DSA's compiled inner loop trains in bf16; its first matching (before any
+    inner training) is the fp32 run's exactly, and after it the matching loss stays within 2 % and
+    the two sets closer to each other than to where they started (gradient matching amplifies any
+    difference of the trained network, so no elementwise tolerance is meaningful)."""
+    runs = []
+    for precision in ("fp32", "bf16-cpu"):
+        cfg = _cfg("dsa", iterations=1, log_every=1, inner_loop=3, outer_loop=1, compile=True)
+        runs.append(distill(cfg.distill, cfg.model, digits, seed=1, progress=False, precision=precision))
+        cfg = _cfg("dsa", iterations=1, log_every=1, inner_loop=3, compile=True)
+        runs.append(distill(cfg.distill, cfg.model, digits, seed=1, progress=False, precision=precision))
+    one_fp32, two_fp32, one_bf16, two_bf16 = runs
+    assert torch.equal(one_fp32.images, one_bf16.images)  # no inner loop ran: the matching is fp32
+    assert not torch.equal(two_fp32.images, two_bf16.images)  # the inner loop ran in bf16
+    start = distill(_cfg("dsa", iterations=0).distill, "ConvNetW32", digits, seed=1, progress=False).images
+    assert abs(two_bf16.loss_history[0][1] - two_fp32.loss_history[0][1]) <= 0.02 * two_fp32.loss_history[0][1]
+    assert (two_bf16.images - two_fp32.images).norm() < 0.5 * (two_fp32.images - start).norm()
 
 
 @pytest.mark.parametrize("method", ["dc", "dsa"])
