@@ -138,8 +138,8 @@ def dc_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
     """One DC/DSA iteration: ``outer_loop`` updates of the synthetic set, each matching per-class
     gradients of a network that is trained on the synthetic set in between (``inner_loop`` epochs,
     their steps through ``forward``, a compiled call, if given, under ``precision``: the inner loop
-    is ~80 % of the iteration. The matching differentiates through gradients, a double backward that compiled
-    graphs do not support, so it stays eager)."""
+    is ~80 % of the iteration. The matching differentiates through gradients, a double backward
+    that compiled graphs do not support, so it stays eager, and fp32)."""
     params = list(net.parameters())
     opt_net = torch.optim.SGD(params, lr=cfg.lr_net)
     size = syn.shape[-1]

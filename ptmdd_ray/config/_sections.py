@@ -184,8 +184,8 @@ class Config:
     store: str = setting("ptm_store", "PTM checkpoint store: a directory or a pyarrow.fs URI (s3://...)")
     device: str = setting("auto", "auto, cpu or cuda[:N]")
     precision: str = setting("bf16", "bf16: bf16 autocast in PTM pretraining and evaluation on CUDA; "
-                             "bf16-cpu: on a CPU with native bf16 too (~2x faster evaluation; compiled distillation passes in bf16 too); "
-                             "fp32: off",
+                             "bf16-cpu: on a CPU with native bf16 too (~2x faster evaluation), and in "
+                             "compiled distillation passes; fp32: off",
                              choices=PRECISIONS)
 
 
