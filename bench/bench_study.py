@@ -173,8 +173,9 @@ def efficiency(args, out: Path) -> dict:
     variants = {"": load_study(ROOT / "bench" / "efficiency.yaml", sets)}
     if args.after:
         variants = {"before, ": variants[""], "after, ": load_study(ROOT / "bench" / "efficiency.yaml", sets + args.after)}
+    warm_of = {label: out / ("store-warm-after" if label.startswith("after") else "store-warm") for label in variants}
     for label, study in variants.items():
-        warm = out / f"store-warm{'-after' if label.startswith('after') else ''}"
+        warm = warm_of[label]  # the PTMs of the variant's precision
         if not (warm / "ptm").exists():  # the warm-up: the pool's PTMs, trained once, outside any study
             t = time.perf_counter()
             run_pretrain(replace(study.trial_config(study.grid[0], 0), store=str(warm)), progress=False)
@@ -182,8 +183,7 @@ def efficiency(args, out: Path) -> dict:
     rows = {}
     for mode in (["cold"] if args.cold else []) + ["warm"] * args.repeats:
         for label, study in variants.items():  # before and after in turn: drift hits both alike
-            warm = out / f"store-warm{'-after' if label.startswith('after') else ''}"
-            e = efficiency_run(args, out / f"efficiency-{len(rows)}", study, warm if mode == "warm" else None)
+            e = efficiency_run(args, out / f"efficiency-{len(rows)}", study, warm_of[label] if mode == "warm" else None)
             key = f"{label}{mode} store, {args.slots} slots" + (f" #{len(rows)}" if mode == "warm" and args.repeats > 1 else "")
             rows[key] = e
             print_efficiency(key, e)
@@ -191,7 +191,7 @@ def efficiency(args, out: Path) -> dict:
                 ray.shutdown()
     ray.shutdown()
     if args.after:
-        rate = {label: statistics.fmean(e["trials_per_hour"] for k, e in rows.items() if k.startswith(label))
+        rate = {label: statistics.fmean(e["trials_per_hour"] for k, e in rows.items() if k.startswith(f"{label}warm"))
                 for label in variants}
         rows["speedup"] = {"trials_per_hour_before": rate["before, "], "trials_per_hour_after": rate["after, "],
                            "ratio": rate["after, "] / rate["before, "], "after": args.after}
