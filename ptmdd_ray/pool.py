@@ -287,8 +287,9 @@ def compiled_forward(model: nn.Module, precision: str):
     """The compiled forward that trains and scores a PTM under ``precision: bf16-cpu`` (its
     bf16 convolutions pay only in a compiled graph: BENCHMARKS.md, "bf16 on the CPU"; one
     compilation per architecture and batch shape serves every PTM of a run). The other precisions
-    train eager, as every PTM stored before did: the choice is part of the precision, which is part
-    of a PTM's identity, so no stored key changes meaning."""
+    train eager, as every PTM stored under them did, so their keys keep their meaning. ``bf16-cpu``
+    PTMs stored before this path existed (commits c8de90b to 78f3e58) were trained eager: the
+    same recipe in another float order, the difference two machines make too, so their key stands."""
     return CompiledCall(model, "forward") if precision == "bf16-cpu" else None
 
 
