@@ -111,10 +111,9 @@ def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int
 def pass_precision(cfg: DistillConfig, precision: str) -> str:
     """The precision of a distillation's compiled passes under the run's ``precision``: DM's
     embeddings and its guide's PTM passes, DC/DSA's inner-loop training. ``bf16-cpu`` autocasts
-    them to bf16 when they are compiled (``distill.compile``), where DM's real-side embedding takes
-    ~0.6x and its whole step ~0.7x the fp32 time (BENCHMARKS.md, "bf16 on the CPU"); eager bf16 is
-    no faster than fp32 on the CPU (each eager call converts layouts; with channels-last weights it
-    is 1.5x slower), so eager passes stay fp32. DC/DSA's gradient matching stays fp32 whatever the
+    them to bf16 when they are compiled (``distill.compile``), where they pay (BENCHMARKS.md, "bf16
+    on the CPU"); eager bf16 is no faster than fp32 on the CPU (each eager call converts layouts;
+    with channels-last weights it is slower), so eager passes stay fp32. DC/DSA's gradient matching stays fp32 whatever the
     precision: it differentiates through gradients, where bf16 would round the matched quantity
     itself. ``bf16`` leaves distillation in fp32 on CUDA too: its published GPU figures are fp32."""
     return "bf16-cpu" if precision == "bf16-cpu" and cfg.compile else "fp32"
