@@ -28,6 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ptmdd_ray import methods
+    from ptmdd_ray.methods import dc
     from ptmdd_ray.config import build_config
     from ptmdd_ray.data import load_data
 
@@ -37,7 +38,7 @@ def main() -> None:
                                     "batch_real": args.batch_real, "compile": args.compile}})
     data = load_data(cfg.dataset, 0)
     inner = [0.0]
-    train = methods.train_classifier
+    train = dc.train_classifier
 
     def timed_train(*a, **k):
         t0 = time.perf_counter()
@@ -45,7 +46,7 @@ def main() -> None:
         inner[0] += time.perf_counter() - t0
         return out
 
-    methods.train_classifier = timed_train  # this script's own process only
+    dc.train_classifier = timed_train  # this script's own process only
     methods.distill(cfg.distill, cfg.model, data, 0, progress=False)
     inner[0] = 0.0
     t0 = time.perf_counter()

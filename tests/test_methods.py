@@ -198,17 +198,19 @@ def test_compiled_dsa_with_a_bf16_inner_loop_matches_in_fp32(digits):
 
 @pytest.mark.parametrize("method", ["dc", "dsa"])
 def test_compiled_dc_inner_loop_follows_the_eager_run(digits, method):
-    """``distill.compile`` for DC/DSA: the inner loop's training steps through torch.compile (forward
-    and backward) take the eager run's path up to float rounding. One iteration (its second outer
-    step matches gradients of the network the compiled inner loop trained): gradient matching at
-    these tiny settings amplifies any difference ~1e4-fold per iteration (a 1e-6 nudge of the eager
-    run's initial images moves them by 2e-2 after two), so longer runs part as chaotically as any two
-    float orders do."""
+    """``distill.compile`` for DC/DSA: the inner loop's training steps and the real images' gradients
+    through torch.compile (forward and backward) take the eager run's path up to float rounding.
+    One iteration (its second outer step matches gradients of the network the compiled inner loop
+    trained): gradient matching at these tiny settings amplifies any difference ~1e4-fold per
+    iteration (a 1e-6 nudge of the eager run's initial images moves them by 2e-2 after two), so the
+    bound is on how far the two runs part relative to how far the images moved, and longer runs
+    part as chaotically as any two float orders do."""
     runs = []
     for compile_ in (False, True):
         cfg = _cfg(method, iterations=1, log_every=1, inner_loop=3, compile=compile_)
         runs.append(distill(cfg.distill, cfg.model, digits, seed=1, guide=_guide(digits), progress=False))
     a, b = runs
+    start = distill(_cfg(method, iterations=0).distill, "ConvNetW32", digits, seed=1, progress=False).images
     assert abs(a.loss_history[0][1] - b.loss_history[0][1]) <= 1e-5 * abs(a.loss_history[0][1])
     assert not torch.equal(a.images, b.images)  # the compiled path ran (its float order differs)
-    assert torch.allclose(a.images, b.images, atol=1e-4)
+    assert (a.images - b.images).norm() < 1e-3 * (a.images - start).norm()  # measured: 3e-5 (DC), 2e-4 (DSA)

@@ -1,15 +1,8 @@
-"""Distillation methods: DC (gradient matching), DSA (DC + Siamese augmentation), DM (distribution
-matching), each optionally guided by a PTM pool (CLoM/CCLoM, see :mod:`ptmdd_ray.pool`).
-
-Each iteration draws a freshly initialised matching network, as in the original methods, so the
-synthetic set is optimised over the distribution of initialisations rather than for one network.
-The PTM loss sees the raw synthetic images, as in the reference code (``loss.augmented``: the
-augmented ones the matching term sees). The loop never deep-copies the synthetic set; real
-features are computed without grad; DM sends all classes through one batched forward.
-"""
+"""The distillation loop every method shares: a fresh matching network per iteration, the method's
+step, loss records, periodic callbacks (intermediate evaluation, checkpoints) and an exact resume
+from a :class:`DistillState`."""
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,19 +11,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import augment, losses
-from .compiled import CompiledCall
-from .config import DistillConfig
-from .data import ImageData
-from .errors import DivergenceError  # noqa: F401  (raised here; importable from here)
-from .models import embed_chunked, has_batchnorm
-from .synthetic import RealSampler, init_synthetic
-from .train import autocast, new_model, train_classifier
-
-log = logging.getLogger(__name__)
+from ..compiled import CompiledCall
+from ..config import DistillConfig
+from ..data import ImageData
+from ..errors import DivergenceError
+from ..synthetic import RealSampler, init_synthetic
+from ..train import new_model
+from .base import Guide
+from .dc import dc_step
+from .dm import dm_step
 
 @dataclass
 class DistillState:
@@ -72,42 +63,6 @@ class Distilled:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _frozen(net: nn.Module) -> nn.Module:
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
-
-
-def _groups(classes: int, per_class: int, device) -> torch.Tensor:
-    return torch.arange(classes, device=device).repeat_interleave(per_class)
-
-
-# guide(augmented synthetic images, raw synthetic images, labels) -> weighted PTM loss
-Guide = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None,
-            embed: CompiledCall | None = None, precision: str = "fp32"):
-    """One DM update: match class-mean embeddings of real and synthetic images under a random net
-    (its passes through ``embed``, a compiled call, if given, under ``precision``'s autocast; the
-    distance itself is fp32)."""
-    _frozen(net).train()
-    real = sampler.batch_all(cfg.batch_real)
-    per = real.shape[0] // classes
-    params = augment.sample(cfg.dsa_strategy, classes, syn.shape[-1], gen, syn.device)
-    real_aug = augment.apply(real, params, _groups(classes, per, syn.device))
-    syn_aug = augment.apply(syn, params, _groups(classes, ipc, syn.device))
-    with autocast(syn.device, precision):
-        with torch.no_grad():
-            real_feat = embed_chunked(net, real_aug, embed)
-        syn_feat = embed_chunked(net, syn_aug, embed)
-    loss = losses.distribution_distance(
-        syn_feat.float().view(classes, ipc, -1).mean(1), real_feat.float().view(classes, per, -1).mean(1))
-    if guide is not None:
-        loss = loss + guide(syn_aug, syn, syn_y)
-    return loss
-
-
 def pass_precision(cfg: DistillConfig, precision: str) -> str:
     """The precision of a distillation's compiled passes under the run's ``precision``: DM's
     embeddings and its guide's PTM passes, DC/DSA's inner-loop training. ``bf16-cpu`` autocasts
@@ -117,58 +72,6 @@ def pass_precision(cfg: DistillConfig, precision: str) -> str:
     precision: it differentiates through gradients, where bf16 would round the matched quantity
     itself. ``bf16`` leaves distillation in fp32 on CUDA too: its published GPU figures are fp32."""
     return "bf16-cpu" if precision == "bf16-cpu" and cfg.compile else "fp32"
-
-
-def _freeze_batchnorm(net: nn.Module, sampler: RealSampler, classes: int) -> None:
-    """DC's treatment of BatchNorm: set the statistics from a real batch, then hold them fixed so
-    that per-class batches (all one label) do not distort them."""
-    if not has_batchnorm(net):
-        return
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    net.train()
-    with torch.no_grad():
-        net(sampler.batch_all(16))
-    for m in bns:
-        m.eval()
-
-
-def dc_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None,
-            update: Callable[[torch.Tensor], None], forward: CompiledCall | None = None, precision: str = "fp32"):
-    """One DC/DSA iteration: ``outer_loop`` updates of the synthetic set, each matching per-class
-    gradients of a network that is trained on the synthetic set in between (``inner_loop`` epochs,
-    their steps through ``forward``, a compiled call, if given, under ``precision``: the inner loop
-    is ~80 % of the iteration. The matching differentiates through gradients, a double backward
-    that compiled graphs do not support, so it stays eager, and fp32)."""
-    params = list(net.parameters())
-    opt_net = torch.optim.SGD(params, lr=cfg.lr_net)
-    size = syn.shape[-1]
-    out = []
-    for ol in range(cfg.outer_loop):
-        _freeze_batchnorm(net, sampler, classes)
-        loss = syn.new_zeros(())
-        syn_aug = []
-        for c in range(classes):
-            real = sampler.batch(c, cfg.batch_real)
-            syn_c = syn[c * ipc:(c + 1) * ipc]
-            aug = augment.sample(cfg.dsa_strategy, 1, size, gen, syn.device)
-            real = augment.apply(real, aug, torch.zeros(real.shape[0], dtype=torch.long, device=syn.device))
-            syn_c = augment.apply(syn_c, aug, torch.zeros(ipc, dtype=torch.long, device=syn.device))
-            y_real = torch.full((real.shape[0],), c, device=syn.device)
-            gw_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real), y_real), params)]
-            gw_syn = torch.autograd.grad(F.cross_entropy(net(syn_c), syn_y[c * ipc:(c + 1) * ipc]), params,
-                                         create_graph=True)
-            loss = loss + losses.gradient_distance(gw_syn, gw_real)
-            syn_aug.append(syn_c)
-        if guide is not None:
-            loss = loss + guide(torch.cat(syn_aug), syn, syn_y)
-        update(loss)
-        out.append(loss.detach())
-        if ol == cfg.outer_loop - 1:
-            break
-        train_classifier(net, syn.detach(), syn_y, epochs=cfg.inner_loop, lr=cfg.lr_net, momentum=0.0,
-                         weight_decay=0.0, batch=cfg.batch_train, dsa_strategy=cfg.dsa_strategy, gen=gen,
-                         optimizer=opt_net, precision=precision, forward=forward)
-    return out
 
 
 def distill(
