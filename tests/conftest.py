@@ -1,5 +1,6 @@
-"""The tests' fixtures: ``s3`` (a store location on a real S3 server, moto, checking credentials)
-and ``postgres`` (a real PostgreSQL server for the session). Plain helpers (ports, processes, the
+"""The tests' fixtures: ``s3`` (a store location on a real S3 server, moto, checking credentials),
+``postgres`` (a real PostgreSQL server for the session) and ``digits`` (the real digits at 8 px, 30
+training images per class). Plain helpers (ports, processes, the
 tiny study) are in helpers.py."""
 import pwd
 import re
@@ -9,6 +10,16 @@ import uuid
 import pytest
 from helpers import S3Store, as_postgres_user, postgres_bin, start_moto, start_postgres, stop_postgres, \
     stop_session, wait_postgres
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The real digits (scikit-learn's, embedded) at 8 px, 30 training images per class: the
+    methods' tests distil and train on it in seconds."""
+    from ptmdd_ray.config import build_config
+    from ptmdd_ray.data import load_data
+
+    return load_data(build_config({"dataset": {"name": "digits", "im_size": 8, "train_per_class": 30}}).dataset)
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,11 @@ import torch
 
 from ptmdd_ray import augment, losses
 from ptmdd_ray.config import build_config, loops_for_ipc
-from ptmdd_ray.data import load_data
 from ptmdd_ray.methods import DivergenceError, distill, dm_step, pass_precision
 from ptmdd_ray.synthetic import RealSampler
 from ptmdd_ray.train import cpu_has_bf16, new_model
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_data(build_config({"dataset": {"name": "digits", "im_size": 8, "train_per_class": 30}}).dataset)
 
 
 def _cfg(method, **distill):

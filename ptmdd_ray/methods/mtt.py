@@ -1,0 +1,95 @@
+"""MTT (matching training trajectories, Cazenavette et al., CVPR 2022): a few SGD steps on the
+synthetic set should move a network from an expert's checkpoint at epoch t to where the expert,
+trained on the real data, was at epoch t + M.
+
+The student is the expert's parameters as one flat vector; ``syn_steps`` SGD steps on shuffled
+batches of the synthetic set (DSA on each batch) are unrolled with ``create_graph``, so the loss
+differentiates through all of them to the pixels and to the learnable step size ``syn_lr``. The
+loss is the reference's normalised parameter distance
+``||theta_N - theta_target||^2 / ||theta_start - theta_target||^2``. Memory grows linearly with
+``syn_steps``: every step's activations and gradients stay alive for the backward pass.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import augment
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """An expert's training run as MTT reads it: its flat parameters after each epoch, epoch 0
+    being its initialisation (``params[e]`` is epoch ``e``), in ``named_parameters`` order of
+    ``arch``. ``key``: the store key of the run's last checkpoint, naming where it came from."""
+
+    arch: str
+    params: list[torch.Tensor]
+    key: str = ""
+
+    @property
+    def epochs(self) -> int:
+        return len(self.params) - 1
+
+
+def flatten(net: nn.Module) -> torch.Tensor:
+    """``net``'s parameters as one flat vector (``named_parameters`` order): how a trajectory stores them."""
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def unflatten(net: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` shaped as ``net``'s parameters, for ``torch.func.functional_call``."""
+    total = sum(p.numel() for p in net.parameters())
+    if total != flat.numel():
+        raise ValueError(f"a flat vector of {flat.numel()} parameters for a network of {total}")
+    out, start = {}, 0
+    for name, p in net.named_parameters():
+        out[name] = flat[start:start + p.numel()].view_as(p)
+        start += p.numel()
+    return out
+
+
+def batches(n: int, batch: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """The synthetic-set indices of each unrolled step, as the reference draws them: a fresh
+    permutation split into ``batch``-sized chunks whenever the chunks run out, taken from the end.
+    Lazily, so that each permutation is drawn from ``gen`` between the steps' augmentations, in
+    the reference's order."""
+    chunks: list[torch.Tensor] = []
+    for _ in range(steps):
+        if not chunks:
+            chunks = list(torch.split(torch.randperm(n, generator=gen), batch))
+        yield chunks.pop()
+
+
+def trajectory_loss(student: nn.Module, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
+                    labels: torch.Tensor, syn_lr: torch.Tensor, syn_steps: int, batch_syn: int,
+                    dsa_strategy: str, gen: torch.Generator) -> torch.Tensor:
+    """MTT's matching loss for one expert segment (``start`` -> ``target``, flat parameters):
+    ``syn_steps`` differentiable SGD steps with step size ``syn_lr`` on batches of ``batch_syn``
+    synthetic images from ``start``, then the distance to ``target`` relative to the expert's
+    own. ``student`` only lends its architecture (its own weights are not used)."""
+    size = images.shape[-1]
+    params = start.detach().clone().requires_grad_(True)
+    for idx in batches(images.shape[0], batch_syn, syn_steps, gen):
+        idx = idx.to(images.device)
+        x = augment.apply(images[idx], augment.sample(dsa_strategy, idx.numel(), size, gen, images.device))
+        logits = torch.func.functional_call(student, unflatten(student, params), (x,))
+        grad = torch.autograd.grad(F.cross_entropy(logits, labels[idx]), params, create_graph=True)[0]
+        params = params - syn_lr * grad
+    return (params - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+def draw_segment(experts: list[Trajectory], max_start_epoch: int, expert_epochs: int, gen: torch.Generator
+                 ) -> tuple[Trajectory, int]:
+    """One iteration's expert and start epoch: an expert uniformly, a start epoch uniformly in
+    ``[0, max_start_epoch)`` (the reference's ``np.random.randint(0, max_start_epoch)``)."""
+    expert = experts[int(torch.randint(len(experts), (1,), generator=gen))]
+    start = int(torch.randint(max_start_epoch, (1,), generator=gen))
+    if start + expert_epochs > expert.epochs:
+        raise ValueError(f"expert {expert.key or expert.arch} keeps {expert.epochs} epochs; start epoch {start} + "
+                         f"expert_epochs {expert_epochs} is beyond it")
+    return expert, start
