@@ -1,10 +1,10 @@
-"""Seconds per distillation iteration of DC, DSA and DM, each plain / + CLoM / + CCLoM, plus peak
+"""Seconds per distillation iteration of DC, DSA, DM and MTT, each plain / + CLoM / + CCLoM, plus peak
 memory, on CIFAR-10 from the Parquet at CPU scale (ConvNetW32, IPC 10, batch_real 64 per class).
 
     .venv/bin/python bench/bench_distill.py [--data parquet:../shared/data/cifar10-jpeg.parquet]
-        [--methods dc,dsa,dm] [--variants plain,clom,cclom] [--model ConvNetW32] [--pool-arch ConvNetW32]
+        [--methods dc,dsa,dm,mtt] [--variants plain,clom,cclom] [--model ConvNetW32] [--pool-arch ConvNetW32]
         [--ipc 10] [--batch-real 64] [--iterations N] [--device auto|cpu|cuda] [--precision bf16|bf16-cpu|fp32]
-        [--json] [--out FILE]
+        [--syn-steps N] [--json] [--out FILE]
 
 Each case runs in its own process, after warm-up iterations; peak RSS is measured over the timed
 iterations alone (the data set's ~600 MB of float tensors included), and "+MB" is that peak over
@@ -13,6 +13,12 @@ the resident size when they started; on CUDA also ``torch.cuda.max_memory_alloca
 per-class loops of the original code, in the same process, in alternating blocks (6 blocks of
 iterations / 6 for DM), so the ratio is free of machine drift. The PTM pool (2 PTMs of
 ``--pool-arch`` at epoch 2) is taken from the store, trained there first if missing.
+
+MTT (not in the default ``--methods``) is timed against ``reference_mtt.py``, distill.py's step,
+the same way. Its 2 experts are the student's architecture trained with the reference's recipe
+(buffer.py) on 500 images per class, for epochs 0..3 (``max_start_epoch`` 2, ``expert_epochs`` 2):
+what a step costs depends on the student's steps (``syn_steps``, MTT's published 30 at IPC 10,
+``--syn-steps`` to vary it for peak memory per step count), not on how far the experts trained.
 
 ``--json`` prints exactly one JSON object on stdout (the settings and, per method and variant,
 ``seconds_per_iteration``, ``real_images_per_second``, ``reference_seconds_per_iteration`` and
@@ -42,12 +48,13 @@ from emit import emit  # noqa: E402 - bench/ is on the path (the script's own fo
 
 from ptmdd_ray.proc import reset_peak_memory, status_mb  # noqa: E402 - after the path (no torch)
 
-METHODS = ("dc", "dsa", "dm")
+METHODS = ("dc", "dsa", "dm", "mtt")
 VARIANTS = ("plain", "clom", "cclom")
 CASES = [(m, v) for m in METHODS for v in VARIANTS]
-ITERS = {"dc": 2, "dsa": 2, "dm": 30}
-WARMUP = {"dc": 1, "dsa": 1, "dm": 3}
-BLOCKS = {"dc": 2, "dsa": 2, "dm": 6}  # alternating blocks of ours vs the reference
+ITERS = {"dc": 2, "dsa": 2, "dm": 30, "mtt": 4}
+WARMUP = {"dc": 1, "dsa": 1, "dm": 3, "mtt": 1}
+BLOCKS = {"dc": 2, "dsa": 2, "dm": 6, "mtt": 2}  # alternating blocks of ours vs the reference
+MTT_EXPERT_DATA = 500  # training images per class of the benchmark's experts
 
 
 def iterations(args, method: str) -> int:
@@ -57,6 +64,8 @@ def iterations(args, method: str) -> int:
 def config(args, method: str, variant: str):
     from ptmdd_ray.config import build_config
 
+    if method == "mtt":
+        return build_config(mtt_config(args, variant))
     return build_config({
         "dataset": {"name": args.data, **({"im_size": args.im_size} if args.im_size else {})},
         "model": args.model,
@@ -69,6 +78,26 @@ def config(args, method: str, variant: str):
         "device": args.device,
         "precision": args.precision,
     })
+
+
+def mtt_config(args, variant: str) -> dict:
+    """MTT's case: the published settings for the IPC except the start epochs (0..1, so the experts
+    train 3 epochs) and, with ``--syn-steps``, the student's step count."""
+    from ptmdd_ray.config import MTT_EXPERT_RECIPE
+
+    return {
+        "dataset": {"name": args.data, **({"im_size": args.im_size} if args.im_size else {})},
+        "model": args.model,
+        "distill": {"method": "mtt", "ipc": args.ipc, "iterations": iterations(args, "mtt"), "max_start_epoch": 2,
+                    "expert_epochs": 2, **({"syn_steps": args.syn_steps} if args.syn_steps else {})},
+        "pool": {"archs": [args.model], "seeds": 2, "epoch": 2,
+                 "source": {"name": args.data, "train_per_class": MTT_EXPERT_DATA,
+                            **({"im_size": args.im_size} if args.im_size else {})}},
+        "pretrain": MTT_EXPERT_RECIPE,
+        "loss": {"clom": 1.0 if variant == "clom" else 0.0, "cclom": 1.0 if variant == "cclom" else 0.0,
+                 "cclom_batch": 256},
+        "store": args.store, "device": args.device, "precision": args.precision,
+    }
 
 
 def rss_mb(field: str = "VmHWM") -> float:
@@ -90,6 +119,8 @@ def real_per_iteration(data, cfg) -> int:
     class bounds it); DC/DSA every class's batch in each outer step."""
     counts = [int(i.numel()) for i in data.class_indices()]
     d = cfg.distill
+    if d.method == "mtt":  # its real images are in the experts, not in its step
+        return 0
     if d.method == "dm":
         return len(counts) * min(d.batch_real, min(counts))
     return d.outer_loop * sum(min(d.batch_real, c) for c in counts)
@@ -99,6 +130,7 @@ def run_case(args, method: str, variant: str) -> dict:
     import torch
 
     from ptmdd_ray.data import load_data
+    from ptmdd_ray.experts import resolve_experts
     from ptmdd_ray.methods import distill
     from ptmdd_ray.pipeline import pick_device
     from ptmdd_ray.pool import PTMGuide, resolve_pool
@@ -108,9 +140,11 @@ def run_case(args, method: str, variant: str) -> dict:
     data = load_data(cfg.dataset, 0).to(device)
     pool = resolve_pool(cfg, data, device, progress=False)
     guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, 0) or None
+    experts = resolve_experts(cfg, data, device, progress=False) if method == "mtt" else None
     warm = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": WARMUP[method]})
     t_warm = time.perf_counter()
-    distill(warm, cfg.model, data, 0, guide, progress=False, precision=cfg.precision)  # incl. torch.compile's compilation
+    distill(warm, cfg.model, data, 0, guide, progress=False, precision=cfg.precision,  # incl. torch.compile's compilation
+            experts=experts)
     warmup_seconds = time.perf_counter() - t_warm
     if device.type == "cuda":
         sync(device)
@@ -118,7 +152,7 @@ def run_case(args, method: str, variant: str) -> dict:
         cuda_start = torch.cuda.memory_allocated(device) / 2**20
     base_rss = rss_mb("VmRSS")
     reset_peak_memory()  # a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)
-    out = distill(cfg.distill, cfg.model, data, 0, guide, progress=False, precision=cfg.precision)
+    out = distill(cfg.distill, cfg.model, data, 0, guide, progress=False, precision=cfg.precision, experts=experts)
     per_it = out.seconds / out.iterations
     row = {"method": method, "variant": variant, "seconds_per_iteration": per_it,
            "run_seconds_per_iteration": per_it, "iterations": out.iterations,
@@ -127,7 +161,8 @@ def run_case(args, method: str, variant: str) -> dict:
            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "im_size": data.im_size, "classes": data.num_classes,
            "reference_seconds_per_iteration": None, "reference_iterations": 0,
-           "compile": bool(cfg.distill.compile), "warmup_seconds": warmup_seconds}
+           "compile": bool(cfg.distill.compile), "warmup_seconds": warmup_seconds,
+           **({"syn_steps": cfg.distill.syn_steps} if method == "mtt" else {})}
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         row["peak_cuda_over_start_mb"] = row["peak_cuda_mb"] - cuda_start
@@ -137,7 +172,8 @@ def run_case(args, method: str, variant: str) -> dict:
         n = iterations(args, method)
         blocks = BLOCKS[method]
         per_block = max(1, round(n / blocks))
-        ours, ref = interleaved_times(cfg, data, guide, pool.ptms if variant == "clom" else None, blocks, per_block)
+        ours, ref = interleaved_times(cfg, data, guide, pool.ptms if variant == "clom" else None, blocks, per_block,
+                                      experts)
         n = blocks * per_block
         row["seconds_per_iteration"], row["reference_seconds_per_iteration"] = sum(ours) / n, sum(ref) / n
         row["reference_iterations"] = n
@@ -151,17 +187,19 @@ def run_case(args, method: str, variant: str) -> dict:
     return row
 
 
-def interleaved_times(cfg, data, guide, ptms, blocks: int = 6, per_block: int = 5) -> tuple[list[float], list[float]]:
+def interleaved_times(cfg, data, guide, ptms, blocks: int = 6, per_block: int = 5, experts=None
+                      ) -> tuple[list[float], list[float]]:
     """Ours vs the reference in alternating blocks, so that drifts of the machine hit both alike:
     the seconds of each block, ours and the reference's."""
     from ptmdd_ray.methods import distill
 
     device = data.x_train.device
-    ref_iter = reference_iteration(cfg, data, ptms)
+    ref_iter = reference_mtt_iteration(cfg, data, experts, ptms) if experts else reference_iteration(cfg, data, ptms)
     block = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": per_block})
     ours, ref = [], []
     for b in range(blocks):
-        ours.append(distill(block, cfg.model, data, b, guide, progress=False, precision=cfg.precision).seconds)
+        ours.append(distill(block, cfg.model, data, b, guide, progress=False, precision=cfg.precision,
+                            experts=experts).seconds)
         sync(device)
         t0 = time.perf_counter()
         for k in range(per_block):
@@ -205,6 +243,59 @@ def reference_iteration(cfg, data, ptms):
     return it
 
 
+def reference_mtt_iteration(cfg, data, experts, ptms=None):
+    """distill.py's iteration (``reference_mtt.py``): an expert and a start epoch drawn with numpy,
+    the expert's parameters as lists of tensors (as buffer.py stores them), the images and the step
+    size updated by their own SGD optimisers (momentum 0.5); with ``ptms``, CLoM added the way the
+    paper's code adds it to DM (one PTM, the raw synthetic set)."""
+    import numpy as np
+    import torch
+
+    from ptmdd_ray import losses
+    from ptmdd_ray.synthetic import init_synthetic
+    from ptmdd_ray.train import new_model
+    from reference_mtt import reference_mtt_step
+
+    np.random.seed(0)
+    d = cfg.distill
+    device = data.x_train.device
+    shape = (data.channels, data.num_classes, data.im_size)
+    names = [(p.shape, p.numel()) for p in new_model(cfg.model, shape, seed=0).parameters()]
+
+    def as_list(flat):
+        out, start = [], 0
+        for size, n in names:
+            out.append(flat[start:start + n].view(size))
+            start += n
+        return out
+
+    buffer = [[as_list(p) for p in e.params] for e in experts]
+    syn, syn_y = init_synthetic(data, d.ipc, "real", torch.Generator().manual_seed(0))
+    syn, syn_y = syn.to(device).requires_grad_(True), syn_y.to(device)
+    syn_lr = torch.tensor(d.lr_teacher, device=device).requires_grad_(True)
+    opt_img = torch.optim.SGD([syn], lr=d.lr_img, momentum=0.5)
+    opt_lr = torch.optim.SGD([syn_lr], lr=d.lr_lr, momentum=0.5)
+    gen = torch.Generator().manual_seed(0)
+
+    def it(k):
+        net = new_model(cfg.model, shape, seed=k, device=device)
+        trajectory = buffer[np.random.randint(0, len(buffer))]
+        start = np.random.randint(0, d.max_start_epoch)
+        loss = reference_mtt_step(net, trajectory[start], trajectory[start + d.expert_epochs], syn, syn_y, syn_lr,
+                                  d.syn_steps, d.batch_syn or syn.shape[0], d.dsa_strategy, gen)
+        if ptms:
+            loss = loss + cfg.loss.clom * losses.clom(ptms[0].model(syn), syn_y)
+        opt_img.zero_grad()
+        opt_lr.zero_grad()
+        loss.backward()
+        opt_img.step()
+        opt_lr.step()
+
+    for k in range(WARMUP["mtt"]):
+        it(k)
+    return it
+
+
 def subset(values: list[str], allowed: tuple[str, ...], flag: str) -> list[str]:
     """``--methods dm,dsa`` or ``--methods dm dsa`` (or ``"dm dsa"``): the named members of
     ``allowed``, in its order; an unknown name is an error."""
@@ -219,7 +310,8 @@ def subset(values: list[str], allowed: tuple[str, ...], flag: str) -> list[str]:
 def case_command(args, method: str, variant: str) -> list[str]:
     cmd = [sys.executable, __file__, "--case", f"{method}:{variant}", "--data", args.data, "--ipc", str(args.ipc),
            "--store", args.store, "--device", args.device, "--model", args.model, "--pool-arch", args.pool_arch,
-           "--batch-real", str(args.batch_real), "--im-size", str(args.im_size), "--precision", args.precision]
+           "--batch-real", str(args.batch_real), "--im-size", str(args.im_size), "--precision", args.precision,
+           "--syn-steps", str(args.syn_steps)]
     return cmd + (["--iterations", str(args.iterations)] if args.iterations else []) + (
         ["--no-compile"] if args.no_compile else [])
 
@@ -259,15 +351,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="eager passes (default: through torch.compile: DM's embeddings, DC/DSA's inner-loop training)")
     p.add_argument("--precision", choices=["bf16", "bf16-cpu", "fp32"], default="bf16",
                    help="the run's precision (bf16-cpu: compiled DM passes in bf16 on the CPU too; the reference is fp32)")
-    p.add_argument("--methods", nargs="+", default=["dc,dsa,dm"], help="a subset of dc,dsa,dm (comma or space separated)")
+    p.add_argument("--methods", nargs="+", default=["dc,dsa,dm"],
+                   help="a subset of dc,dsa,dm,mtt (comma or space separated; default dc,dsa,dm)")
+    p.add_argument("--syn-steps", type=int, default=0, help="MTT's student steps per iteration (default: published)")
     p.add_argument("--variants", nargs="+", default=["plain,clom,cclom"],
                    help="a subset of plain,clom,cclom (comma or space separated)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
     p.add_argument("--out", help="also write the JSON object to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
     args = p.parse_args(argv)
-    if args.iterations < 0 or args.ipc < 1 or args.batch_real < 1:
-        p.error("--iterations must be >= 0, --ipc and --batch-real >= 1")
+    if args.iterations < 0 or args.ipc < 1 or args.batch_real < 1 or args.syn_steps < 0:
+        p.error("--iterations and --syn-steps must be >= 0, --ipc and --batch-real >= 1")
     if args.case:
         method, variant = args.case.split(":")
         print(json.dumps(run_case(args, method, variant)))

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -56,18 +56,20 @@ class Scores:
 
 
 def evaluate_against_baseline(cfg: Config, data: ImageData, images: torch.Tensor, labels: torch.Tensor,
-                              progress: bool = True) -> Scores:
+                              progress: bool = True, set_lr: float | None = None) -> Scores:
     """Evaluate a distilled set with ``cfg.eval`` and, with ``eval.baseline``, the random-real
     baseline of ``distill.ipc``. The baseline first: if a concurrent trial of the same seed is
     evaluating it, this one evaluates its own set meanwhile and then reads the baseline back
-    instead of idling."""
+    instead of idling. ``set_lr``: the set's own learning rate (MTT's learned step size, as the
+    reference evaluates it), in place of ``eval.lr`` for the set; the baseline keeps ``eval.lr``."""
     t0 = time.perf_counter()
     acc: dict[str, dict] = {}
     meter = Meter(device_sync(data.x_train.device))
 
     def evaluate_synthetic() -> None:
         with meter:
-            acc.update(evaluate_set(images, labels, data, cfg.eval, cfg.seed, progress, "eval synthetic",
+            protocol = cfg.eval if set_lr is None else replace(cfg.eval, lr=set_lr)
+            acc.update(evaluate_set(images, labels, data, protocol, cfg.seed, progress, "eval synthetic",
                                     precision=cfg.precision))
 
     spent = BaselineCost()

@@ -23,6 +23,7 @@ from .baseline import Scores, evaluate_against_baseline, random_real_baseline
 from .config import Config, ConfigError, eval_split, source_dataset, to_dict
 from .data import ImageData, load_data
 from .evaluate import evaluate_set
+from .experts import resolve_experts
 from .methods import Distilled, DistillState, distill
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
 from .proc import memory_mb
@@ -82,8 +83,9 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     data = target_data(cfg, data, device)
     pool, pool_cost = cost.measured(sync, resolve_pool, cfg, data, device, progress, repo=repo)
     guide, guide_cost = cost.measured(sync, PTMGuide.from_config, cfg.loss, pool.ptms, data, cfg.seed)
-    run, distill_cost = cost.measured(sync, distill_set, cfg, data, guide, progress, on_log, on_eval, checkpoints)
-    scores = evaluate_against_baseline(cfg, data, run.syn.images, run.syn.labels, progress)
+    run, distill_cost = cost.measured(sync, distill_set, cfg, data, guide, progress, on_log, on_eval, checkpoints,
+                                      repo)
+    scores = evaluate_against_baseline(cfg, data, run.syn.images, run.syn.labels, progress, set_lr=run.syn.lr)
     costs = cost_record(pool, ptm_users or {}, {"guide": guide_cost, "distill": distill_cost,
                                                  "eval": scores.set_cost, "baseline": scores.baseline_cost},
                         scores.baseline_wait_seconds, device)
@@ -135,19 +137,22 @@ class DistillRun:
 def distill_set(cfg: Config, data: ImageData, guide: PTMGuide, progress: bool = True,
                 on_log: Callable[[int, float], None] | None = None,
                 on_eval: Callable[[int, float], None] | None = None,
-                checkpoints: Checkpoints | None = None) -> DistillRun:
+                checkpoints: Checkpoints | None = None, repo: CheckpointRepository | None = None) -> DistillRun:
     """Distill ``cfg.distill`` on ``data`` (with ``guide``, if it has PTMs), evaluating the set
     along the way (:class:`IntermediateEvals`); with ``checkpoints``, going on from the last saved
-    state and saving it (with the evaluations so far) along the way."""
+    state and saving it (with the evaluations so far) along the way. MTT first loads its expert
+    trajectories through ``repo`` (training the missing epochs: part of this phase's cost)."""
     resume, extra = (checkpoints.load() if checkpoints else None) or (None, {})
     along = IntermediateEvals(cfg, data, extra.get("eval_history", []), on_eval)
+    experts = (resolve_experts(cfg, data, data.x_train.device, progress, repo) if cfg.distill.method == "mtt"
+               else None)
 
     def save_state(state: DistillState) -> None:
         checkpoints.save(state, {"eval_history": along.history})
 
     syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log,
                   cfg.eval.every, along, resume=resume, state_every=checkpoints.every if checkpoints else 0,
-                  on_state=save_state if checkpoints else None, precision=cfg.precision)
+                  on_state=save_state if checkpoints else None, precision=cfg.precision, experts=experts)
     return DistillRun(syn, along.history, along.split, resume.iteration if resume else 0)
 
 
@@ -192,6 +197,7 @@ def result_record(cfg: Config, device: torch.device, pool: Pool, run: DistillRun
                    "baseline_cached": scores.baseline_cached, "resumed_from": run.resumed_from,
                    "baseline_wait_seconds": scores.baseline_wait_seconds, "guide_seconds": seconds["guide"]},
         "loss_history": syn.loss_history,
+        "learned_lr": syn.lr,  # MTT: the step size it learned, at which the set was evaluated (else None)
         "eval_history": run.eval_history,
         "cost": costs or {},
         "device": str(device),

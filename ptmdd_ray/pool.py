@@ -41,8 +41,9 @@ PTM_DATA_SEED = 0
 # Dataset fields that say where data lives, not what it is: left out of a PTM's identity.
 _LOCATION_FIELDS = ("root", "download", "cache_dir")
 # Fields added after stores existed, left out of the identity at their default so that the
-# checkpoints stored before them keep their keys.
+# checkpoints stored before them keep their keys: the source's and the pretraining recipe's.
 _LATER_DEFAULTS = {"val_per_class": 0}
+_LATER_PRETRAIN_DEFAULTS = {"dsa_strategy": "none", "schedule": "thirds"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class PTMSpec:
         src = {k: v for k, v in to_dict(self.source).items()
                if k not in _LOCATION_FIELDS and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
         src["name"] = canonical_name(src["name"])
-        train = {k: v for k, v in to_dict(self.pretrain).items() if k != "save_epochs"}
+        train = {k: v for k, v in to_dict(self.pretrain).items()
+                 if k != "save_epochs" and not (k in _LATER_PRETRAIN_DEFAULTS and v == _LATER_PRETRAIN_DEFAULTS[k])}
         ident = {"arch": self.arch, "seed": self.seed, "source": src, "pretrain": train}
         return ident if self.precision == "bf16" else {**ident, "precision": self.precision}
 
@@ -109,7 +111,7 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
     if not cfg.pool.archs or not (idle or uses_ptms(cfg)):
         return Pool([], 0, 0)
     repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
-    load_source = _source_loader(cfg, target, device)
+    load_source = source_loader(cfg, target, device)
     needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
     hits0, trainings0, trained0, bytes0 = repo.hits, repo.trainings, repo.trained, repo.bytes_written
     ptms = []
@@ -121,7 +123,7 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
                 repo.bytes_written - bytes0)
 
 
-def _source_loader(cfg: Config, target: ImageData, device: torch.device) -> Callable[[], ImageData]:
+def source_loader(cfg: Config, target: ImageData, device: torch.device) -> Callable[[], ImageData]:
     """The data the pool's PTMs train on, loaded on the first call (only a training needs them).
     A PTM's training data is a function of its spec alone (never of this run's seed), so a stored
     checkpoint means the same model whichever run trained it: ``target`` serves only when it is
@@ -251,7 +253,8 @@ def store_stats(store: CheckpointStore) -> dict[str, Any]:
 def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress: bool = True
              ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float], Seconds]]:
     """Train one PTM up to the largest requested epoch of its ``spec.pretrain.epochs``-epoch run
-    (schedule: lr x0.1 at 1/3 and 2/3 of the run, no augmentation); return
+    (its recipe: by default lr x0.1 at 1/3 and 2/3 of the run, no augmentation; epoch 0 is the
+    initialisation, which MTT's trajectories start from); return
     {epoch: (state_dict, {"test": accuracy, "train": accuracy}, seconds so far)} for the requested
     epochs: the train accuracy says how far a checkpoint fits its data (an over-trained PTM is
     near 1); the seconds, what that checkpoint cost to make."""
@@ -268,17 +271,20 @@ def pretrain(spec: PTMSpec, epochs_to_save: list[int], data: ImageData, progress
     forward = compiled_forward(model, spec.precision)
 
     def on_epoch(e: int, m: nn.Module) -> None:
-        bar.update(1)
+        bar.update(1 if e else 0)
         if e in wanted:
             acc = {"test": accuracy(m, data.x_test, data.y_test, precision=spec.precision, forward=forward),
                    "train": accuracy(m, data.x_train, data.y_train, precision=spec.precision, forward=forward)}
             out[e] = ({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, acc, meter.lap())
             bar.set_postfix(epoch=e, test_acc=f"{acc['test']:.3f}", train_acc=f"{acc['train']:.3f}")
 
+    milestones = (t.epochs // 3, 2 * t.epochs // 3) if t.schedule == "thirds" else ()
     with meter:
+        on_epoch(0, model)
         train_classifier(model, data.x_train, data.y_train, epochs=last, lr=t.lr, momentum=t.momentum,
-                         weight_decay=t.weight_decay, batch=t.batch, milestones=(t.epochs // 3, 2 * t.epochs // 3),
-                         gen=gen, on_epoch=on_epoch, precision=spec.precision, forward=forward)
+                         weight_decay=t.weight_decay, batch=t.batch, milestones=milestones,
+                         dsa_strategy=t.dsa_strategy, gen=gen, on_epoch=on_epoch, precision=spec.precision,
+                         forward=forward)
     bar.close()
     return out
 

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from ptmdd_ray import losses
 from ptmdd_ray.config import build_config
 from ptmdd_ray.data import load_data
-from ptmdd_ray.train import new_model
+from ptmdd_ray.train import new_model, train_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from reference_dc import _match_loss, reference_dc_iteration  # noqa: E402
 from reference_dm import reference_dm_iteration  # noqa: E402
 from reference_eval import reference_evaluate_synset  # noqa: E402
+from reference_mtt import reference_mtt_step  # noqa: E402
 from emit import emit  # noqa: E402
 
 
@@ -158,3 +159,46 @@ def test_a_benchmarks_figures_go_to_stdout_as_one_json_object_and_to_its_out_fil
     assert json.loads(capsys.readouterr().out) == res == json.loads((tmp_path / "sub" / "out.json").read_text())
     emit(res, False, None)
     assert capsys.readouterr().out == ""
+
+
+def _expert(data, epochs=2, seed=0):
+    """A real expert: ConvNetW32 trained on digits (DSA, no momentum, as buffer.py trains), its
+    parameters kept as buffer.py keeps them: a list per epoch, epoch 0 the initialisation."""
+    net = new_model("ConvNetW32", (1, 10, 8), seed=seed)
+    params = [[p.detach().clone() for p in net.parameters()]]
+    train_classifier(net, data.x_train, data.y_train, epochs=epochs, lr=0.01, momentum=0.0, weight_decay=0.0,
+                     batch=256, dsa_strategy="color_crop_cutout_flip_scale_rotate",
+                     gen=torch.Generator().manual_seed(seed), precision="fp32",
+                     on_epoch=lambda e, m: params.append([p.detach().clone() for p in m.parameters()]))
+    return params
+
+
+@pytest.mark.parametrize("strategy,batch_syn", [("color_crop_cutout_flip_scale_rotate", 7), ("none", 20)])
+def test_mtt_step_equals_the_reference_loss_and_gradients(digits, strategy, batch_syn):
+    """Issue 26: ours (flat student through functional_call, lazily drawn batches) against
+    distill.py's step (ReparamModule-style student, ``student_params`` list, mse_loss / num_params)
+    on the same expert, images and random draws: the loss and the gradients of the pixels and of
+    the learnable step size."""
+    from ptmdd_ray.methods.mtt import trajectory_loss
+
+    expert = _expert(digits)
+    x, y = _syn(digits, 2)
+    x = x.detach()
+    grads = []
+    for side in ("ours", "reference"):
+        images = x.clone().requires_grad_(True)
+        syn_lr = torch.tensor(0.01, requires_grad=True)
+        student = new_model("ConvNetW32", (1, 10, 8), seed=5)  # its own weights are never used
+        gen = torch.Generator().manual_seed(3)
+        if side == "ours":
+            start = torch.cat([p.reshape(-1) for p in expert[0]])
+            target = torch.cat([p.reshape(-1) for p in expert[2]])
+            loss = trajectory_loss(student, start, target, images, y, syn_lr, 5, batch_syn, strategy, gen)
+        else:
+            loss = reference_mtt_step(student, expert[0], expert[2], images, y, syn_lr, 5, batch_syn, strategy, gen)
+        loss.backward()
+        grads.append((loss.item(), images.grad.clone(), syn_lr.grad.clone()))
+    (l_a, gi_a, gl_a), (l_b, gi_b, gl_b) = grads
+    assert 0 < l_a < 100 and l_a == pytest.approx(l_b, rel=1e-5)
+    assert gi_a.abs().max() > 0 and torch.allclose(gi_a, gi_b, rtol=1e-4, atol=1e-6 * gi_a.abs().max().item())
+    assert gl_a.abs() > 0 and torch.allclose(gl_a, gl_b, rtol=1e-4)

@@ -311,3 +311,24 @@ def test_results_in_a_bucket_need_servers_for_mlflow_and_optuna(tmp_path):
                                 "s3://bucket/studies?endpoint_override=127.0.0.1:9&access_key=k&secret_key=s"),
                           "results: s3://bucket/studies?...: URI options are not supported here")
     assert not list(tmp_path.iterdir())
+
+
+MTT = ("model: ConvNetW32\ndistill: {method: mtt, ipc: 1}\npool: {archs: [ConvNetW32]}\n"
+       "pretrain: {epochs: 50, momentum: 0.0, weight_decay: 0.0, schedule: constant}\n")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("distill.syn_steps=0", "distill.syn_steps: must be >= 1"),
+    ("distill.expert_epochs=0", "distill.expert_epochs: must be >= 1"),
+    ("distill.lr_lr=-1", "distill.lr_lr"),
+    ("distill.max_start_epoch=50", "distill.max_start_epoch: segments reach epoch 51"),
+    ("pool.archs=[ConvNet]", "pool.archs[0]: ConvNet has no trajectory for the student ConvNetW32"),
+    ("pool.archs=[]", "pool.archs: MTT needs expert trajectories"),
+    ("pretrain.schedule=cosine", "pretrain.schedule"),
+    ("pretrain.dsa_strategy=blur", "pretrain.dsa_strategy"),
+])
+def test_bad_mtt_settings_fail_before_anything_runs(tmp_path, override, needle):
+    """MTT's own settings (issue 26): a step count below 1, segments beyond what the experts' runs
+    keep, experts of another architecture than the student, no experts at all."""
+    (tmp_path / "mtt.yaml").write_text(MTT)
+    distill_fails(tmp_path, needle, "mtt.yaml", "--set", override)

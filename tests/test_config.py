@@ -401,7 +401,7 @@ def test_json_schema_covers_every_dotted_key_with_its_default_and_meaning():
         node = schema_of(schema, key)
         assert node.get("description"), key
         assert node["default"] == default, key
-    assert schema_of(schema, "distill.method")["enum"] == ["dc", "dsa", "dm"]
+    assert schema_of(schema, "distill.method")["enum"] == ["dc", "dsa", "dm", "mtt"]
     assert None in schema_of(schema, "distill.init")["enum"]
     assert schema["additionalProperties"] is False
 

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("study specs and reports: no torch", ["study_spec", "rows", "cost_report", "search_report", "report"]),
     ("torch building blocks and storage", ["augment", "losses", "models", "compiled", "store", "artifacts"]),
     ("tensors and training", ["data", "train", "grouped", "synthetic"]),
-    ("distillation, the PTM pool, evaluation", ["methods", "pool", "evaluate", "baseline"]),
+    ("distillation, the PTM pool, evaluation", ["methods", "pool", "experts", "evaluate", "baseline"]),
     ("jobs and services", ["pipeline", "service", "tracking"]),
     ("studies", ["study"]),
     ("command line", ["cli"]),

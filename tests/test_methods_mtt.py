@@ -1,17 +1,10 @@
-"""MTT (``ptmdd_ray.methods.mtt``): the step equals an independent re-implementation of the
-reference's (``bench/reference_mtt.py``, GeorgeCazenavette/mtt-distillation's distill.py) on the
-same expert, images and random draws: loss and gradients."""
-import sys
-from pathlib import Path
-
+"""MTT (``ptmdd_ray.methods.mtt``, the loop, the experts from the store, its config). Its step
+against the reference's is in tests/test_bench.py, beside the other yardsticks."""
 import pytest
 import torch
 
 from ptmdd_ray.methods.mtt import Trajectory, batches, draw_segment, flatten, trajectory_loss, unflatten
 from ptmdd_ray.train import new_model, train_classifier
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from reference_mtt import reference_mtt_step  # noqa: E402
 
 SHAPE = (1, 10, 8)  # digits at 8 px
 
@@ -30,30 +23,6 @@ def _expert(digits, epochs=2, seed=0):
 def _syn(digits, ipc):
     x = torch.cat([digits.x_train[digits.y_train == c][:ipc] for c in range(10)]).clone()
     return x, torch.arange(10).repeat_interleave(ipc)
-
-
-@pytest.mark.parametrize("strategy,batch_syn", [("color_crop_cutout_flip_scale_rotate", 7), ("none", 20)])
-def test_mtt_step_equals_the_reference_loss_and_gradients(digits, strategy, batch_syn):
-    expert = _expert(digits)
-    x, y = _syn(digits, 2)
-    grads = []
-    for side in ("ours", "reference"):
-        images = x.clone().requires_grad_(True)
-        syn_lr = torch.tensor(0.01, requires_grad=True)
-        student = new_model("ConvNetW32", SHAPE, seed=5)  # its own weights are never used
-        gen = torch.Generator().manual_seed(3)
-        if side == "ours":
-            start = torch.cat([p.reshape(-1) for p in expert[0]])
-            target = torch.cat([p.reshape(-1) for p in expert[2]])
-            loss = trajectory_loss(student, start, target, images, y, syn_lr, 5, batch_syn, strategy, gen)
-        else:
-            loss = reference_mtt_step(student, expert[0], expert[2], images, y, syn_lr, 5, batch_syn, strategy, gen)
-        loss.backward()
-        grads.append((loss.item(), images.grad.clone(), syn_lr.grad.clone()))
-    (l_a, gi_a, gl_a), (l_b, gi_b, gl_b) = grads
-    assert 0 < l_a < 10 and l_a == pytest.approx(l_b, rel=1e-5)
-    assert gi_a.abs().max() > 0 and torch.allclose(gi_a, gi_b, rtol=1e-4, atol=1e-6 * gi_a.abs().max().item())
-    assert gl_a.abs() > 0 and torch.allclose(gl_a, gl_b, rtol=1e-4)
 
 
 def test_the_loss_is_one_when_the_student_does_not_move(digits):
@@ -93,3 +62,106 @@ def test_a_segment_beyond_the_expert_is_refused():
             draw_segment([expert], max_start_epoch=2, expert_epochs=2, gen=torch.Generator().manual_seed(seed))
     _, start = draw_segment([expert], max_start_epoch=1, expert_epochs=2, gen=torch.Generator().manual_seed(0))
     assert start == 0
+
+
+# -- the loop: experts from the store, a learned step size, an exact resume ------------------------
+
+def _mtt_cfg(tmp_path, **distill):
+    from ptmdd_ray.config import build_config
+
+    return build_config({
+        "dataset": {"name": "digits", "im_size": 8, "train_per_class": 30}, "model": "ConvNetW32",
+        "distill": {"method": "mtt", "ipc": 1, "iterations": 4, "syn_steps": 4, "max_start_epoch": 2,
+                    "expert_epochs": 1, "lr_img": 1.0, "lr_lr": 1e-7, "log_every": 1, **distill},
+        "pool": {"archs": ["ConvNetW32"], "seeds": 2, "epoch": 1},
+        "pretrain": {"epochs": 3, "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant",
+                     "dsa_strategy": "color_crop_cutout_flip_scale_rotate"},
+        "eval": {"runs": 1, "epochs": 3}, "store": str(tmp_path / "store")})
+
+
+def test_mtt_defaults_come_from_the_published_table_per_ipc():
+    from ptmdd_ray.config import MTT_TABLE, build_config
+
+    def resolved(ipc):
+        return build_config({"model": "ConvNet", "distill": {"method": "mtt", "ipc": ipc},
+                             "pool": {"archs": ["ConvNet"]}, "pretrain": {"epochs": 50}}).distill
+
+    for ipc, row in MTT_TABLE.items():
+        d = resolved(ipc)
+        assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr, d.lr_teacher) == (
+            row["syn_steps"], row["expert_epochs"], row["max_start_epoch"], row["lr_img"], row["lr_lr"],
+            row["lr_teacher"])
+        assert d.iterations == 5000 and d.batch_syn is None and d.init == "real"
+    assert resolved(10).syn_steps == 30 and resolved(10).max_start_epoch == 20 and resolved(1).syn_steps == 50
+    assert resolved(20).max_start_epoch == resolved(10).max_start_epoch  # off the table: the nearest IPC's
+
+
+def test_experts_are_the_stored_per_epoch_checkpoints_trained_once(digits, tmp_path):
+    """A trajectory is its PTM run's checkpoints from epoch 0 (the initialisation) on, content
+    addressed by the recipe: a second resolution trains nothing; another recipe is another run."""
+    from dataclasses import replace
+
+    from ptmdd_ray.experts import resolve_experts, trajectory_epochs
+    from ptmdd_ray.pool import PTMRepository, PTMSpec, pool_specs
+    from ptmdd_ray.store import CheckpointStore
+
+    cfg = _mtt_cfg(tmp_path)
+    assert trajectory_epochs(cfg) == [0, 1, 2]
+    repo = PTMRepository(CheckpointStore(cfg.store), progress=False)
+    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False, repo=repo)
+    assert repo.trainings == 2 and len(experts) == 2 and all(e.epochs == 2 for e in experts)
+    init = new_model("ConvNetW32", SHAPE, seed=0)
+    assert torch.equal(experts[0].params[0], flatten(init))  # epoch 0: seed 0's initialisation
+    assert not torch.equal(experts[0].params[1], experts[0].params[0])
+    again = PTMRepository(CheckpointStore(cfg.store), progress=False)
+    experts2 = resolve_experts(cfg, digits, torch.device("cpu"), progress=False, repo=again)
+    assert again.trainings == 0 and all(torch.equal(a, b) for a, b in zip(experts[1].params, experts2[1].params))
+    paper = PTMSpec("ConvNetW32", 0, cfg.dataset, replace(cfg.pretrain, dsa_strategy="none", schedule="thirds"))
+    assert paper.run_id != pool_specs(cfg)[0].run_id  # the recipe is part of the key
+    assert "dsa_strategy" not in paper.identity()["pretrain"]  # at its default: keys stored before it stand
+
+
+def test_mtt_learns_its_step_size_and_resumes_exactly(digits, tmp_path):
+    from ptmdd_ray.artifacts import read_tensors, write_tensors
+    from ptmdd_ray.experts import resolve_experts
+    from ptmdd_ray.methods import DistillState, distill
+
+    cfg = _mtt_cfg(tmp_path)
+    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False)
+    full = distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts)
+    assert full.lr is not None and full.lr != cfg.distill.lr_teacher  # learned
+    assert len(full.loss_history) == 4 and all(v > 0 for _, v in full.loss_history)
+    states = []
+    distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts, state_every=1,
+            on_state=states.append)
+    write_tensors(tmp_path / "s.safetensors", states[1].tensors(), states[1].meta())
+    state = DistillState.from_parts(*read_tensors(tmp_path / "s.safetensors"))
+    assert state.syn_lr is not None and state.syn_lr_momentum is not None
+    resumed = distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts, resume=state)
+    assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
+    assert resumed.loss_history == full.loss_history
+
+
+def test_an_mtt_run_end_to_end_evaluates_at_its_learned_step_size(tmp_path):
+    """``run_distill`` with ``distill.method: mtt``: experts trained into the store, the set
+    distilled, evaluated, written; the baseline is evaluated at ``eval.lr``."""
+    import json
+
+    from ptmdd_ray.pipeline import run_distill
+
+    cfg = _mtt_cfg(tmp_path)
+    result = run_distill(cfg, tmp_path / "out", progress=False)
+    written = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert written["timing"]["iterations"] == 4 and 0 <= result["accuracy"]["ConvNetW32"]["mean"] <= 1
+    assert written["learned_lr"] == pytest.approx(result["learned_lr"]) and result["learned_lr"] > 0
+    assert (tmp_path / "out" / "synthetic.parquet").exists()
+
+
+def test_a_step_size_learned_below_zero_is_a_divergence(digits, tmp_path):
+    from ptmdd_ray.experts import resolve_experts
+    from ptmdd_ray.methods import DivergenceError, distill
+
+    cfg = _mtt_cfg(tmp_path, lr_lr=1e-3)
+    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False)
+    with pytest.raises(DivergenceError, match="MTT's learned step size went to -.*; lower distill.lr_lr"):
+        distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts)

@@ -22,7 +22,8 @@ from ..sources import DOMAINS
 from ._checks import (check_dataset, check_device, check_distill, check_eval, check_loss, check_model, check_pool,
                       check_pretrain, resolve)
 from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, DSA_OPS, DSA_STRATEGY, METHOD_DEFAULTS, PUBLISHED_LOOPS,
-                       REFERENCE_EVAL_RUNS, check_strategy, loops_for_ipc)
+                       MTT_EXPERT_RECIPE, MTT_TABLE, REFERENCE_EVAL_RUNS, check_strategy, loops_for_ipc,
+                       mtt_for_ipc)
 from ._parse import PATH_PREFIXES, anchor_paths, build_config, load_config, load_yaml, parse_override, set_dotted
 from ._schema import describe, flatten, from_dict, json_schema, to_dict
 from ._sections import (INITS, METHODS, PRECISIONS, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
@@ -44,5 +45,6 @@ __all__ = [
     "weight_for", "uses_ptms", "source_dataset", "eval_split",
     # vocabulary and published defaults
     "METHODS", "INITS", "DOMAINS", "PRECISIONS", "METHOD_DEFAULTS", "REFERENCE_EVAL_RUNS", "COMPILE_AUTO_ITERATIONS", "COMPILE_AUTO_EVAL_EPOCHS",
-    "DSA_STRATEGY", "DSA_OPS", "check_strategy", "loops_for_ipc", "PUBLISHED_LOOPS",
+    "DSA_STRATEGY", "DSA_OPS", "check_strategy", "loops_for_ipc", "PUBLISHED_LOOPS", "MTT_TABLE", "MTT_EXPERT_RECIPE",
+    "mtt_for_ipc",
 ]

@@ -15,8 +15,9 @@ from typing import Any
 from ..archs import is_known
 from ..errors import ConfigError, check
 from ..sources import canonical_name, check_dataset_config, image_shape
-from ._methods import COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc
-from ._sections import (INITS, METHODS, PRECISIONS, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
+from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc,
+                       mtt_for_ipc)
+from ._sections import (INITS, METHODS, PRECISIONS, SCHEDULES, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
                         PoolConfig, PretrainConfig, source_dataset, weight_for)
 
 
@@ -27,6 +28,7 @@ def resolve(cfg: Config) -> Config:
     check_dataset(cfg.dataset, "dataset")
     pool = check_pool(cfg)
     check_pretrain(cfg.pretrain, pool.epoch)
+    check_experts(cfg, distill, pool)
     loss = check_loss(cfg.loss, pool.archs, distill.method)
     check_label_space(cfg, pool, loss)
     evaluation = check_eval(cfg.eval, cfg.model, distill.method)
@@ -84,7 +86,8 @@ def check_distill(distill: DistillConfig) -> DistillConfig:
     _at_least(distill, "distill", 0, ("iterations",))
     _at_least(distill, "distill", 1, ("outer_loop", "inner_loop", "batch_real", "batch_train", "log_every"))
     _at_least(distill, "distill", 0, ("checkpoint_every",))
-    _rates(distill, "distill", ("lr_img", "lr_net", "momentum_img"))
+    _at_least(distill, "distill", 1, ("syn_steps", "expert_epochs", "max_start_epoch", "batch_syn"))
+    _rates(distill, "distill", ("lr_img", "lr_net", "momentum_img", "lr_lr", "lr_teacher"))
     init = distill.init or defaults["init"]
     check(init in INITS, "distill.init", f"unknown init {init!r} (known: {', '.join(INITS)})")
     strategy = distill.dsa_strategy or defaults["dsa_strategy"]
@@ -99,9 +102,38 @@ def check_distill(distill: DistillConfig) -> DistillConfig:
         compile_ = method == "dm" and iterations >= COMPILE_AUTO_ITERATIONS
     # a study trial's checkpoints: about ten per run unless set (resolved here, so MLflow records it)
     every = distill.checkpoint_every or max(1, iterations // 10)
+    if method == "mtt":
+        distill = _mtt_defaults(distill)
     return replace(distill, iterations=iterations, init=init, dsa_strategy=strategy, compile=compile_,
                    checkpoint_every=every, lr_img=defaults["lr_img"] if distill.lr_img is None else distill.lr_img,
                    outer_loop=distill.outer_loop or outer, inner_loop=distill.inner_loop or inner)
+
+
+_MTT_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_teacher")
+
+
+def _mtt_defaults(distill: DistillConfig) -> DistillConfig:
+    """MTT's unset settings from its published table for the IPC (:func:`mtt_for_ipc`); its
+    student batch is the whole set unless ``batch_syn`` says otherwise."""
+    table = mtt_for_ipc(distill.ipc)
+    filled = {k: table[k] if getattr(distill, k) is None else getattr(distill, k) for k in _MTT_FIELDS}
+    return replace(distill, **filled)
+
+
+def check_experts(cfg: Config, distill: DistillConfig, pool: PoolConfig) -> None:
+    """MTT's experts are the pool's PTMs: of the student's architecture, trained (pretrain.epochs)
+    at least as far as the latest segment reaches, max_start_epoch - 1 + expert_epochs."""
+    if distill.method != "mtt":
+        return
+    check(bool(pool.archs), "pool.archs", "MTT needs expert trajectories: name the student's architecture "
+          f"[{cfg.model}] here")
+    for i, arch in enumerate(pool.archs):
+        check(arch == cfg.model, f"pool.archs[{i}]", f"{arch} has no trajectory for the student {cfg.model}: "
+              "MTT's experts must be the matching model's architecture")
+    reach = distill.max_start_epoch - 1 + distill.expert_epochs
+    check(reach <= cfg.pretrain.epochs, "distill.max_start_epoch",
+          f"segments reach epoch {reach} (max_start_epoch - 1 + expert_epochs) but the experts' runs "
+          f"keep {cfg.pretrain.epochs} (pretrain.epochs)")
 
 
 def check_pool(cfg: Config) -> PoolConfig:
@@ -158,8 +190,14 @@ def check_pretrain(pretrain: PretrainConfig, pool_epoch: int) -> None:
     _at_least(pretrain, "pretrain", 1, ("epochs",))
     check(pool_epoch <= epochs, "pool.epoch", f"{pool_epoch} is past pretrain.epochs {epochs}")
     for i, epoch in enumerate(pretrain.save_epochs):
-        check(1 <= epoch <= epochs, f"pretrain.save_epochs[{i}]", f"must be in 1..{epochs}, got {epoch}")
+        check(0 <= epoch <= epochs, f"pretrain.save_epochs[{i}]", f"must be in 0..{epochs}, got {epoch}")
     _rates(pretrain, "pretrain", ("lr", "momentum", "weight_decay"))
+    try:
+        check_strategy(pretrain.dsa_strategy)
+    except ValueError as e:
+        raise ConfigError(f"pretrain.dsa_strategy: {e}") from None
+    check(pretrain.schedule in SCHEDULES, "pretrain.schedule",
+          f"expected one of {', '.join(SCHEDULES)}, got {pretrain.schedule!r}")
     _at_least(pretrain, "pretrain", 1, ("batch",))
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..sources import DOMAINS
 
-METHODS = ("dc", "dsa", "dm")
+METHODS = ("dc", "dsa", "dm", "mtt")
+SCHEDULES = ("thirds", "constant")
 INITS = ("real", "noise")
 PRECISIONS = ("bf16", "bf16-cpu", "fp32")
 
@@ -61,7 +62,7 @@ class DistillConfig:
     """The distillation method. ``None`` fields take the method's published default (see
     :data:`METHOD_DEFAULTS` and :func:`loops_for_ipc`)."""
 
-    method: str = setting("dm", "distillation method: dc, dsa or dm", choices=METHODS)
+    method: str = setting("dm", "distillation method: dc, dsa, dm or mtt", choices=METHODS)
     ipc: int = setting(10, "synthetic images per class")
     iterations: int | None = setting(None, "distillation iterations; null: the method's published default")
     lr_img: float | None = setting(None,
@@ -79,6 +80,17 @@ class DistillConfig:
         "DC/DSA network epochs on the synthetic set between updates; null: the published table for the IPC")
     dsa_strategy: str | None = setting(None,
         "DSA augmentations, e.g. color_crop_cutout_flip_scale_rotate; null: the method's published default")
+    syn_steps: int | None = setting(None,
+        "MTT: differentiable student steps on the synthetic set per iteration (memory grows linearly with it); "
+        "null: MTT's published value for the IPC")
+    expert_epochs: int | None = setting(None,
+        "MTT: expert epochs the student's steps must cover (target = start + this); null: published value")
+    max_start_epoch: int | None = setting(None,
+        "MTT: start epochs are drawn from [0, this); null: MTT's published value for the IPC")
+    lr_lr: float | None = setting(None, "MTT: SGD learning rate of the learnable student step size; null: published")
+    lr_teacher: float | None = setting(None,
+        "MTT: initial student step size (learned, then the evaluation's learning rate); null: published")
+    batch_syn: int | None = setting(None, "MTT: synthetic images per student step; null: the whole set")
     log_every: int = setting(10, "record the matching loss every this many iterations")
     compile: bool | None = setting(None,
         "run DM's network passes (DC/DSA: the inner loop's training steps) through torch.compile (~2x (DC/DSA ~1.6x) "
@@ -106,7 +118,9 @@ class PoolConfig:
 @dataclass(frozen=True)
 class PretrainConfig:
     """How a PTM is trained. Defaults follow the paper's code: a 150-epoch run, SGD lr 0.01, momentum
-    0.9, weight decay 5e-3, lr x0.1 at 1/3 and 2/3 of the run, batch 256, no augmentation.
+    0.9, weight decay 5e-3, lr x0.1 at 1/3 and 2/3 of the run, batch 256, no augmentation. MTT's
+    experts are trained the reference's way instead (``MTT_EXPERT_RECIPE``: DSA, no momentum, a
+    constant rate, 50 epochs), which a study sets here.
     ``epochs`` is the length of the run, i.e. its lr schedule: epoch 2 of a 150-epoch run is a
     different model from epoch 2 of a 2-epoch run. A run is only trained as far as the largest
     epoch asked for (``pool.epoch`` and ``save_epochs``), saving each of them on the way, so early
@@ -117,7 +131,12 @@ class PretrainConfig:
     momentum: float = setting(0.9, "SGD momentum of PTM pretraining")
     weight_decay: float = setting(5e-3, "weight decay of PTM pretraining")
     batch: int = setting(256, "batch size of PTM pretraining")
-    save_epochs: list[int] = setting([], "further epochs to checkpoint on the way (besides pool.epoch)")
+    save_epochs: list[int] = setting([], "further epochs to checkpoint on the way (besides pool.epoch); 0: the "
+                                     "initialisation")
+    dsa_strategy: str = setting("none",
+        "augmentation of every pretraining batch: none (the paper's PTMs) or a DSA strategy (MTT's experts)")
+    schedule: str = setting("thirds", "learning-rate schedule: thirds (x0.1 at 1/3 and 2/3 of the run, the paper's "
+                            "PTMs) or constant (MTT's experts)", choices=SCHEDULES)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,11 @@ from ..train import new_model
 from .base import Guide
 from .dc import dc_step
 from .dm import dm_step
+from .mtt import Trajectory, draw_segment, trajectory_loss
+
+# SGD momentum of MTT's learnable step size (the reference's optimizer_lr)
+LR_MOMENTUM = 0.5
+
 
 @dataclass
 class DistillState:
@@ -35,11 +40,14 @@ class DistillState:
     guide: dict[str, Any]  # the guide's random states ({} without a guide)
     loss_history: list[tuple[int, float]]
     seconds: float
+    syn_lr: torch.Tensor | None = None  # MTT's learnable step size and its momentum
+    syn_lr_momentum: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"images": self.images, "gen": self.gen}
-        if self.momentum is not None:
-            out["momentum"] = self.momentum
+        for name in ("momentum", "syn_lr", "syn_lr_momentum"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         out.update({f"guide.{k}": v for k, v in self.guide.items() if isinstance(v, torch.Tensor)})
         return out
 
@@ -51,7 +59,8 @@ class DistillState:
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> DistillState:
         guide = {**meta["guide"], **{k[len("guide."):]: v for k, v in tensors.items() if k.startswith("guide.")}}
         return cls(int(meta["iteration"]), tensors["images"], tensors.get("momentum"), tensors["gen"], guide,
-                   [(int(i), float(v)) for i, v in meta["loss_history"]], float(meta["seconds"]))
+                   [(int(i), float(v)) for i, v in meta["loss_history"]], float(meta["seconds"]),
+                   tensors.get("syn_lr"), tensors.get("syn_lr_momentum"))
 
 
 @dataclass
@@ -61,6 +70,7 @@ class Distilled:
     seconds: float
     iterations: int
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    lr: float | None = None  # MTT: the learned step size, at which the set is evaluated
 
 
 def pass_precision(cfg: DistillConfig, precision: str) -> str:
@@ -88,6 +98,7 @@ def distill(
     state_every: int = 0,
     on_state: Callable[[DistillState], None] | None = None,
     precision: str = "fp32",
+    experts: list[Trajectory] | None = None,
 ) -> Distilled:
     """Run ``cfg.method`` for ``cfg.iterations`` iterations on ``data`` (already on its device).
     With ``every`` > 0, ``on_every(iterations done, images, labels)`` sees a detached copy of the
@@ -95,19 +106,21 @@ def distill(
     With ``state_every`` > 0, ``on_state`` gets a :class:`DistillState` every ``state_every``
     iterations before the last (a checkpoint); ``resume`` continues from one, with the same result
     as the uninterrupted run (every random draw comes from the saved generators). ``precision`` is
-    the run's (``Config.precision``); see :func:`pass_precision` for what it does here."""
+    the run's (``Config.precision``); see :func:`pass_precision` for what it does here. MTT
+    matches segments of ``experts`` and learns its step size with the images (``Distilled.lr``)."""
     device = data.x_train.device
     gen = torch.Generator().manual_seed(seed)
     classes = data.num_classes
     syn, labels = _initial_set(data, cfg, gen, resume)
     syn_y = labels.to(device)
     opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
+    syn_lr = _learned_lr(cfg, opt, resume, device)
     sampler = RealSampler(data, gen)
     shape = (data.channels, classes, data.im_size)
     history: list[tuple[int, float]] = list(resume.loss_history) if resume else []
     start, before = (_restore(resume, opt, gen, guide), resume.seconds) if resume else (0, 0.0)
 
-    step = _outer_step(cfg, syn, syn_y, sampler, gen, guide, opt, classes, precision)
+    step = _outer_step(cfg, syn, syn_y, sampler, gen, guide, opt, classes, precision, experts, syn_lr)
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), desc=f"distill {cfg.method}", disable=not progress, leave=False,
                initial=start, total=cfg.iterations)
@@ -120,15 +133,29 @@ def distill(
         if on_every is not None and _due(it + 1, every, cfg.iterations):
             on_every(it + 1, syn.detach().clone(), labels)
         if on_state is not None and _due(it + 1, state_every, cfg.iterations):
-            on_state(_snapshot(it + 1, syn, opt, gen, guide, history, before + time.perf_counter() - t0))
+            on_state(_snapshot(it + 1, syn, syn_lr, opt, gen, guide, history, before + time.perf_counter() - t0))
     if not torch.isfinite(syn).all():
         raise DivergenceError("distillation diverged: non-finite synthetic pixels; lower distill.lr_img")
-    return Distilled(syn.detach().cpu(), labels, before + time.perf_counter() - t0, cfg.iterations, history)
+    return Distilled(syn.detach().cpu(), labels, before + time.perf_counter() - t0, cfg.iterations, history,
+                     None if syn_lr is None else float(syn_lr.detach()))
+
+
+def _learned_lr(cfg: DistillConfig, opt: torch.optim.Optimizer, resume: DistillState | None, device
+                ) -> torch.Tensor | None:
+    """MTT's learnable step size (``lr_teacher`` at first, or the resumed value), optimised by
+    ``opt`` at ``lr_lr`` as a second parameter group; None for the other methods."""
+    if cfg.method != "mtt":
+        return None
+    value = resume.syn_lr if resume is not None and resume.syn_lr is not None else torch.tensor(cfg.lr_teacher)
+    syn_lr = value.detach().clone().float().to(device).requires_grad_(True)
+    opt.add_param_group({"params": [syn_lr], "lr": cfg.lr_lr, "momentum": LR_MOMENTUM})
+    return syn_lr
 
 
 def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, sampler: RealSampler,
                 gen: torch.Generator, guide: Guide | None, opt: torch.optim.Optimizer, classes: int,
-                precision: str = "fp32") -> Callable[[nn.Module], list[torch.Tensor]]:
+                precision: str = "fp32", experts: list[Trajectory] | None = None,
+                syn_lr: torch.Tensor | None = None) -> Callable[[nn.Module], list[torch.Tensor]]:
     """One iteration of ``cfg.method`` on a fresh network, as a call returning its losses. With
     ``distill.compile`` the passes that dominate go through a compiled call built from the first
     network (later networks are its inputs, so one graph serves them all): DM's embedding (and the
@@ -155,6 +182,22 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
             compiled = CompiledCall(net, "forward")
         return dc_step(net, syn, syn_y, sampler, cfg, cfg.ipc, classes, gen, guide, update, compiled, passes)
 
+    def mtt(net: nn.Module) -> list[torch.Tensor]:
+        expert, start = draw_segment(experts, cfg.max_start_epoch, cfg.expert_epochs, gen)
+        loss = trajectory_loss(net, expert.params[start], expert.params[start + cfg.expert_epochs], syn, syn_y,
+                               syn_lr, cfg.syn_steps, cfg.batch_syn or syn.shape[0], cfg.dsa_strategy, gen)
+        if guide is not None:  # the student augments per batch; the guide sees the raw set
+            loss = loss + guide(syn, syn, syn_y)
+        update(loss)
+        if not float(syn_lr.detach()) > 0:  # no student (and no evaluation) can train at it
+            raise DivergenceError(f"MTT's learned step size went to {float(syn_lr.detach()):.3g}; "
+                                  "lower distill.lr_lr")
+        return [loss.detach()]
+
+    if cfg.method == "mtt":
+        if not experts:
+            raise ValueError("MTT needs expert trajectories (ptmdd_ray.experts.resolve_experts)")
+        return mtt
     if cfg.method != "dm":
         return dc
     if cfg.compile and hasattr(guide, "compile"):
@@ -189,12 +232,15 @@ def _due(done: int, every: int, total: int) -> bool:
     return every > 0 and done % every == 0 and done < total
 
 
-def _snapshot(done: int, syn: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator, guide,
-              history: list[tuple[int, float]], seconds: float) -> DistillState:
-    buf = opt.state.get(syn, {}).get("momentum_buffer")
-    return DistillState(done, syn.detach().cpu().clone(), None if buf is None else buf.detach().cpu().clone(),
-                        gen.get_state(), guide.get_state() if hasattr(guide, "get_state") else {},
-                        list(history), seconds)
+def _snapshot(done: int, syn: torch.Tensor, syn_lr: torch.Tensor | None, opt: torch.optim.Optimizer,
+              gen: torch.Generator, guide, history: list[tuple[int, float]], seconds: float) -> DistillState:
+    def momentum(t: torch.Tensor | None) -> torch.Tensor | None:
+        buf = None if t is None else opt.state.get(t, {}).get("momentum_buffer")
+        return None if buf is None else buf.detach().cpu().clone()
+
+    return DistillState(done, syn.detach().cpu().clone(), momentum(syn), gen.get_state(),
+                        guide.get_state() if hasattr(guide, "get_state") else {}, list(history), seconds,
+                        None if syn_lr is None else syn_lr.detach().cpu().clone(), momentum(syn_lr))
 
 
 def _restore(state: DistillState, opt: torch.optim.Optimizer, gen: torch.Generator, guide) -> int:
@@ -202,6 +248,9 @@ def _restore(state: DistillState, opt: torch.optim.Optimizer, gen: torch.Generat
     syn = opt.param_groups[0]["params"][0]
     if state.momentum is not None:
         opt.state[syn]["momentum_buffer"] = torch.empty_like(syn, requires_grad=False).copy_(state.momentum)
+    if state.syn_lr_momentum is not None:  # MTT's step size (its value came back in _learned_lr)
+        syn_lr = opt.param_groups[1]["params"][0]
+        opt.state[syn_lr]["momentum_buffer"] = state.syn_lr_momentum.clone().to(syn_lr.device)
     gen.set_state(state.gen)
     if hasattr(guide, "set_state"):
         guide.set_state(state.guide)

@@ -1,0 +1,45 @@
+"""MTT's expert trajectories from the PTM store: each pool PTM's run, checkpointed at every epoch
+from 0 (its initialisation) to the last a segment reaches, is one expert.
+
+A trajectory's checkpoints are the pool's own store keys (``<arch>-s<seed>-<run id>-e<epoch>``),
+so they are content-addressed by the recipe that trained them (another recipe is another run id),
+trained once however many trials ask (the store's lock on the run, locally or on S3, through the
+Ray store actor in a study), and every missing epoch is trained, never interpolated.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .data import ImageData
+from .methods.mtt import Trajectory
+from .pool import PTMRepository, source_loader, check_compatible, pool_specs, save_epochs
+from .store import CheckpointRepository, CheckpointStore
+from .train import new_model
+
+
+def trajectory_epochs(cfg: Config) -> list[int]:
+    """Every epoch an MTT segment may start or end at: 0 .. max_start_epoch - 1 + expert_epochs."""
+    return list(range(cfg.distill.max_start_epoch + cfg.distill.expert_epochs))
+
+
+def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
+                    repo: CheckpointRepository | None = None) -> list[Trajectory]:
+    """One :class:`Trajectory` per pool PTM (``pool.archs`` x ``pool.seeds``), loaded through
+    ``repo`` (default: a local repository on ``cfg.store``), its missing epochs trained in one run
+    that also saves the pool's own epochs."""
+    repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
+    load_source = source_loader(cfg, target, device)
+    epochs = trajectory_epochs(cfg)
+    to_save = sorted({*epochs, *save_epochs(cfg)})
+    out = []
+    for spec in pool_specs(cfg):
+        names = [n for n, _ in new_model(spec.arch, (target.channels, target.num_classes, target.im_size),
+                                         seed=0).named_parameters()]
+        params = []
+        for e in epochs:
+            ckpt = repo.get(spec, e, to_save, load_source)
+            check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels=True)
+            params.append(torch.cat([ckpt.tensors[n].reshape(-1) for n in names]).to(device))
+        out.append(Trajectory(spec.arch, params, spec.key(epochs[-1])))
+    return out
