@@ -26,8 +26,10 @@ from .evaluate import evaluate_set
 from .experts import resolve_experts
 from .methods import Distilled, DistillState, distill
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
-from .proc import memory_mb
+from .methods.mtt import unrolled_bytes
+from .proc import available_mb, memory_mb
 from .store import CheckpointRepository
+from .train import new_model
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,6 +51,24 @@ def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
                               f"{smallest + held} training images leaves {smallest}, fewer than {key} {ipc}")
         raise ConfigError(f"{key}: {ipc} images per class requested but class {data.classes[c]!r} "
                           f"has only {smallest} training images")
+
+
+def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None:
+    """MTT keeps every unrolled student step until its backward pass (memory linear in
+    ``syn_steps``, :func:`~ptmdd_ray.methods.mtt.unrolled_bytes`): a run that cannot fit in what the
+    device has free is refused in one line before anything runs."""
+    d = cfg.distill
+    if d.method != "mtt":
+        return
+    size = d.ipc * data.num_classes
+    batch = min(d.batch_syn or size, size)
+    student = new_model(cfg.model, (data.channels, data.num_classes, data.im_size), seed=0, device=device)
+    need = unrolled_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps) / 2**20
+    free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else available_mb()
+    if free is not None and need > free:
+        raise ConfigError(f"distill.syn_steps: MTT's {d.syn_steps} unrolled steps of {batch} images need "
+                          f"~{need / 1024:.1f} GiB, more than the {free / 1024:.1f} GiB free on {device.type}; "
+                          "lower distill.syn_steps or distill.batch_syn")
 
 
 class Checkpoints(Protocol):
@@ -81,6 +101,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     if sync is not None:
         torch.cuda.reset_peak_memory_stats(device)  # cost.peak_gpu_mb is this run's
     data = target_data(cfg, data, device)
+    check_mtt_memory(cfg, data, device)
     pool, pool_cost = cost.measured(sync, resolve_pool, cfg, data, device, progress, repo=repo)
     guide, guide_cost = cost.measured(sync, PTMGuide.from_config, cfg.loss, pool.ptms, data, cfg.seed)
     run, distill_cost = cost.measured(sync, distill_set, cfg, data, guide, progress, on_log, on_eval, checkpoints,

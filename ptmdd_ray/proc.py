@@ -1,4 +1,5 @@
-"""This process as Linux's /proc sees it: resident memory and start time (no torch, no Ray).
+"""This process as Linux's /proc sees it: resident memory, start time and the memory still available
+(no torch, no Ray).
 
 One reader for what the study's trials report (``mem.*``, ``time.process``) and what
 ``bench/bench_distill.py`` measures (peak and current resident set), so both count alike.
@@ -17,6 +18,17 @@ def status_mb(field: str = "VmHWM") -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_mb() -> float | None:
+    """Memory the machine can still give (``MemAvailable`` of ``/proc/meminfo``, MiB); None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass

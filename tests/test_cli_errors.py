@@ -326,9 +326,11 @@ MTT = ("model: ConvNetW32\ndistill: {method: mtt, ipc: 1}\npool: {archs: [ConvNe
     ("pool.archs=[]", "pool.archs: MTT needs expert trajectories"),
     ("pretrain.schedule=cosine", "pretrain.schedule"),
     ("pretrain.dsa_strategy=blur", "pretrain.dsa_strategy"),
+    ("distill.syn_steps=100000000", "distill.syn_steps: MTT's 100000000 unrolled steps of 10 images need ~"),
 ])
 def test_bad_mtt_settings_fail_before_anything_runs(tmp_path, override, needle):
     """MTT's own settings (issue 26): a step count below 1, segments beyond what the experts' runs
-    keep, experts of another architecture than the student, no experts at all."""
+    keep, experts of another architecture than the student, no experts at all, unrolled steps that
+    cannot fit in memory (refused after loading the data, before any expert trains)."""
     (tmp_path / "mtt.yaml").write_text(MTT)
     distill_fails(tmp_path, needle, "mtt.yaml", "--set", override)

@@ -165,3 +165,32 @@ def test_a_step_size_learned_below_zero_is_a_divergence(digits, tmp_path):
     experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False)
     with pytest.raises(DivergenceError, match="MTT's learned step size went to -.*; lower distill.lr_lr"):
         distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts)
+
+
+def test_the_memory_estimate_bounds_what_the_unrolled_steps_keep():
+    """``unrolled_bytes`` (what the refusal of a run that cannot fit reads) against the bytes of
+    the tensors autograd really saves for the backward pass, per step (distinct storages, counted
+    by a saved-tensors hook: what the allocator does with them aside), on CIFAR-sized images with
+    MTT's DSA: an upper bound, within 2x."""
+    from ptmdd_ray.methods.mtt import unrolled_bytes
+
+    net = new_model("ConvNetW32", (3, 10, 32), seed=0)
+    start = flatten(net)
+    target = start + 0.01 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    y = torch.arange(10).repeat_interleave(10)
+    saved = {}
+    for steps in (4, 12):
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trajectory_loss(net, start, target, x, y, torch.tensor(0.01, requires_grad=True), steps, 100,
+                            "color_crop_cutout_flip_scale_rotate", torch.Generator().manual_seed(0))
+        saved[steps] = sum(storages.values())
+    measured = (saved[12] - saved[4]) / 8
+    estimate = unrolled_bytes(net, (3, 32, 32), 100, 1)
+    assert estimate / 2 <= measured <= estimate, (measured / 2**20, estimate / 2**20)

@@ -83,6 +83,36 @@ def trajectory_loss(student: nn.Module, start: torch.Tensor, target: torch.Tenso
     return (params - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
+# Elements an unrolled step keeps for the backward pass per element its leaf modules output: the
+# activations and what the double backward needs of their gradients. Measured 1.34 (ConvNetW32, 100
+# CIFAR-sized images per step, with or without DSA: the bytes of the tensors autograd saves, per
+# step, tests/test_methods_mtt.py); 2 bounds it.
+KEPT_PER_ACTIVATION = 2
+
+
+def activation_elements(student: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """Elements the leaf modules of ``student`` output for one image (one no-grad forward)."""
+    counts: list[int] = []
+    leaves = [m for m in student.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(lambda m, i, o: counts.append(o.numel())) for m in leaves]
+    try:
+        with torch.no_grad():
+            student(torch.zeros(1, *image_shape, device=next(student.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(counts)
+
+
+def unrolled_bytes(student: nn.Module, image_shape: tuple[int, int, int], batch: int, syn_steps: int) -> int:
+    """What the unrolled student keeps until the backward pass, linear in ``syn_steps``: per step
+    the activations of ``batch`` images (and their gradients), and a new parameter vector with its
+    gradient."""
+    params = sum(p.numel() for p in student.parameters())
+    per_step = batch * activation_elements(student, image_shape) * KEPT_PER_ACTIVATION + 2 * params
+    return 4 * syn_steps * per_step
+
+
 def draw_segment(experts: list[Trajectory], max_start_epoch: int, expert_epochs: int, gen: torch.Generator
                  ) -> tuple[Trajectory, int]:
     """One iteration's expert and start epoch: an expert uniformly, a start epoch uniformly in
