@@ -82,14 +82,18 @@ def config(args, method: str, variant: str):
 
 def mtt_config(args, variant: str) -> dict:
     """MTT's case: the published settings for the IPC except the start epochs (0..1, so the experts
-    train 3 epochs) and, with ``--syn-steps``, the student's step count."""
+    train 3 epochs), the learning rates (lr_img 1000, lr_lr 1e-7: the published IPC 10 ones were
+    tuned on ZCA-whitened images, and on these raw ones the step size goes negative within an
+    iteration; the rates do not change what a step costs) and, with ``--syn-steps``, the student's
+    step count."""
     from ptmdd_ray.config import MTT_EXPERT_RECIPE
 
     return {
         "dataset": {"name": args.data, **({"im_size": args.im_size} if args.im_size else {})},
         "model": args.model,
         "distill": {"method": "mtt", "ipc": args.ipc, "iterations": iterations(args, "mtt"), "max_start_epoch": 2,
-                    "expert_epochs": 2, **({"syn_steps": args.syn_steps} if args.syn_steps else {})},
+                    "expert_epochs": 2, "lr_img": 1000.0, "lr_lr": 1e-7,
+                    **({"syn_steps": args.syn_steps} if args.syn_steps else {})},
         "pool": {"archs": [args.model], "seeds": 2, "epoch": 2,
                  "source": {"name": args.data, "train_per_class": MTT_EXPERT_DATA,
                             **({"im_size": args.im_size} if args.im_size else {})}},

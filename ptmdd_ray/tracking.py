@@ -162,6 +162,8 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     m["distill.seconds"] = t["distill_seconds"]
     m["eval.seconds"] = t["eval_seconds"]
     m["distill.resumed_from"] = float(t.get("resumed_from", 0))  # > 0: went on from a checkpoint
+    if result.get("learned_lr") is not None:  # MTT: the step size it learned (its set's evaluation lr)
+        m["distill.learned_lr"] = float(result["learned_lr"])
     if base:  # 1: the baseline was read back from the store (eval.seconds then covers the set alone)
         m["baseline.random.cached"] = float(bool(t.get("baseline_cached")))
     return {**m, **cost.flat(result.get("cost") or {})}

@@ -624,3 +624,41 @@ def test_a_study_without_a_metric_chooses_on_validation_or_says_it_is_on_test(tm
     assert load_study(_write(tmp_path, with_val)).spec.metric == "val.acc.mean"
     base = {**STUDY["base"], "dataset": {**STUDY["base"]["dataset"], "val_per_class": 0}}
     assert load_study(_write(tmp_path, {**with_val, "base": base})).spec.metric == "acc.mean"
+
+
+MTT_BASE = {**TINY_BASE, "distill": {"method": "mtt", "ipc": 1, "iterations": 6, "syn_steps": 3, "max_start_epoch": 2,
+                                     "expert_epochs": 1, "lr_img": 1.0, "lr_lr": 1e-7, "checkpoint_every": 2},
+            "pool": {"archs": ["ConvNetW32"], "seeds": 1, "epoch": 1},
+            "pretrain": {"epochs": 3, "batch": 128, "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant"}}
+
+
+@pytest.mark.slow
+def test_an_mtt_study_and_search_run_on_ray_share_one_expert_and_record_the_learned_step(tmp_path):
+    """Issue 26: MTT through the study's machinery as the other methods: Tune trials (checkpointing
+    along the way), one expert trained once for both trials (the store actor's single flight),
+    MLflow records with the learned step size, the report with its claim, and an Optuna search."""
+    import optuna
+
+    from ptmdd_ray.store import CheckpointStore
+
+    study = {**STUDY, "name": "mtt", "base": MTT_BASE, "sweep": {"loss.clom": {"grid": [0.0, 0.5]}},
+             "search": {"loss.clom": {"uniform": [0.0, 1.0]}}, "control": {"loss.clom": 0.0},
+             "claims": [{"claim": "CLoM helps MTT", "better": {"loss.clom": 0.5}, "than": "control"}]}
+    path = _write(tmp_path, study)
+    proc = subprocess.run(_study_cmd(path, tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 trials, 0 failed" in proc.stdout and "claim: CLoM helps MTT:" in proc.stdout
+    assert CheckpointStore(tmp_path / "store").stats()["trainings"] == 1  # one expert run for both trials
+    parents, children = _children(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}", "mtt")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        assert r.data.params["distill.method"] == "mtt" and r.data.params["distill.syn_steps"] == "3"
+        assert r.data.metrics["distill.learned_lr"] > 0 and 0 <= r.data.metrics["val.acc.mean"] <= 1
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = subprocess.run([sys.executable, "-m", "ptmdd_ray.cli", "search", str(path), "--trials", "1",
+                             "--optuna-storage", storage, "--results", str(tmp_path / "search"),
+                             "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert search.returncode == 0, search.stderr[-3000:]
+    done = optuna.load_study(study_name="mtt", storage=storage).trials
+    assert len(done) == 1 and 0.0 <= done[0].value <= 1.0
