@@ -85,6 +85,8 @@ def baseline_record(cfg: Config, data: ImageData, ipc: int) -> tuple[str, dict[s
     """The store record name of a random-real baseline and what it identifies: everything the
     evaluation depends on (the source's files, the subset, ipc, seed, protocol, device kind)."""
     dataset = {**to_dict(cfg.dataset), "name": canonical_name(cfg.dataset.name)}
+    if not dataset["zca"]:  # added later: records stored before it keep their names
+        del dataset["zca"]
     ident = {"data": source_id(cfg.dataset), "dataset": dataset, "ipc": ipc, "seed": cfg.seed,
              "eval": {k: v for k, v in to_dict(cfg.eval).items() if k not in ("baseline", "every")},
              "device": data.x_train.device.type, "precision": cfg.precision, "version": __version__}

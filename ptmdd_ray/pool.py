@@ -42,7 +42,7 @@ PTM_DATA_SEED = 0
 _LOCATION_FIELDS = ("root", "download", "cache_dir")
 # Fields added after stores existed, left out of the identity at their default so that the
 # checkpoints stored before them keep their keys: the source's and the pretraining recipe's.
-_LATER_DEFAULTS = {"val_per_class": 0}
+_LATER_DEFAULTS = {"val_per_class": 0, "zca": False}
 _LATER_PRETRAIN_DEFAULTS = {"dsa_strategy": "none", "schedule": "thirds"}
 
 

@@ -368,3 +368,48 @@ def test_the_validation_split_is_seeded_apart_from_the_run():
 def test_a_validation_split_that_does_not_fit_names_the_key(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         load_data(DatasetConfig(**kw))
+
+
+def test_zca_whitening_follows_kornias_formula_fitted_on_training_images_only():
+    """``dataset.zca`` (MTT's reference whitens CIFAR with kornia's ZCAWhitening, eps 0.1): the
+    transform of an independent numpy SVD of the training covariance, applied to every split;
+    what the test or validation images hold never changes it; whitened training images are
+    decorrelated (their covariance is U diag(S / (S + eps)) U^T)."""
+    plain = load_data(DatasetConfig(name="digits", val_per_class=5))
+    white = load_data(DatasetConfig(name="digits", val_per_class=5, zca=True))
+    x = plain.x_train.flatten(1).double().numpy()
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)
+    u, s, _ = np.linalg.svd(cov)
+    t = u @ np.diag(1 / np.sqrt(s + data.ZCA_EPS)) @ u.T
+    for split in ("x_train", "x_test", "x_val"):
+        expected = (getattr(plain, split).flatten(1).double().numpy() - mean) @ t
+        np.testing.assert_allclose(getattr(white, split).flatten(1).numpy(), expected, atol=2e-4)
+    got = white.x_train.flatten(1).double().numpy()
+    np.testing.assert_allclose(np.cov(got, rowvar=False), u @ np.diag(s / (s + data.ZCA_EPS)) @ u.T, atol=1e-3)
+    train, other = plain.x_train.clone(), [plain.x_test.clone(), torch.zeros_like(plain.x_test)]
+    firsts = []
+    for extra in other:
+        xs = [train.clone(), extra]
+        data.zca_whiten(xs)
+        firsts.append(xs[0])
+    assert torch.equal(firsts[0], firsts[1])  # fitted on the training split alone
+
+
+def test_zca_leaves_stored_keys_at_its_default():
+    """A field added after stores existed: off, it is not part of a PTM's or a baseline's identity."""
+    from ptmdd_ray.config import PretrainConfig
+    from ptmdd_ray.pool import PTMSpec
+
+    assert "zca" not in PTMSpec("ConvNet", 0, DatasetConfig(), PretrainConfig()).identity()["source"]
+    assert PTMSpec("ConvNet", 0, DatasetConfig(zca=True), PretrainConfig()).identity()["source"]["zca"] is True
+    from ptmdd_ray.baseline import baseline_record
+    from ptmdd_ray.config import build_config
+
+    digits = load_data(DatasetConfig(name="digits", im_size=8))
+    names = {}
+    for zca in (False, True):
+        name, ident = baseline_record(build_config({"dataset": {"name": "digits", "im_size": 8, "zca": zca}}), digits, 1)
+        assert ("zca" in ident["dataset"]) == zca
+        names[zca] = name
+    assert names[False] != names[True]

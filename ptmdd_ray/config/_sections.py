@@ -55,6 +55,8 @@ class DatasetConfig:
         "training images per class held out as the validation split that every choice reads; 0: none")
     cache_dir: str | None = setting(None,
         "cache of the decoded images; null: beside the data, else ~/.cache/ptmdd_ray")
+    zca: bool = setting(False, "ZCA-whiten the normalised images, fitted on the training split only (MTT's "
+                               "reference: kornia's ZCAWhitening, eps 0.1); synthetic.png then shows whitened images")
 
 
 @dataclass(frozen=True)
