@@ -205,13 +205,32 @@ def start_parent(tracking_uri: str, experiment: str, tags: dict[str, str], artif
                 raise
     if exp is not None:
         exp_id = exp.experiment_id
-    # MLflow infers an experiment's kind (GenAI or model training) and tags it; say it first
-    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    _say_kind(client, exp_id)
     kind = tags.get("ptmdd.kind", "study")
     run = client.create_run(exp_id, tags={**tags, "ptmdd.version": __version__, "ptmdd.git_commit": git_commit(),
                                           "ptmdd.role": "study", "ptmdd.kind": kind},
                             run_name=experiment if kind == "study" else f"{experiment} (search)")
     return run.info.run_id
+
+
+def _say_kind(client, exp_id: str, tries: int = 4) -> None:
+    """Tag the experiment a model-training one (MLflow infers an experiment's kind, GenAI or model
+    training, and tags it; say it first). Drivers opening a new experiment at once race on the
+    tag's insert, and on a tracking server the loser gets the database's duplicate key as an
+    error: it finds the tag set, or tries again."""
+    import mlflow
+
+    key, value = "mlflow.experimentKind", "custom_model_development"
+    for attempt in range(tries):
+        if client.get_experiment(exp_id).tags.get(key) == value:
+            return
+        try:
+            client.set_experiment_tag(exp_id, key, value)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.3)
 
 
 def ui_url(tracking_uri: str, experiment_id: str) -> str:

@@ -207,6 +207,9 @@ def test_compiled_dc_inner_loop_follows_the_eager_run(digits, method):
         runs.append(distill(cfg.distill, cfg.model, digits, seed=1, guide=_guide(digits), progress=False))
     a, b = runs
     start = distill(_cfg(method, iterations=0).distill, "ConvNetW32", digits, seed=1, progress=False).images
-    assert abs(a.loss_history[0][1] - b.loss_history[0][1]) <= 1e-5 * abs(a.loss_history[0][1])
+    # measured with one thread / two (which split the compiled kernels' sums differently): the losses
+    # 3e-7 / 5e-7 (DC) and 0 / 1.4e-4 (DSA) relative apart; the images 5e-5 (DC) and 1e-5 / 4e-3 (DSA)
+    # of how far they moved, where unrelated runs part by about 100 %
+    assert abs(a.loss_history[0][1] - b.loss_history[0][1]) <= 1e-3 * abs(a.loss_history[0][1])
     assert not torch.equal(a.images, b.images)  # the compiled path ran (its float order differs)
-    assert (a.images - b.images).norm() < 1e-3 * (a.images - start).norm()  # measured: 3e-5 (DC), 2e-4 (DSA)
+    assert (a.images - b.images).norm() < 2e-2 * (a.images - start).norm()
