@@ -189,8 +189,11 @@ class IntermediateEvals:
         self.split = eval_split(cfg)
         self.history: list[tuple[int, float]] = [(int(i), float(a)) for i, a in history]
 
-    def __call__(self, it: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-        acc = evaluate_set(images, labels, self.data, self.quick, self.seed, False, splits=(self.split,),
+    def __call__(self, it: int, images: torch.Tensor, labels: torch.Tensor, lr: float | None = None) -> None:
+        """Evaluate the set of iteration ``it``; ``lr``: its own learning rate (MTT's learned step
+        size so far), as the final evaluation uses."""
+        protocol = self.quick if lr is None else replace(self.quick, lr=lr)
+        acc = evaluate_set(images, labels, self.data, protocol, self.seed, False, splits=(self.split,),
                            precision=self.precision)[self.split]
         mean = sum(a["mean"] for a in acc.values()) / len(acc)
         self.history.append((it, mean))

@@ -128,6 +128,10 @@ def test_mtt_learns_its_step_size_and_resumes_exactly(digits, tmp_path):
     resumed = distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts, resume=state)
     assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
     assert resumed.loss_history == full.loss_history
+    seen = []  # the intermediate evaluations hear the step size learned so far
+    distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts, every=2,
+            on_every=lambda it, images, labels, lr=None: seen.append((it, lr)))
+    assert [it for it, _ in seen] == [2] and seen[0][1] == pytest.approx(float(states[1].syn_lr))
 
 
 def test_an_mtt_run_end_to_end_evaluates_at_its_learned_step_size(tmp_path):

@@ -101,7 +101,8 @@ def distill(
     experts: list[Trajectory] | None = None,
 ) -> Distilled:
     """Run ``cfg.method`` for ``cfg.iterations`` iterations on ``data`` (already on its device).
-    With ``every`` > 0, ``on_every(iterations done, images, labels)`` sees a detached copy of the
+    With ``every`` > 0, ``on_every(iterations done, images, labels)`` (MTT: also ``lr=`` the step
+    size learned so far, which its set trains at) sees a detached copy of the
     synthetic set every ``every`` iterations before the last (intermediate evaluation, pruning).
     With ``state_every`` > 0, ``on_state`` gets a :class:`DistillState` every ``state_every``
     iterations before the last (a checkpoint); ``resume`` continues from one, with the same result
@@ -131,7 +132,8 @@ def distill(
         if it % cfg.log_every == 0 or it == cfg.iterations - 1:
             _record_loss(it, step_losses, syn, history, bar, on_log)
         if on_every is not None and _due(it + 1, every, cfg.iterations):
-            on_every(it + 1, syn.detach().clone(), labels)
+            on_every(it + 1, syn.detach().clone(), labels,
+                     **({} if syn_lr is None else {"lr": float(syn_lr.detach())}))
         if on_state is not None and _due(it + 1, state_every, cfg.iterations):
             on_state(_snapshot(it + 1, syn, syn_lr, opt, gen, guide, history, before + time.perf_counter() - t0))
     if not torch.isfinite(syn).all():
