@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
+from .config import Config, mtt_reach
 from .data import ImageData
 from .methods.mtt import Trajectory
-from .pool import PTMRepository, source_loader, check_compatible, pool_specs, save_epochs
+from .pool import PTMRepository, check_compatible, pool_specs, save_epochs, source_loader
 from .store import CheckpointRepository, CheckpointStore
 from .train import new_model
 
 
 def trajectory_epochs(cfg: Config) -> list[int]:
     """Every epoch an MTT segment may start or end at: 0 .. max_start_epoch - 1 + expert_epochs."""
-    return list(range(cfg.distill.max_start_epoch + cfg.distill.expert_epochs))
+    return list(range(mtt_reach(cfg.distill) + 1))
 
 
 def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,

@@ -25,8 +25,8 @@ from .data import ImageData, load_data
 from .evaluate import evaluate_set
 from .experts import resolve_experts
 from .methods import Distilled, DistillState, distill
-from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
 from .methods.mtt import unrolled_bytes
+from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
 from .proc import available_mb, memory_mb
 from .store import CheckpointRepository
 from .train import new_model

@@ -46,6 +46,11 @@ _LATER_DEFAULTS = {"val_per_class": 0, "zca": False}
 _LATER_PRETRAIN_DEFAULTS = {"dsa_strategy": "none", "schedule": "thirds"}
 
 
+def _without(fields: dict[str, Any], dropped: tuple[str, ...], later: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` less the ``dropped`` ones and those of ``later`` still at their default."""
+    return {k: v for k, v in fields.items() if k not in dropped and not (k in later and v == later[k])}
+
+
 @dataclass(frozen=True)
 class PTMSpec:
     arch: str
@@ -55,11 +60,9 @@ class PTMSpec:
     precision: str = "bf16"  # autocast while training (Config.precision, train.autocast)
 
     def identity(self) -> dict[str, Any]:
-        src = {k: v for k, v in to_dict(self.source).items()
-               if k not in _LOCATION_FIELDS and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
+        src = _without(to_dict(self.source), _LOCATION_FIELDS, _LATER_DEFAULTS)
         src["name"] = canonical_name(src["name"])
-        train = {k: v for k, v in to_dict(self.pretrain).items()
-                 if k != "save_epochs" and not (k in _LATER_PRETRAIN_DEFAULTS and v == _LATER_PRETRAIN_DEFAULTS[k])}
+        train = _without(to_dict(self.pretrain), ("save_epochs",), _LATER_PRETRAIN_DEFAULTS)
         ident = {"arch": self.arch, "seed": self.seed, "source": src, "pretrain": train}
         return ident if self.precision == "bf16" else {**ident, "precision": self.precision}
 

@@ -27,7 +27,7 @@ from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, DSA_OP
 from ._parse import PATH_PREFIXES, anchor_paths, build_config, load_config, load_yaml, parse_override, set_dotted
 from ._schema import describe, flatten, from_dict, json_schema, to_dict
 from ._sections import (INITS, METHODS, PRECISIONS, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
-                        PoolConfig, PretrainConfig, eval_split, setting, source_dataset, uses_ptms,
+                        PoolConfig, PretrainConfig, eval_split, mtt_reach, setting, source_dataset, uses_ptms,
                         weight_for)
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     # dotted names and the readable schema
     "from_dict", "to_dict", "flatten", "describe", "json_schema",
     # reading a resolved config
-    "weight_for", "uses_ptms", "source_dataset", "eval_split",
+    "weight_for", "uses_ptms", "source_dataset", "eval_split", "mtt_reach",
     # vocabulary and published defaults
     "METHODS", "INITS", "DOMAINS", "PRECISIONS", "METHOD_DEFAULTS", "REFERENCE_EVAL_RUNS", "COMPILE_AUTO_ITERATIONS", "COMPILE_AUTO_EVAL_EPOCHS",
     "DSA_STRATEGY", "DSA_OPS", "check_strategy", "loops_for_ipc", "PUBLISHED_LOOPS", "MTT_TABLE", "MTT_EXPERT_RECIPE",

@@ -18,7 +18,7 @@ from ..sources import canonical_name, check_dataset_config, image_shape
 from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc,
                        mtt_for_ipc)
 from ._sections import (INITS, METHODS, PRECISIONS, SCHEDULES, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
-                        PoolConfig, PretrainConfig, source_dataset, weight_for)
+                        PoolConfig, PretrainConfig, mtt_reach, source_dataset, weight_for)
 
 
 def resolve(cfg: Config) -> Config:
@@ -130,7 +130,7 @@ def check_experts(cfg: Config, distill: DistillConfig, pool: PoolConfig) -> None
     for i, arch in enumerate(pool.archs):
         check(arch == cfg.model, f"pool.archs[{i}]", f"{arch} has no trajectory for the student {cfg.model}: "
               "MTT's experts must be the matching model's architecture")
-    reach = distill.max_start_epoch - 1 + distill.expert_epochs
+    reach = mtt_reach(distill)
     check(reach <= cfg.pretrain.epochs, "distill.max_start_epoch",
           f"segments reach epoch {reach} (max_start_epoch - 1 + expert_epochs) but the experts' runs "
           f"keep {cfg.pretrain.epochs} (pretrain.epochs)")

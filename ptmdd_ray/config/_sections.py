@@ -229,6 +229,12 @@ def eval_split(cfg: Config) -> str:
     return "val" if cfg.dataset.val_per_class > 0 else "test"
 
 
+def mtt_reach(distill: DistillConfig) -> int:
+    """The last expert epoch an MTT segment can end at: a start drawn from [0, max_start_epoch),
+    plus ``expert_epochs``."""
+    return distill.max_start_epoch - 1 + distill.expert_epochs
+
+
 def source_dataset(cfg: Config) -> DatasetConfig:
     """The dataset the pool's PTMs are trained on. A bare name (like a mapping, see
     :func:`~ptmdd_ray.config.build_config`) inherits the target's image size, root, cache and subset

@@ -17,6 +17,7 @@ from ..synthetic import RealSampler
 from ..train import train_classifier
 from .base import Guide
 
+
 def _freeze_batchnorm(net: nn.Module, sampler: RealSampler, classes: int) -> None:
     """DC's treatment of BatchNorm: set the statistics from a real batch, then hold them fixed so
     that per-class batches (all one label) do not distort them."""

@@ -12,6 +12,7 @@ from ..models import embed_chunked
 from ..train import autocast
 from .base import Guide, frozen, groups
 
+
 def dm_step(net, syn, syn_y, sampler, cfg: DistillConfig, ipc: int, classes: int, gen, guide: Guide | None,
             embed: CompiledCall | None = None, precision: str = "fp32"):
     """One DM update: match class-mean embeddings of real and synthetic images under a random net
