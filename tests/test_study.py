@@ -338,6 +338,54 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint_and_is_recorde
     assert (read_synthetic(resumed_set)[0] == read_synthetic(clean_set)[0]).all()  # bit for bit
 
 
+def _used_bytes() -> tuple[int, int]:
+    """The node's used memory as Ray's memory monitor counts it (total less available), and its total."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total, available = (int(info[k].split()[0]) * 1024 for k in ("MemTotal", "MemAvailable"))
+    return total - available, total
+
+
+@pytest.mark.slow
+def test_a_study_survives_rays_memory_monitor_killing_its_trial_worker(tmp_path):
+    """The node runs short of memory mid-trial (another process fills it) and Ray's memory monitor
+    kills the trial's worker. Tune raises on that (not a retried actor error); the driver restores the
+    study from its own saved state, and the trial goes on from its checkpoint: the study ends with
+    exit 0 and one FINISHED run, as after a SIGKILLed worker."""
+    used, total = _used_bytes()
+    if total - used < 10 * 2**30:
+        pytest.skip(f"needs 10 GiB of free memory to fill, has {(total - used) / 2**30:.1f}")
+    # the monitor's line: 5 GiB above what is used now, room for the study's own processes
+    threshold = (used + 5 * 2**30) / total
+    study = {**STUDY, "sweep": {"loss.clom": {"grid": [30.0]}}, "max_failures": 1, "control": None, "claims": []}
+    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 2000,
+                                                  "checkpoint_every": 50}}
+    path = _write(tmp_path, study)
+    uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    env = {**os.environ, "RAY_memory_usage_threshold": f"{threshold:.4f}", "RAY_memory_monitor_refresh_ms": "100"}
+    proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    filler = Path("/dev/shm") / f"ptmdd-test-filler-{os.getpid()}"  # tmpfs pages count as used memory
+    try:
+        _wait_for(lambda: _checkpoints(tmp_path / "results") and session_pids(proc.pid, "ray::ImplicitFunc"), proc)
+        worker, = session_pids(proc.pid, "ray::ImplicitFunc")
+        with open(filler, "wb") as f:  # allocated at once, past the line by 2 GiB
+            os.posix_fallocate(f.fileno(), 0, int(threshold * total) - _used_bytes()[0] + 2 * 2**30)
+        _wait_for(lambda: worker not in session_pids(proc.pid, "ray::ImplicitFunc"), proc, timeout=60)
+        filler.unlink()  # the monitor kills until the node is under its line again: let the restored trial run
+        out, err = proc.communicate(timeout=600)
+    finally:
+        filler.unlink(missing_ok=True)
+        _stop(proc)
+    assert "killed due to the node running low on memory" in err, err[-3000:]
+    assert proc.returncode == 0, err[-3000:]
+    assert "restoring the study" in err and "1 trials, 0 failed" in out
+    parents, children = _children(uri)
+    assert parents[0].info.status == "FINISHED"
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == 1 and len({r.data.tags["ptmdd.trial_key"] for r in children}) == 1
+    assert 50 <= finished[0].data.metrics["distill.resumed_from"] < 2000  # from its checkpoint, not from 0
+
+
 @pytest.mark.slow
 def test_study_survives_its_store_actor_being_killed(tmp_path):
     """SIGKILL the checkpoint-store actor mid-study: Ray restarts it, it recovers its index from

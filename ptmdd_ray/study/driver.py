@@ -125,13 +125,47 @@ def _fit(study: Study, plan: StudyPlan, ctx: TrialContext, stages: dict[str, flo
         tuner = _tuner(study, plan, trainable, searcher, param_space, num_samples)
         with contextlib.redirect_stdout(io.StringIO()) if plan.quiet else contextlib.nullcontext():
             stages["fit"] = time.time()
-            grid = tuner.fit()  # Tune prints its tables whatever its verbosity: quiet keeps them from stdout
+            grid = _fit_through_memory_kills(tuner, plan, trainable, study.spec.max_failures)
             stages["fitted"] = time.time()
     except BaseException:
         close_parent(tracking, plan.mlflow_uri, ctx.parent, "FAILED", plan.results, plan.exp_path)
         raise
     _keep_last_checkpoints(grid)
     return grid
+
+
+def _fit_through_memory_kills(tuner, plan: StudyPlan, trainable, restores: int):
+    """``tuner.fit()``, restored from its own saved state when Ray's memory monitor killed trial
+    workers (at most ``restores`` times, the study's ``max_failures``).
+
+    A trial whose worker is SIGKILLed is retried by Tune itself, but a worker that Ray's memory
+    monitor kills reaches Tune's actor manager as an unexpected exception (``OutOfMemoryError``,
+    not an actor error), and ``fit`` raises: the whole study would end because the node was short
+    of memory for a moment (seen when a load test shared the machine with a study). Tune's state
+    and the trials' checkpoints are saved, so the driver does here what ``--resume`` would do: the
+    finished trials are reported, the killed ones go on from their last checkpoints."""
+    from ray import tune
+
+    for attempt in range(restores + 1):
+        try:
+            return tuner.fit()  # Tune prints its tables whatever its verbosity: quiet keeps them from stdout
+        except RuntimeError as e:
+            if attempt == restores or not _killed_for_memory(e) or not tune.Tuner.can_restore(plan.exp_path):
+                raise
+            log.warning("Ray's memory monitor killed trial workers (%s); restoring the study from %s (%d/%d)",
+                        str(e.__cause__ or e).split(".")[0], plan.exp_path, attempt + 1, restores)
+            tuner = tune.Tuner.restore(plan.exp_path, trainable, resume_errored=True)
+
+
+def _killed_for_memory(error: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) is Ray's memory monitor killing workers."""
+    from ray.exceptions import OutOfMemoryError
+
+    while error is not None:
+        if isinstance(error, OutOfMemoryError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _keep_last_checkpoints(grid) -> None:
