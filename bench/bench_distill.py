@@ -144,7 +144,7 @@ def run_case(args, method: str, variant: str) -> dict:
     data = load_data(cfg.dataset, 0).to(device)
     pool = resolve_pool(cfg, data, device, progress=False)
     guide = PTMGuide.from_config(cfg.loss, pool.ptms, data, 0) or None
-    experts = resolve_experts(cfg, data, device, progress=False) if method == "mtt" else None
+    experts = resolve_experts(cfg, data, device, progress=False).trajectories if method == "mtt" else None
     warm = cfg.distill.__class__(**{**cfg.distill.__dict__, "iterations": WARMUP[method]})
     t_warm = time.perf_counter()
     distill(warm, cfg.model, data, 0, guide, progress=False, precision=cfg.precision,  # incl. torch.compile's compilation

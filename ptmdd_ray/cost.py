@@ -7,13 +7,15 @@ and the MLflow metrics of the same names), all from this module:
 - ``cost.<phase>.wall_s``: wall-clock seconds; ``cost.<phase>.cpu_s``: CPU seconds of the process
   (every thread: 2 busy threads for 1 s count 2 s); ``cost.<phase>.gpu_s``: on CUDA, the wall
   seconds of the phase with the device synchronised at both ends (the time it held the GPU), else
-  absent. Phases: ``guide`` (the PTMs' real-feature caches), ``distill`` (for MTT with loading its
-  expert trajectories, and training any missing epochs), ``eval`` (the synthetic
-  set), ``baseline`` (the random-real subset; 0 when read back from the store).
-- ``cost.ptm_train.*``: the PTM trainings this trial ran itself (0 when the store had them).
-- ``cost.pool.*``: what its pool's PTMs cost to train, each up to its epoch, whoever trained them
-  (the pool's price if it served this point alone); ``cost.pool_amortised.*``: each PTM's cost
-  divided by the number of the study's trials whose pool holds it (:func:`amortised`).
+  absent. Phases: ``guide`` (the PTMs' real-feature caches), ``distill`` (the distillation
+  alone), ``eval`` (the synthetic set), ``baseline`` (the random-real subset; 0 when read back
+  from the store).
+- ``cost.ptm_train.*``: the PTM trainings this trial ran itself (0 when the store had them), MTT's
+  expert trajectories included.
+- ``cost.pool.*``: what its pool's PTMs cost to train, each up to its epoch (for MTT's experts, the
+  last epoch a segment reaches), whoever trained them (the pool's price if it served this point
+  alone); ``cost.pool_amortised.*``: each PTM's cost divided by the number of the study's trials
+  whose pool holds it (:func:`amortised`).
 - ``cost.seconds``: the point's wall seconds all told, the pool amortised: guide + distill + eval
   + baseline + pool_amortised (what a second search objective minimises).
 - ``cost.peak_rss_mb`` (and ``cost.peak_gpu_mb`` on CUDA), ``cost.store_bytes`` (checkpoints it

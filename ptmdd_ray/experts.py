@@ -8,12 +8,14 @@ Ray store actor in a study), and every missing epoch is trained, never interpola
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import Config, mtt_reach
 from .data import ImageData
 from .methods.mtt import Trajectory
-from .pool import PTMRepository, check_compatible, pool_specs, save_epochs, source_loader
+from .pool import Pool, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs, source_loader
 from .store import CheckpointRepository, CheckpointStore
 from .train import new_model
 
@@ -23,16 +25,27 @@ def trajectory_epochs(cfg: Config) -> list[int]:
     return list(range(mtt_reach(cfg.distill) + 1))
 
 
+@dataclass
+class Experts:
+    """The expert trajectories, and resolving them as a :class:`~ptmdd_ray.pool.Pool` of their
+    last epochs: the trainings this run ran, the hits, and each trajectory's price (its PTM run up to
+    that epoch), so that an expert's training is the pool's cost, as a guiding PTM's is, and not the
+    distillation's."""
+
+    trajectories: list[Trajectory]
+    pool: Pool
+
+
 def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
-                    repo: CheckpointRepository | None = None) -> list[Trajectory]:
+                    repo: CheckpointRepository | None = None) -> Experts:
     """One :class:`Trajectory` per pool PTM (``pool.archs`` x ``pool.seeds``), loaded through
     ``repo`` (default: a local repository on ``cfg.store``), its missing epochs trained in one run
     that also saves the pool's own epochs."""
     repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
+    hits0, trainings0, trained0, bytes0 = repo.hits, repo.trainings, repo.trained, repo.bytes_written
     load_source = source_loader(cfg, target, device)
-    epochs = trajectory_epochs(cfg)
-    to_save = sorted({*epochs, *save_epochs(cfg)})
-    out = []
+    epochs, to_save = trajectory_epochs(cfg), save_epochs(cfg)
+    trajectories, last = [], []
     for spec in pool_specs(cfg):
         names = [n for n, _ in new_model(spec.arch, (target.channels, target.num_classes, target.im_size),
                                          seed=0).named_parameters()]
@@ -41,5 +54,7 @@ def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progre
             ckpt = repo.get(spec, e, to_save, load_source)
             check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels=True)
             params.append(torch.cat([ckpt.tensors[n].reshape(-1) for n in names]).to(device))
-        out.append(Trajectory(spec.arch, params, spec.key(epochs[-1])))
-    return out
+        trajectories.append(Trajectory(spec.arch, params, spec.key(epochs[-1])))
+        last.append(load_ptm(ckpt, "cpu"))
+    return Experts(trajectories, Pool(last, repo.trainings - trainings0, repo.hits - hits0,
+                                      repo.trained - trained0, repo.bytes_written - bytes0))

@@ -25,7 +25,7 @@ from .data import ImageData, load_data
 from .evaluate import evaluate_set
 from .experts import resolve_experts
 from .methods import Distilled, DistillState, distill
-from .methods.mtt import unrolled_bytes
+from .methods.mtt import Trajectory, unrolled_bytes
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
 from .proc import available_mb, memory_mb
 from .store import CheckpointRepository
@@ -104,8 +104,12 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     check_mtt_memory(cfg, data, device)
     pool, pool_cost = cost.measured(sync, resolve_pool, cfg, data, device, progress, repo=repo)
     guide, guide_cost = cost.measured(sync, PTMGuide.from_config, cfg.loss, pool.ptms, data, cfg.seed)
+    experts = None
+    if cfg.distill.method == "mtt":  # the experts are pool PTMs too: their training is the pool's cost
+        experts, experts_cost = cost.measured(sync, resolve_experts, cfg, data, device, progress, repo)
+        pool, pool_cost = pool.joined(experts.pool), pool_cost + experts_cost
     run, distill_cost = cost.measured(sync, distill_set, cfg, data, guide, progress, on_log, on_eval, checkpoints,
-                                      repo)
+                                      experts.trajectories if experts else None)
     scores = evaluate_against_baseline(cfg, data, run.syn.images, run.syn.labels, progress, set_lr=run.syn.lr)
     costs = cost_record(pool, ptm_users or {}, {"guide": guide_cost, "distill": distill_cost,
                                                  "eval": scores.set_cost, "baseline": scores.baseline_cost},
@@ -158,15 +162,13 @@ class DistillRun:
 def distill_set(cfg: Config, data: ImageData, guide: PTMGuide, progress: bool = True,
                 on_log: Callable[[int, float], None] | None = None,
                 on_eval: Callable[[int, float], None] | None = None,
-                checkpoints: Checkpoints | None = None, repo: CheckpointRepository | None = None) -> DistillRun:
-    """Distill ``cfg.distill`` on ``data`` (with ``guide``, if it has PTMs), evaluating the set
-    along the way (:class:`IntermediateEvals`); with ``checkpoints``, going on from the last saved
-    state and saving it (with the evaluations so far) along the way. MTT first loads its expert
-    trajectories through ``repo`` (training the missing epochs: part of this phase's cost)."""
+                checkpoints: Checkpoints | None = None, experts: list[Trajectory] | None = None) -> DistillRun:
+    """Distill ``cfg.distill`` on ``data`` (with ``guide``, if it has PTMs; MTT along its
+    ``experts``), evaluating the set along the way (:class:`IntermediateEvals`); with
+    ``checkpoints``, going on from the last saved state and saving it (with the evaluations so far)
+    along the way."""
     resume, extra = (checkpoints.load() if checkpoints else None) or (None, {})
     along = IntermediateEvals(cfg, data, extra.get("eval_history", []), on_eval)
-    experts = (resolve_experts(cfg, data, data.x_train.device, progress, repo) if cfg.distill.method == "mtt"
-               else None)
 
     def save_state(state: DistillState) -> None:
         checkpoints.save(state, {"eval_history": along.history})

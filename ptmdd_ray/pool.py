@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from . import losses
 from .compiled import CompiledCall
 from .cost import Meter, Seconds, device_sync
-from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, source_dataset, to_dict, uses_ptms,
-                     weight_for)
+from .config import (Config, ConfigError, DatasetConfig, PretrainConfig, mtt_reach, source_dataset, to_dict,
+                     uses_ptms, weight_for)
 from .data import ImageData, load_data
 from .models import embed_chunked
 from .sources import canonical_name
@@ -81,8 +81,11 @@ def pool_specs(cfg: Config) -> list[PTMSpec]:
 
 
 def save_epochs(cfg: Config) -> list[int]:
-    """Epochs checkpointed by a pretraining run: the pool's epoch and ``pretrain.save_epochs``."""
-    return sorted({cfg.pool.epoch, *cfg.pretrain.save_epochs})
+    """Epochs checkpointed by a pretraining run: the pool's epoch and ``pretrain.save_epochs``, and
+    for MTT every epoch of its expert trajectories, whichever of the run's users trains it first (a
+    guiding pool or the experts), so that it is trained once."""
+    trajectory = range(mtt_reach(cfg.distill) + 1) if cfg.distill.method == "mtt" else ()
+    return sorted({cfg.pool.epoch, *cfg.pretrain.save_epochs, *trajectory})
 
 
 @dataclass
@@ -102,8 +105,20 @@ class Pool:
                  "train_cost": None if p.train_cost is None else p.train_cost.as_dict()} for p in self.ptms]
 
     def costs(self) -> dict[str, Seconds | None]:
-        """Each PTM's training cost up to its epoch (None: stored before costs were recorded)."""
-        return {p.key: p.train_cost for p in self.ptms}
+        """Each PTM run's training cost up to the furthest epoch this pool holds of it, by that
+        PTM's key (None: stored before costs were recorded). A run serving twice (MTT's expert
+        trajectory and a guiding PTM of an earlier epoch) is paid once."""
+        furthest: dict[str, PTM] = {}
+        for p in self.ptms:
+            run = p.key.rsplit("-e", 1)[0]
+            if run not in furthest or p.epoch > furthest[run].epoch:
+                furthest[run] = p
+        return {p.key: p.train_cost for p in furthest.values()}
+
+    def joined(self, other: Pool) -> Pool:
+        """Both pools' PTMs and what resolving both took (MTT: the guiding pool and the experts)."""
+        return Pool(self.ptms + other.ptms, self.trainings + other.trainings, self.hits + other.hits,
+                    self.trained + other.trained, self.bytes_written + other.bytes_written)
 
 
 def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,

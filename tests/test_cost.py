@@ -28,6 +28,45 @@ def test_the_pools_share_divides_each_ptm_by_its_users_and_is_unknown_when_one_p
     assert amortised({}, {}) == Seconds()  # no pool, no cost
 
 
+def test_a_run_serving_twice_in_a_pool_is_paid_once_at_its_furthest_epoch():
+    """MTT + CLoM: one PTM run is an expert (to epoch 3) and a guide (epoch 1); its price is its
+    run up to epoch 3, once. The study counts the trajectory's key among a trial's PTMs."""
+    from ptmdd_ray.pool import PTM, Pool
+
+    def ptm(seed, epoch, wall):
+        return PTM("ConvNetW32", seed, epoch, f"ConvNetW32-s{seed}-abc-e{epoch:04d}", 0.5, None,
+                   train_cost=Seconds(wall, wall))
+
+    guide, experts = Pool([ptm(0, 1, 1.0)], 0, 1), Pool([ptm(0, 3, 3.0), ptm(1, 3, 4.0)], 2, 0, Seconds(7.0, 7.0))
+    both = guide.joined(experts)
+    assert both.costs() == {"ConvNetW32-s0-abc-e0003": Seconds(3.0, 3.0), "ConvNetW32-s1-abc-e0003": Seconds(4.0, 4.0)}
+    assert (both.trainings, both.hits, both.trained) == (2, 1, Seconds(7.0, 7.0))
+    assert pool_total(both.costs()) == Seconds(7.0, 7.0)
+
+
+def test_an_mtt_studys_trials_share_their_experts_cost(tmp_path):
+    import yaml
+
+    from ptmdd_ray.config import mtt_reach
+    from ptmdd_ray.pool import pool_specs
+    from ptmdd_ray.study.costs import ptm_users
+    from ptmdd_ray.study_spec import load_study
+
+    base = {"dataset": {"name": "digits", "im_size": 8, "val_per_class": 10}, "model": "ConvNetW32",
+            "distill": {"method": "mtt", "ipc": 1, "iterations": 2, "syn_steps": 2, "expert_epochs": 1,
+                        "max_start_epoch": 2},
+            "pool": {"archs": ["ConvNetW32"], "seeds": 2, "epoch": 1}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": "m", "base": base, "metric": "val.acc.mean",
+                                                     "sweep": {"loss.clom": {"grid": [0.0, 1.0]}}, "samples": 3}))
+    study = load_study(tmp_path / "m.yaml")
+    cfg = study.trial_config(study.grid[0], 0)
+    last = {s.key(mtt_reach(cfg.distill)) for s in pool_specs(cfg)}
+    guiding = {s.key(1) for s in pool_specs(cfg)}
+    users = ptm_users(study)
+    assert len(last) == 2 and {k: users[k] for k in last} == {k: 6 for k in last}  # every trial's experts
+    assert {k: users[k] for k in guiding} == {k: 3 for k in guiding}  # only CLoM's trials guide
+
+
 def test_flat_metrics_name_the_phase_and_the_clock_and_leave_unknowns_out():
     rec = {"distill": Seconds(2.0, 3.0).as_dict(), "eval": Seconds(1.0, 1.5, 1.0).as_dict(), "pool": None,
            "seconds": 3.0, "store_bytes": 10}

@@ -96,13 +96,13 @@ def test_experts_are_the_stored_per_epoch_checkpoints_trained_once(digits, tmp_p
     cfg = _mtt_cfg(tmp_path)
     assert trajectory_epochs(cfg) == [0, 1, 2]
     repo = PTMRepository(CheckpointStore(cfg.store), progress=False)
-    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False, repo=repo)
+    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False, repo=repo).trajectories
     assert repo.trainings == 2 and len(experts) == 2 and all(e.epochs == 2 for e in experts)
     init = new_model("ConvNetW32", SHAPE, seed=0)
     assert torch.equal(experts[0].params[0], flatten(init))  # epoch 0: seed 0's initialisation
     assert not torch.equal(experts[0].params[1], experts[0].params[0])
     again = PTMRepository(CheckpointStore(cfg.store), progress=False)
-    experts2 = resolve_experts(cfg, digits, torch.device("cpu"), progress=False, repo=again)
+    experts2 = resolve_experts(cfg, digits, torch.device("cpu"), progress=False, repo=again).trajectories
     assert again.trainings == 0 and all(torch.equal(a, b) for a, b in zip(experts[1].params, experts2[1].params))
     paper = PTMSpec("ConvNetW32", 0, cfg.dataset, replace(cfg.pretrain, dsa_strategy="none", schedule="thirds"))
     assert paper.run_id != pool_specs(cfg)[0].run_id  # the recipe is part of the key
@@ -115,7 +115,7 @@ def test_mtt_learns_its_step_size_and_resumes_exactly(digits, tmp_path):
     from ptmdd_ray.methods import DistillState, distill
 
     cfg = _mtt_cfg(tmp_path)
-    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False)
+    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False).trajectories
     full = distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts)
     assert full.lr is not None and full.lr != cfg.distill.lr_teacher  # learned
     assert len(full.loss_history) == 4 and all(v > 0 for _, v in full.loss_history)
@@ -147,6 +147,15 @@ def test_an_mtt_run_end_to_end_evaluates_at_its_learned_step_size(tmp_path):
     assert written["timing"]["iterations"] == 4 and 0 <= result["accuracy"]["ConvNetW32"]["mean"] <= 1
     assert written["learned_lr"] == pytest.approx(result["learned_lr"]) and result["learned_lr"] > 0
     assert (tmp_path / "out" / "synthetic.parquet").exists()
+    # the experts' training is the pool's cost, not the distillation's: their run up to epoch 2
+    cost = written["cost"]
+    assert result["pool_stats"]["trainings"] == 2 and [p["epoch"] for p in result["pool"]] == [2, 2]
+    assert cost["ptm_train"]["wall_s"] > 0 and cost["pool"]["wall_s"] == pytest.approx(
+        sum(p["train_cost"]["wall_s"] for p in result["pool"]))
+    assert written["pool_stats"]["seconds"] >= cost["ptm_train"]["wall_s"]  # trained in the pool's phase
+    again = run_distill(cfg, tmp_path / "again", progress=False)  # the store has them: nothing trained
+    assert again["pool_stats"]["trainings"] == 0 and again["cost"]["ptm_train"]["wall_s"] == 0
+    assert again["cost"]["pool"]["wall_s"] == pytest.approx(cost["pool"]["wall_s"])
 
 
 def test_a_step_size_learned_below_zero_is_a_divergence(digits, tmp_path):
@@ -154,7 +163,7 @@ def test_a_step_size_learned_below_zero_is_a_divergence(digits, tmp_path):
     from ptmdd_ray.methods import DivergenceError, distill
 
     cfg = _mtt_cfg(tmp_path, lr_lr=1e-3)
-    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False)
+    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False).trajectories
     with pytest.raises(DivergenceError, match="MTT's learned step size went to -.*; lower distill.lr_lr"):
         distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts)
 

@@ -13,16 +13,22 @@ def ptm_users(study: Study, search_trials: int = 0) -> dict[str, int]:
     A search's are not: each of its ``search_trials`` is counted as using the base config's pool,
     an even share that is exact when neither the pool nor a weight that can switch it off is
     searched."""
-    from ..config import uses_ptms
-    from ..pool import pool_specs
-
     if search_trials:
-        first = study.trial_config(study.grid[0], 0)
-        return {s.key(first.pool.epoch): search_trials for s in pool_specs(first)} if first.pool.archs else {}
+        return {key: search_trials for key in _pool_keys(study.trial_config(study.grid[0], 0))}
     users: Counter[str] = Counter()
     for point in study.grid:
         for sample in range(study.spec.samples):
-            cfg = study.trial_config(point, sample)
-            if cfg.pool.archs and uses_ptms(cfg):
-                users.update(s.key(cfg.pool.epoch) for s in pool_specs(cfg))
+            users.update(_pool_keys(study.trial_config(point, sample)))
     return dict(users)
+
+
+def _pool_keys(cfg) -> set[str]:
+    """The keys of the PTMs a trial's cost counts: its guiding pool (unless idle) at ``pool.epoch``
+    and, for MTT, each expert trajectory at the last epoch a segment reaches."""
+    from ..config import mtt_reach, uses_ptms
+    from ..pool import pool_specs
+
+    keys = {s.key(cfg.pool.epoch) for s in pool_specs(cfg)} if cfg.pool.archs and uses_ptms(cfg) else set()
+    if cfg.distill.method == "mtt":
+        keys |= {s.key(mtt_reach(cfg.distill)) for s in pool_specs(cfg)}
+    return keys
