@@ -92,7 +92,7 @@ def mtt_config(args, variant: str) -> dict:
         "dataset": {"name": args.data, **({"im_size": args.im_size} if args.im_size else {})},
         "model": args.model,
         "distill": {"method": "mtt", "ipc": args.ipc, "iterations": iterations(args, "mtt"), "max_start_epoch": 2,
-                    "expert_epochs": 2, "lr_img": 1000.0, "lr_lr": 1e-7,
+                    "expert_epochs": 2, "lr_img": 1000.0, "lr_lr": 1e-7, "mtt_gradient": args.mtt_gradient,
                     **({"syn_steps": args.syn_steps} if args.syn_steps else {})},
         "pool": {"archs": [args.model], "seeds": 2, "epoch": 2,
                  "source": {"name": args.data, "train_per_class": MTT_EXPERT_DATA,
@@ -166,7 +166,8 @@ def run_case(args, method: str, variant: str) -> dict:
            "im_size": data.im_size, "classes": data.num_classes,
            "reference_seconds_per_iteration": None, "reference_iterations": 0,
            "compile": bool(cfg.distill.compile), "warmup_seconds": warmup_seconds,
-           **({"syn_steps": cfg.distill.syn_steps} if method == "mtt" else {})}
+           **({"syn_steps": cfg.distill.syn_steps, "mtt_gradient": cfg.distill.mtt_gradient} if method == "mtt"
+              else {})}
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         row["peak_cuda_over_start_mb"] = row["peak_cuda_mb"] - cuda_start
@@ -315,7 +316,7 @@ def case_command(args, method: str, variant: str) -> list[str]:
     cmd = [sys.executable, __file__, "--case", f"{method}:{variant}", "--data", args.data, "--ipc", str(args.ipc),
            "--store", args.store, "--device", args.device, "--model", args.model, "--pool-arch", args.pool_arch,
            "--batch-real", str(args.batch_real), "--im-size", str(args.im_size), "--precision", args.precision,
-           "--syn-steps", str(args.syn_steps)]
+           "--syn-steps", str(args.syn_steps), "--mtt-gradient", args.mtt_gradient]
     return cmd + (["--iterations", str(args.iterations)] if args.iterations else []) + (
         ["--no-compile"] if args.no_compile else [])
 
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["dc,dsa,dm"],
                    help="a subset of dc,dsa,dm,mtt (comma or space separated; default dc,dsa,dm)")
     p.add_argument("--syn-steps", type=int, default=0, help="MTT's student steps per iteration (default: published)")
+    p.add_argument("--mtt-gradient", choices=["unrolled", "recomputed"], default="unrolled",
+                   help="MTT's gradient through the student's steps (the reference's is unrolled)")
     p.add_argument("--variants", nargs="+", default=["plain,clom,cclom"],
                    help="a subset of plain,clom,cclom (comma or space separated)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")

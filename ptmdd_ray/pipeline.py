@@ -55,20 +55,23 @@ def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
 
 def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None:
     """MTT keeps every unrolled student step until its backward pass (memory linear in
-    ``syn_steps``, :func:`~ptmdd_ray.methods.mtt.unrolled_bytes`): a run that cannot fit in what the
-    device has free is refused in one line before anything runs."""
+    ``syn_steps``, :func:`~ptmdd_ray.methods.mtt.unrolled_bytes`; one step with
+    ``mtt_gradient: recomputed``): a run that cannot fit in what the device has free is refused in
+    one line before anything runs."""
     d = cfg.distill
     if d.method != "mtt":
         return
     size = d.ipc * data.num_classes
     batch = min(d.batch_syn or size, size)
     student = new_model(cfg.model, (data.channels, data.num_classes, data.im_size), seed=0, device=device)
-    need = unrolled_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps) / 2**20
+    need = unrolled_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps,
+                          d.mtt_gradient) / 2**20
     free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else available_mb()
     if free is not None and need > free:
-        raise ConfigError(f"distill.syn_steps: MTT's {d.syn_steps} unrolled steps of {batch} images need "
+        raise ConfigError(f"distill.syn_steps: MTT's {d.syn_steps} {d.mtt_gradient} steps of {batch} images need "
                           f"~{need / 1024:.1f} GiB, more than the {free / 1024:.1f} GiB free on {device.type}; "
-                          "lower distill.syn_steps or distill.batch_syn")
+                          "lower distill.syn_steps or distill.batch_syn"
+                          + (", or set distill.mtt_gradient: recomputed" if d.mtt_gradient == "unrolled" else ""))
 
 
 class Checkpoints(Protocol):

@@ -156,18 +156,19 @@ def test_bench_distill_runs_dc_against_reference_dc(tmp_path):
     assert r["speedup_vs_reference"] == pytest.approx(r["reference_seconds_per_iteration"] / r["seconds_per_iteration"])
 
 
-def test_bench_distill_runs_mtt_against_reference_mtt_with_memory_per_syn_steps(tmp_path):
+@pytest.mark.parametrize("gradient", ["unrolled", "recomputed"])
+def test_bench_distill_runs_mtt_against_reference_mtt_with_memory_per_syn_steps(tmp_path, gradient):
     """Issue 26: MTT's s/it against distill.py's step, side by side, and its peak memory at a
-    stated syn_steps (the experts trained into the store first)."""
+    stated syn_steps (the experts trained into the store first), with either gradient."""
     proc = subprocess.run([sys.executable, str(BENCH / "bench_distill.py"), "--methods", "mtt", "--variants",
                            "plain,clom", "--json", *TINY, "--ipc", "1", "--iterations", "2", "--syn-steps", "3",
-                           "--store", str(tmp_path / "store")],
+                           "--mtt-gradient", gradient, "--store", str(tmp_path / "store")],
                           capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["failed"] == {} and list(report["results"]) == ["mtt"]
     for r in report["results"]["mtt"].values():
-        assert r["syn_steps"] == 3 and r["real_images_per_iteration"] == 0
+        assert r["syn_steps"] == 3 and r["real_images_per_iteration"] == 0 and r["mtt_gradient"] == gradient
         assert finite(r["seconds_per_iteration"], True) and finite(r["reference_seconds_per_iteration"], True)
         assert r["reference_iterations"] == 2 and finite(r["peak_rss_mb"], True)
         assert r["speedup_vs_reference"] == pytest.approx(r["reference_seconds_per_iteration"]

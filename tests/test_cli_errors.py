@@ -327,6 +327,7 @@ MTT = ("model: ConvNetW32\ndistill: {method: mtt, ipc: 1}\npool: {archs: [ConvNe
     ("pretrain.schedule=cosine", "pretrain.schedule"),
     ("pretrain.dsa_strategy=blur", "pretrain.dsa_strategy"),
     ("distill.syn_steps=100000000", "distill.syn_steps: MTT's 100000000 unrolled steps of 10 images need ~"),
+    ("distill.mtt_gradient=tesla", "distill.mtt_gradient: expected one of unrolled, recomputed, got 'tesla'"),
 ])
 def test_bad_mtt_settings_fail_before_anything_runs(tmp_path, override, needle):
     """MTT's own settings (issue 26): a step count below 1, segments beyond what the experts' runs

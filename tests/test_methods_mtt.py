@@ -3,7 +3,8 @@ against the reference's is in tests/test_bench.py, beside the other yardsticks."
 import pytest
 import torch
 
-from ptmdd_ray.methods.mtt import Trajectory, batches, draw_segment, flatten, trajectory_loss, unflatten
+from ptmdd_ray.methods.mtt import (Trajectory, batches, draw_segment, flatten, trajectory_loss,
+                                  trajectory_loss_recomputed, unflatten)
 from ptmdd_ray.train import new_model
 
 SHAPE = (1, 10, 8)  # digits at 8 px
@@ -21,6 +22,30 @@ def test_the_loss_is_one_when_the_student_does_not_move(digits):
     loss = trajectory_loss(new_model("ConvNetW32", SHAPE, seed=0), start, target, x.requires_grad_(True), y,
                            torch.tensor(0.0, requires_grad=True), 3, 10, "none", torch.Generator().manual_seed(0))
     assert loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy,batch", [("none", 10), ("color_crop_cutout_flip_scale_rotate", 7)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
+def test_the_recomputed_gradient_is_the_unrolled_one(digits, strategy, batch, dtype, tol):
+    """``mtt_gradient: recomputed`` (constant memory in syn_steps) against the unrolled graph on the
+    same segment and random draws: the same loss, and the same gradients of the pixels and of the
+    step size (images revisited across steps, DSA replayed, a partial last batch): to 1e-10 in
+    float64, where the float order no longer shows (seen: 4e-14), and to float order in float32
+    (seen: 1.2e-4 of the largest pixel gradient)."""
+    net = new_model("ConvNetW32", SHAPE, seed=0).to(dtype)
+    start = flatten(net)
+    target = start + 0.05 * torch.randn(start.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    x, y = _syn(digits, 2)
+    grads = []
+    for loss_fn in (trajectory_loss, trajectory_loss_recomputed):
+        images, lr = x.to(dtype).requires_grad_(True), torch.tensor(0.05, dtype=dtype, requires_grad=True)
+        loss = loss_fn(net, start, target, images, y, lr, 6, batch, strategy, torch.Generator().manual_seed(3))
+        (2.0 * loss).backward()  # a scaled loss scales both gradients alike
+        grads.append((loss.detach(), images.grad, lr.grad))
+    (l1, gx1, glr1), (l2, gx2, glr2) = grads
+    assert torch.equal(l1, l2)  # the forward steps are the same operations
+    assert gx1.abs().max() > 0 and (gx1 - gx2).abs().max() <= tol * gx1.abs().max()
+    assert glr1.abs() > 0 and (glr1 - glr2).abs() <= tol * glr1.abs()
 
 
 def test_flat_parameters_round_trip():
@@ -132,6 +157,31 @@ def test_mtt_learns_its_step_size_and_resumes_exactly(digits, tmp_path):
     distill(cfg.distill, cfg.model, digits, seed=3, progress=False, experts=experts, every=2,
             on_every=lambda it, images, labels, lr=None: seen.append((it, lr)))
     assert [it for it, _ in seen] == [2] and seen[0][1] == pytest.approx(float(states[1].syn_lr))
+
+
+def test_a_recomputed_mtt_run_follows_the_unrolled_one(digits, tmp_path):
+    """The loop with ``distill.mtt_gradient: recomputed``: the same losses and (float order aside)
+    the same set and learned step size as the unrolled run; the memory bound of one step."""
+    from dataclasses import replace
+
+    from ptmdd_ray.experts import resolve_experts
+    from ptmdd_ray.methods import distill
+    from ptmdd_ray.methods.mtt import unrolled_bytes
+
+    cfg = _mtt_cfg(tmp_path, iterations=2, lr_img=0.1)  # two iterations: float order compounds over more
+    experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False).trajectories
+    runs = [distill(replace(cfg.distill, mtt_gradient=g), cfg.model, digits, seed=3, progress=False, experts=experts)
+            for g in ("unrolled", "recomputed")]
+    (_, l1), (_, l2) = runs[0].loss_history[0], runs[1].loss_history[0]
+    assert l1 == pytest.approx(l2, rel=1e-5)  # the same segment and steps (the backward kernels may differ)
+    init = distill(replace(cfg.distill, iterations=0), cfg.model, digits, seed=3, progress=False, experts=experts)
+    moved = (runs[0].images - init.images).abs().max()
+    assert (runs[0].images - runs[1].images).abs().max() <= 1e-3 * moved and runs[1].lr == pytest.approx(runs[0].lr)
+    net = new_model("ConvNetW32", SHAPE, seed=0)
+    one = unrolled_bytes(net, (1, 8, 8), 10, 1)
+    params = sum(p.numel() for p in net.parameters())
+    assert unrolled_bytes(net, (1, 8, 8), 10, 30) == 30 * one  # a step's activations kept per step
+    assert unrolled_bytes(net, (1, 8, 8), 10, 30, "recomputed") == one + 4 * 30 * params  # one, and the thetas
 
 
 def test_an_mtt_run_end_to_end_evaluates_at_its_learned_step_size(tmp_path):

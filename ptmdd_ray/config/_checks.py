@@ -17,8 +17,8 @@ from ..errors import ConfigError, check
 from ..sources import canonical_name, check_dataset_config, image_shape
 from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc,
                        mtt_for_ipc)
-from ._sections import (INITS, METHODS, PRECISIONS, SCHEDULES, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
-                        PoolConfig, PretrainConfig, mtt_reach, source_dataset, weight_for)
+from ._sections import (INITS, METHODS, MTT_GRADIENTS, PRECISIONS, SCHEDULES, Config, DatasetConfig, DistillConfig,
+                        EvalConfig, LossConfig, PoolConfig, PretrainConfig, mtt_reach, source_dataset, weight_for)
 
 
 def resolve(cfg: Config) -> Config:
@@ -88,6 +88,8 @@ def check_distill(distill: DistillConfig) -> DistillConfig:
     _at_least(distill, "distill", 0, ("checkpoint_every",))
     _at_least(distill, "distill", 1, ("syn_steps", "expert_epochs", "max_start_epoch", "batch_syn"))
     _rates(distill, "distill", ("lr_img", "lr_net", "momentum_img", "lr_lr", "lr_teacher"))
+    check(distill.mtt_gradient in MTT_GRADIENTS, "distill.mtt_gradient",
+          f"expected one of {', '.join(MTT_GRADIENTS)}, got {distill.mtt_gradient!r}")
     init = distill.init or defaults["init"]
     check(init in INITS, "distill.init", f"unknown init {init!r} (known: {', '.join(INITS)})")
     strategy = distill.dsa_strategy or defaults["dsa_strategy"]

@@ -17,6 +17,7 @@ METHODS = ("dc", "dsa", "dm", "mtt")
 SCHEDULES = ("thirds", "constant")
 INITS = ("real", "noise")
 PRECISIONS = ("bf16", "bf16-cpu", "fp32")
+MTT_GRADIENTS = ("unrolled", "recomputed")
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
@@ -93,6 +94,10 @@ class DistillConfig:
     lr_teacher: float | None = setting(None,
         "MTT: initial student step size (learned, then the evaluation's learning rate); null: published")
     batch_syn: int | None = setting(None, "MTT: synthetic images per student step; null: the whole set")
+    mtt_gradient: str = setting("unrolled",
+        "MTT: the gradient through the student's steps: unrolled (the reference's graph; memory linear in "
+        "syn_steps) or recomputed (TESLA's constant memory: each step recomputed backward, the same gradient up "
+        "to float order, ~1.5x the compute)", choices=MTT_GRADIENTS)
     log_every: int = setting(10, "record the matching loss every this many iterations")
     compile: bool | None = setting(None,
         "run DM's network passes (DC/DSA: the inner loop's training steps) through torch.compile (~2x (DC/DSA ~1.6x) "

@@ -22,7 +22,7 @@ from ..train import new_model
 from .base import Guide
 from .dc import dc_step
 from .dm import dm_step
-from .mtt import Trajectory, draw_segment, trajectory_loss
+from .mtt import Trajectory, draw_segment, trajectory_loss, trajectory_loss_recomputed
 
 # SGD momentum of MTT's learnable step size (the reference's optimizer_lr)
 LR_MOMENTUM = 0.5
@@ -186,8 +186,9 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
 
     def mtt(net: nn.Module) -> list[torch.Tensor]:
         expert, start = draw_segment(experts, cfg.max_start_epoch, cfg.expert_epochs, gen)
-        loss = trajectory_loss(net, expert.params[start], expert.params[start + cfg.expert_epochs], syn, syn_y,
-                               syn_lr, cfg.syn_steps, cfg.batch_syn or syn.shape[0], cfg.dsa_strategy, gen)
+        matching = trajectory_loss_recomputed if cfg.mtt_gradient == "recomputed" else trajectory_loss
+        loss = matching(net, expert.params[start], expert.params[start + cfg.expert_epochs], syn, syn_y,
+                        syn_lr, cfg.syn_steps, cfg.batch_syn or syn.shape[0], cfg.dsa_strategy, gen)
         if guide is not None:  # the student augments per batch; the guide sees the raw set
             loss = loss + guide(syn, syn, syn_y)
         update(loss)

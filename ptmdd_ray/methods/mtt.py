@@ -7,7 +7,8 @@ batches of the synthetic set (DSA on each batch) are unrolled with ``create_grap
 differentiates through all of them to the pixels and to the learnable step size ``syn_lr``. The
 loss is the reference's normalised parameter distance
 ``||theta_N - theta_target||^2 / ||theta_start - theta_target||^2``. Memory grows linearly with
-``syn_steps``: every step's activations and gradients stay alive for the backward pass.
+``syn_steps``: every step's activations and gradients stay alive for the backward pass, unless the
+gradient is recomputed a step at a time (:func:`trajectory_loss_recomputed`, TESLA's constant memory).
 """
 from __future__ import annotations
 
@@ -83,6 +84,57 @@ def trajectory_loss(student: nn.Module, start: torch.Tensor, target: torch.Tenso
     return (params - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
+def trajectory_loss_recomputed(student: nn.Module, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
+                               labels: torch.Tensor, syn_lr: torch.Tensor, syn_steps: int, batch_syn: int,
+                               dsa_strategy: str, gen: torch.Generator) -> torch.Tensor:
+    """:func:`trajectory_loss` with memory constant in ``syn_steps`` (``distill.mtt_gradient:
+    recomputed``), the problem TESLA (Cui et al., ICML 2023) set out to solve: no unrolled graph is
+    kept. The steps run forward without one, keeping only each step's parameter vector, batch and
+    augmentation; the gradient then runs backward through them one step at a time (the adjoint of
+    ``theta' = theta - lr * g(theta, x)``: ``lambda <- lambda - lr * H lambda``, the images get
+    ``-lr * (dg/dx)^T lambda``, the step size ``-g . lambda``), recomputing that step's graph alone.
+    The same gradient as the unrolled one up to float order, for about 1.5x its compute.
+
+    Returns a tensor whose value is the loss and whose backward gives ``images`` and ``syn_lr``
+    those gradients (a surrogate: ``value + <grad, x> - <grad, x>.detach()``), so that it adds to
+    a guide's loss and goes through the optimiser as the unrolled loss does."""
+    size, lr = images.shape[-1], syn_lr.detach()
+    thetas, steps = [start.detach()], []
+    for idx in batches(images.shape[0], batch_syn, syn_steps, gen):  # forward: no graph kept
+        idx = idx.to(images.device)
+        aug = augment.sample(dsa_strategy, idx.numel(), size, gen, images.device)
+        theta = thetas[-1].clone().requires_grad_(True)
+        g = _step_grad(student, theta, augment.apply(images[idx].detach(), aug), labels[idx], create_graph=False)
+        thetas.append((thetas[-1] - lr * g).detach())
+        steps.append((idx, aug))
+    scale = (start - target).pow(2).sum()
+    loss = (thetas[-1] - target).pow(2).sum() / scale
+    adjoint = 2 * (thetas[-1] - target) / scale  # d loss / d theta_N
+    grad_images, grad_lr = torch.zeros_like(images), torch.zeros_like(lr)
+    for (idx, aug), theta in zip(reversed(steps), reversed(thetas[:-1])):  # backward, a step at a time
+        theta = theta.clone().requires_grad_(True)
+        x = images.detach()[idx].requires_grad_(True)
+        g = _step_grad(student, theta, augment.apply(x, aug), labels[idx], create_graph=True)
+        d_theta, d_x = torch.autograd.grad((g * adjoint).sum(), (theta, x))
+        grad_lr -= (g.detach() * adjoint).sum()
+        grad_images.index_add_(0, idx, -lr * d_x)
+        adjoint = adjoint - lr * d_theta
+    return loss.detach() + _surrogate(images, grad_images) + _surrogate(syn_lr, grad_lr)
+
+
+def _step_grad(student: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               create_graph: bool) -> torch.Tensor:
+    """The student's cross-entropy gradient at flat parameters ``theta`` on the batch ``x``."""
+    logits = torch.func.functional_call(student, unflatten(student, theta), (x,))
+    return torch.autograd.grad(F.cross_entropy(logits, y), theta, create_graph=create_graph)[0]
+
+
+def _surrogate(leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Zero in value, ``grad`` as ``leaf``'s gradient in the backward pass."""
+    inner = (leaf * grad).sum()
+    return inner - inner.detach()
+
+
 # Elements an unrolled step keeps for the backward pass per element its leaf modules output: the
 # activations and what the double backward needs of their gradients. Measured 1.34 (ConvNetW32, 100
 # CIFAR-sized images per step, with or without DSA: the bytes of the tensors autograd saves, per
@@ -104,13 +156,14 @@ def activation_elements(student: nn.Module, image_shape: tuple[int, int, int]) -
     return sum(counts)
 
 
-def unrolled_bytes(student: nn.Module, image_shape: tuple[int, int, int], batch: int, syn_steps: int) -> int:
-    """What the unrolled student keeps until the backward pass, linear in ``syn_steps``: per step
-    the activations of ``batch`` images (and their gradients), and a new parameter vector with its
-    gradient."""
+def unrolled_bytes(student: nn.Module, image_shape: tuple[int, int, int], batch: int, syn_steps: int,
+                   gradient: str = "unrolled") -> int:
+    """What the student keeps for the backward pass. Unrolled: linear in ``syn_steps``, per step the
+    activations of ``batch`` images (and their gradients), and a new parameter vector with its
+    gradient. Recomputed: one such step, and a parameter vector per step."""
     params = sum(p.numel() for p in student.parameters())
     per_step = batch * activation_elements(student, image_shape) * KEPT_PER_ACTIVATION + 2 * params
-    return 4 * syn_steps * per_step
+    return 4 * (syn_steps * per_step if gradient == "unrolled" else per_step + syn_steps * params)
 
 
 def draw_segment(experts: list[Trajectory], max_start_epoch: int, expert_epochs: int, gen: torch.Generator
