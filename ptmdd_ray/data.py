@@ -178,7 +178,7 @@ def zca_whiten(xs: list[torch.Tensor], eps: float = ZCA_EPS, chunk: int = 4096) 
     transform = ((evecs * (evals.clamp_min(0) + eps).rsqrt()) @ evecs.T).float()
     mean = mean.float()
     for x in xs:
-        flat = x.view(x.shape[0], -1)
+        flat = x.view(x.shape[0], -1 if x.shape[0] else mean.numel())  # an empty split (no validation) too
         for start in range(0, flat.shape[0], chunk):
             flat[start:start + chunk] = (flat[start:start + chunk] - mean) @ transform
 

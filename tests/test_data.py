@@ -394,6 +394,8 @@ def test_zca_whitening_follows_kornias_formula_fitted_on_training_images_only():
         data.zca_whiten(xs)
         firsts.append(xs[0])
     assert torch.equal(firsts[0], firsts[1])  # fitted on the training split alone
+    no_val = load_data(DatasetConfig(name="digits", zca=True))  # an empty validation split (found by test_properties)
+    assert no_val.x_val.shape[0] == 0 and not torch.equal(no_val.x_train, load_data(DatasetConfig(name="digits")).x_train)
 
 
 def test_zca_leaves_stored_keys_at_its_default():
