@@ -8,7 +8,7 @@ no accuracy is traded). ``--compare precision``: compiled DM in fp32 against com
         [--data parquet:../shared/data/cifar10-jpeg.parquet] [--train-per-class 500] [--val-per-class 200]
         [--model ConvNetW32]
         [--ipc 10] [--iterations 200] [--batch-real 64] [--clom 2000] [--ptm-epochs 2]
-        [--runs 3] [--epochs 300] [--seeds 5] [--json] [--out FILE]
+        [--runs 3] [--epochs 300] [--seeds 5] [--rows FILE] [--json] [--out FILE]
 
 A trial: the 2-PTM pool (``--model``, ``--ptm-epochs`` epochs, trained once into a temporary
 store), ``--method`` with CLoM at ``--clom`` (0: unguided) for ``--iterations`` iterations, from
@@ -19,10 +19,16 @@ the validation accuracy (it decides a default), the test accuracy is reported be
 sample size is ``--seeds``, fixed before the run. Reported per seed and side: validation and test
 accuracy; the paired difference (second side minus first) with its 95 % t-interval and p, per
 split, and the verdict on validation ("no significant difference" if p >= 0.05).
+
+A pairing at study scale takes hours: with ``--rows FILE`` each finished (seed, side) is written
+to FILE as it ends (JSON, replaced atomically), and a second call with the same settings goes on
+from there, so that an interrupted run loses only the trial it was in. A rows file of other
+settings is refused in one line.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -81,6 +87,25 @@ def verdict(sides: dict[str, list[dict]], base: str, new: str, split: str) -> di
             f"{new}_mean": statistics.fmean(r[split] for r in sides[new])}
 
 
+def load_rows(path: str | None, settings: dict) -> dict[str, dict[str, dict]]:
+    """The (side -> seed -> accuracies) rows an earlier call with these ``settings`` finished
+    (none without ``path`` or before the first); other settings are an error, not a mix."""
+    if not path or not Path(path).exists():
+        return {}
+    saved = json.loads(Path(path).read_text())
+    if saved["settings"] != settings:
+        changed = sorted(k for k in {**settings, **saved["settings"]} if settings.get(k) != saved["settings"].get(k))
+        raise SystemExit(f"pair_distill.py: error: --rows {path}: written with other settings ({', '.join(changed)})")
+    return saved["rows"]
+
+
+def save_rows(path: str | None, settings: dict, rows: dict[str, dict[str, dict]]) -> None:
+    if path:
+        from ptmdd_ray.artifacts import write_atomic
+
+        write_atomic(path, json.dumps({"settings": settings, "rows": rows}, indent=1).encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compare", choices=sorted(SIDES), default="precision", help="which two paths to pair")
@@ -98,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--rows", help="write each finished trial here, and go on from the trials it holds")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "out", "rows")}
+    done = load_rows(args.rows, settings)
 
     from ptmdd_ray.data import load_data
     from ptmdd_ray.pool import resolve_pool
@@ -110,16 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as store:
         cfg = config(args, store, {}, "fp32")
         data = load_data(cfg.dataset, 0)
-        ptms = resolve_pool(cfg, data, data.x_train.device, progress=False).ptms if args.clom > 0 else []
+        left = any(str(seed) not in done.get(side, {}) for seed in range(args.seeds) for side in sides)
+        ptms = resolve_pool(cfg, data, data.x_train.device, progress=False).ptms if args.clom > 0 and left else []
         for seed in range(args.seeds):
-            for side, settings, precision in SIDES[args.compare]:
-                sides[side].append(trial(args, store, seed, settings, precision, data, ptms))
+            for side, side_settings, precision in SIDES[args.compare]:
+                if str(seed) not in done.get(side, {}):
+                    done.setdefault(side, {})[str(seed)] = trial(args, store, seed, side_settings, precision, data,
+                                                                 ptms)
+                    save_rows(args.rows, settings, done)
+                sides[side].append(done[side][str(seed)])
             print(f"seed {seed}: " + ", ".join(f"{s} val {sides[s][-1]['val']:.2f} % test {sides[s][-1]['test']:.2f} %"
                                                 for s in sides), file=sys.stderr)
     by_split = {split: verdict(sides, base, new, split) for split in ("val", "test")}
     val = by_split["val"]
-    res = {"compare": args.compare, "sides": [base, new], "settings": {k: v for k, v in vars(args).items()
-                                                                         if k not in ("json", "out", "compare")},
+    res = {"compare": args.compare, "sides": [base, new], "settings": {k: v for k, v in settings.items()
+                                                                         if k != "compare"},
            **sides, **by_split,
            "verdict": "significant difference" if val["p"] < 0.05 else "no significant difference"}
     for split, v in by_split.items():

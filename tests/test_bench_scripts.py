@@ -215,13 +215,27 @@ def test_pair_distill_pairs_fp32_and_bf16_cpu_distillations_by_seed_on_validatio
     assert r["verdict"] == ("significant difference" if r["val"]["p"] < 0.05 else "no significant difference")
 
 
-def test_pair_distill_pairs_eager_and_compiled_dsa_unguided():
-    proc = bench("pair_distill.py", "--compare", "compile", "--method", "dsa", "--clom", "0", *TINY,
-                 "--train-per-class", "20", "--val-per-class", "5", "--ipc", "1", "--iterations", "1",
-                 "--batch-real", "4", "--runs", "1", "--epochs", "2", "--seeds", "2", "--json", timeout=600)
-    r = json.loads(proc.stdout)
+def test_pair_distill_pairs_eager_and_compiled_dsa_unguided_and_resumes_from_its_rows(tmp_path):
+    """``--rows``: each finished trial is written as it ends; a second call runs only the trials the
+    file lacks (a kept row is read back, not run again; a missing one is run, to the same figures);
+    a rows file of other settings is one line, exit 1."""
+    args = ["--compare", "compile", "--method", "dsa", "--clom", "0", *TINY, "--train-per-class", "20",
+            "--val-per-class", "5", "--ipc", "1", "--iterations", "1", "--batch-real", "4", "--runs", "1",
+            "--epochs", "2", "--seeds", "2", "--rows", tmp_path / "rows.json", "--json"]
+    r = json.loads(bench("pair_distill.py", *args, timeout=600).stdout)
     assert r["sides"] == ["eager", "compiled"] and r["settings"]["method"] == "dsa"
     assert all(0 <= row[s] <= 100 for side in ("eager", "compiled") for row in r[side] for s in ("val", "test"))
+    saved = json.loads((tmp_path / "rows.json").read_text())
+    assert saved["rows"]["eager"]["0"] == r["eager"][0] and saved["rows"]["compiled"]["1"] == r["compiled"][1]
+    saved["rows"]["eager"]["0"]["val"] = 12.5  # a marker: read back, not recomputed
+    del saved["rows"]["compiled"]["1"]  # an interrupted run's missing trial
+    (tmp_path / "rows.json").write_text(json.dumps(saved))
+    again = json.loads(bench("pair_distill.py", *args, timeout=600).stdout)
+    assert again["eager"][0]["val"] == 12.5 and again["compiled"][1] == r["compiled"][1]
+    other = subprocess.run([sys.executable, str(BENCH / "pair_distill.py"), *map(str, args[:-1]), "--seeds", "3"],
+                           capture_output=True, text=True, timeout=600, env=_env())
+    assert other.returncode == 1 and other.stderr.strip().splitlines()[-1] == (
+        f"pair_distill.py: error: --rows {tmp_path / 'rows.json'}: written with other settings (seeds)")
 
 
 def test_dc_classes_vmap_computes_the_same_matching_loss_both_ways():
