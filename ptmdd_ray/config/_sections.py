@@ -97,7 +97,7 @@ class DistillConfig:
     mtt_gradient: str = setting("unrolled",
         "MTT: the gradient through the student's steps: unrolled (the reference's graph; memory linear in "
         "syn_steps) or recomputed (TESLA's constant memory: each step recomputed backward, the same gradient up "
-        "to float order, ~1.5x the compute)", choices=MTT_GRADIENTS)
+        "to float order, ~1.25x the compute)", choices=MTT_GRADIENTS)
     log_every: int = setting(10, "record the matching loss every this many iterations")
     compile: bool | None = setting(None,
         "run DM's network passes (DC/DSA: the inner loop's training steps) through torch.compile (~2x (DC/DSA ~1.6x) "

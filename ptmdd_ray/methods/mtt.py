@@ -93,7 +93,7 @@ def trajectory_loss_recomputed(student: nn.Module, start: torch.Tensor, target: 
     augmentation; the gradient then runs backward through them one step at a time (the adjoint of
     ``theta' = theta - lr * g(theta, x)``: ``lambda <- lambda - lr * H lambda``, the images get
     ``-lr * (dg/dx)^T lambda``, the step size ``-g . lambda``), recomputing that step's graph alone.
-    The same gradient as the unrolled one up to float order, for about 1.5x its compute.
+    The same gradient as the unrolled one up to float order, for about 1.25x its compute (BENCHMARKS.md).
 
     Returns a tensor whose value is the loss and whose backward gives ``images`` and ``syn_lr``
     those gradients (a surrogate: ``value + <grad, x> - <grad, x>.detach()``), so that it adds to
