@@ -15,7 +15,8 @@ import torch
 from .config import Config, mtt_reach
 from .data import ImageData
 from .methods.mtt import Trajectory
-from .pool import Pool, PTMRepository, check_compatible, load_ptm, pool_specs, save_epochs, source_loader
+from .pool import (Pool, PTMRepository, check_compatible, load_ptm, pool_since, pool_specs, repo_counts, save_epochs,
+                   source_loader)
 from .store import CheckpointRepository, CheckpointStore
 from .train import new_model
 
@@ -42,7 +43,7 @@ def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progre
     ``repo`` (default: a local repository on ``cfg.store``), its missing epochs trained in one run
     that also saves the pool's own epochs."""
     repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
-    hits0, trainings0, trained0, bytes0 = repo.hits, repo.trainings, repo.trained, repo.bytes_written
+    before = repo_counts(repo)
     load_source = source_loader(cfg, target, device)
     epochs, to_save = trajectory_epochs(cfg), save_epochs(cfg)
     trajectories, last = [], []
@@ -56,5 +57,4 @@ def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progre
             params.append(torch.cat([ckpt.tensors[n].reshape(-1) for n in names]).to(device))
         trajectories.append(Trajectory(spec.arch, params, spec.key(epochs[-1])))
         last.append(load_ptm(ckpt, "cpu"))
-    return Experts(trajectories, Pool(last, repo.trainings - trainings0, repo.hits - hits0,
-                                      repo.trained - trained0, repo.bytes_written - bytes0))
+    return Experts(trajectories, pool_since(last, repo, before))

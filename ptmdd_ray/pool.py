@@ -131,14 +131,25 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
     repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
     load_source = source_loader(cfg, target, device)
     needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
-    hits0, trainings0, trained0, bytes0 = repo.hits, repo.trainings, repo.trained, repo.bytes_written
+    before = repo_counts(repo)
     ptms = []
     for spec in pool_specs(cfg):
         ckpt = repo.get(spec, cfg.pool.epoch, save_epochs(cfg), load_source)
         check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels)
         ptms.append(load_ptm(ckpt, device))
-    return Pool(ptms, repo.trainings - trainings0, repo.hits - hits0, repo.trained - trained0,
-                repo.bytes_written - bytes0)
+    return pool_since(ptms, repo, before)
+
+
+def repo_counts(repo: CheckpointRepository) -> tuple[int, int, Seconds, int]:
+    """What ``repo`` has served so far: trainings, hits, training seconds, bytes written."""
+    return repo.trainings, repo.hits, repo.trained, repo.bytes_written
+
+
+def pool_since(ptms: list[PTM], repo: CheckpointRepository, before: tuple[int, int, Seconds, int]) -> Pool:
+    """A :class:`Pool` of ``ptms`` with what ``repo`` served since :func:`repo_counts` gave ``before``."""
+    trainings, hits, trained, written = before
+    return Pool(ptms, repo.trainings - trainings, repo.hits - hits, repo.trained - trained,
+                repo.bytes_written - written)
 
 
 def source_loader(cfg: Config, target: ImageData, device: torch.device) -> Callable[[], ImageData]:
