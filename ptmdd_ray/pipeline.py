@@ -25,7 +25,7 @@ from .data import ImageData, load_data
 from .evaluate import evaluate_set
 from .experts import resolve_experts
 from .methods import Distilled, DistillState, distill
-from .methods.mtt import Trajectory, unrolled_bytes
+from .methods.mtt import Trajectory, student_bytes
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
 from .proc import available_mb, memory_mb
 from .store import CheckpointRepository
@@ -55,7 +55,7 @@ def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
 
 def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None:
     """MTT keeps every unrolled student step until its backward pass (memory linear in
-    ``syn_steps``, :func:`~ptmdd_ray.methods.mtt.unrolled_bytes`; one step with
+    ``syn_steps``, :func:`~ptmdd_ray.methods.mtt.student_bytes`; one step with
     ``mtt_gradient: recomputed``): a run that cannot fit in what the device has free is refused in
     one line before anything runs."""
     d = cfg.distill
@@ -64,7 +64,7 @@ def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None
     size = d.ipc * data.num_classes
     batch = min(d.batch_syn or size, size)
     student = new_model(cfg.model, (data.channels, data.num_classes, data.im_size), seed=0, device=device)
-    need = unrolled_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps,
+    need = student_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps,
                           d.mtt_gradient) / 2**20
     free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else available_mb()
     if free is not None and need > free:

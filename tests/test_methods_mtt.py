@@ -43,7 +43,9 @@ def test_the_recomputed_gradient_is_the_unrolled_one(digits, strategy, batch, dt
         (2.0 * loss).backward()  # a scaled loss scales both gradients alike
         grads.append((loss.detach(), images.grad, lr.grad))
     (l1, gx1, glr1), (l2, gx2, glr2) = grads
-    assert torch.equal(l1, l2)  # the forward steps are the same operations
+    # the forward steps are the same operations: equal in float64; in float32 a forward without a
+    # graph may take another oneDNN kernel (seen on an AVX2-only CPU: one ulp of the loss)
+    assert (l1 - l2).abs() <= (0 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps * l1.abs())
     assert gx1.abs().max() > 0 and (gx1 - gx2).abs().max() <= tol * gx1.abs().max()
     assert glr1.abs() > 0 and (glr1 - glr2).abs() <= tol * glr1.abs()
 
@@ -166,7 +168,7 @@ def test_a_recomputed_mtt_run_follows_the_unrolled_one(digits, tmp_path):
 
     from ptmdd_ray.experts import resolve_experts
     from ptmdd_ray.methods import distill
-    from ptmdd_ray.methods.mtt import unrolled_bytes
+    from ptmdd_ray.methods.mtt import student_bytes
 
     cfg = _mtt_cfg(tmp_path, iterations=2, lr_img=0.1)  # two iterations: float order compounds over more
     experts = resolve_experts(cfg, digits, torch.device("cpu"), progress=False).trajectories
@@ -178,10 +180,10 @@ def test_a_recomputed_mtt_run_follows_the_unrolled_one(digits, tmp_path):
     moved = (runs[0].images - init.images).abs().max()
     assert (runs[0].images - runs[1].images).abs().max() <= 1e-3 * moved and runs[1].lr == pytest.approx(runs[0].lr)
     net = new_model("ConvNetW32", SHAPE, seed=0)
-    one = unrolled_bytes(net, (1, 8, 8), 10, 1)
+    one = student_bytes(net, (1, 8, 8), 10, 1)
     params = sum(p.numel() for p in net.parameters())
-    assert unrolled_bytes(net, (1, 8, 8), 10, 30) == 30 * one  # a step's activations kept per step
-    assert unrolled_bytes(net, (1, 8, 8), 10, 30, "recomputed") == one + 4 * 30 * params  # one, and the thetas
+    assert student_bytes(net, (1, 8, 8), 10, 30) == 30 * one  # a step's activations kept per step
+    assert student_bytes(net, (1, 8, 8), 10, 30, "recomputed") == one + 4 * 30 * params  # one, and the thetas
 
 
 def test_an_mtt_run_end_to_end_evaluates_at_its_learned_step_size(tmp_path):
@@ -219,11 +221,11 @@ def test_a_step_size_learned_below_zero_is_a_divergence(digits, tmp_path):
 
 
 def test_the_memory_estimate_bounds_what_the_unrolled_steps_keep():
-    """``unrolled_bytes`` (what the refusal of a run that cannot fit reads) against the bytes of
+    """``student_bytes`` (what the refusal of a run that cannot fit reads) against the bytes of
     the tensors autograd really saves for the backward pass, per step (distinct storages, counted
     by a saved-tensors hook: what the allocator does with them aside), on CIFAR-sized images with
     MTT's DSA: an upper bound, within 2x."""
-    from ptmdd_ray.methods.mtt import unrolled_bytes
+    from ptmdd_ray.methods.mtt import student_bytes
 
     net = new_model("ConvNetW32", (3, 10, 32), seed=0)
     start = flatten(net)
@@ -243,5 +245,5 @@ def test_the_memory_estimate_bounds_what_the_unrolled_steps_keep():
                             "color_crop_cutout_flip_scale_rotate", torch.Generator().manual_seed(0))
         saved[steps] = sum(storages.values())
     measured = (saved[12] - saved[4]) / 8
-    estimate = unrolled_bytes(net, (3, 32, 32), 100, 1)
+    estimate = student_bytes(net, (3, 32, 32), 100, 1)
     assert estimate / 2 <= measured <= estimate, (measured / 2**20, estimate / 2**20)
