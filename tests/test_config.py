@@ -66,6 +66,19 @@ def test_dsa_defaults():
     assert d.lr_img == 0.1
 
 
+@pytest.mark.parametrize("method, iterations, compiled", [
+    ("dm", 20000, True), ("dc", 1000, True), ("dsa", 1000, True),  # the published run lengths
+    ("dm", 999, False), ("dc", 200, False), ("dsa", 999, False),    # short runs: not worth compiling
+    ("mtt", 5000, False)])                                           # no compiled path
+def test_distill_compile_null_compiles_long_runs_of_dc_dsa_and_dm(method, iterations, compiled):
+    """``distill.compile: null`` turns compilation on for runs of the published length, for DC and
+    DSA as for DM (each paired against eager over 5 seeds, BENCHMARKS.md); an explicit value wins."""
+    sets = [f"distill.method={method}", f"distill.iterations={iterations}"]
+    sets += ["pool.archs=[ConvNet]"] if method == "mtt" else []  # MTT's experts
+    assert load_config(None, sets).distill.compile is compiled
+    assert load_config(None, [*sets, "distill.compile=false"]).distill.compile is False
+
+
 def test_explicit_values_win_over_method_defaults():
     d = load_config(None, ["distill.method=dc", "distill.lr_img=0.5", "distill.init=real",
                            "distill.iterations=0", "distill.outer_loop=3", "distill.inner_loop=7"]).distill

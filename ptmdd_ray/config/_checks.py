@@ -15,8 +15,8 @@ from typing import Any
 from ..archs import is_known
 from ..errors import ConfigError, check
 from ..sources import canonical_name, check_dataset_config, image_shape
-from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, METHOD_DEFAULTS, check_strategy, loops_for_ipc,
-                       mtt_for_ipc)
+from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, COMPILED_METHODS, METHOD_DEFAULTS,
+                       check_strategy, loops_for_ipc, mtt_for_ipc)
 from ._sections import (INITS, METHODS, MTT_GRADIENTS, PRECISIONS, SCHEDULES, Config, DatasetConfig, DistillConfig,
                         EvalConfig, LossConfig, PoolConfig, PretrainConfig, mtt_reach, source_dataset, weight_for)
 
@@ -101,7 +101,7 @@ def check_distill(distill: DistillConfig) -> DistillConfig:
     iterations = defaults["iterations"] if distill.iterations is None else distill.iterations
     compile_ = distill.compile
     if compile_ is None:  # worth its compilation time on long runs only
-        compile_ = method == "dm" and iterations >= COMPILE_AUTO_ITERATIONS
+        compile_ = method in COMPILED_METHODS and iterations >= COMPILE_AUTO_ITERATIONS
     # a study trial's checkpoints: about ten per run unless set (resolved here, so MLflow records it)
     every = distill.checkpoint_every or max(1, iterations // 10)
     if method == "mtt":

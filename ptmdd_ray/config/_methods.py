@@ -73,7 +73,10 @@ def mtt_for_ipc(ipc: int) -> dict[str, Any]:
 
 
 REFERENCE_EVAL_RUNS = 5  # models per architecture in the reference's evaluation (its runs: 5 to 20)
-COMPILE_AUTO_ITERATIONS = 1000  # distill.compile: null turns compilation on from this many DM iterations
+COMPILE_AUTO_ITERATIONS = 1000  # distill.compile: null turns compilation on from this many iterations
+# the methods whose distill.compile: null compiles long runs (each paired against eager by seed,
+# with no significant accuracy change, BENCHMARKS.md); MTT has no compiled path
+COMPILED_METHODS = ("dc", "dsa", "dm")
 COMPILE_AUTO_EVAL_EPOCHS = 500  # eval.compile: null turns compilation on from this many evaluation epochs (DSA, DM: 1000)
 
 # (outer_loop, inner_loop) of DC/DSA, Zhao et al.'s published table.

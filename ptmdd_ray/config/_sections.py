@@ -101,8 +101,8 @@ class DistillConfig:
     log_every: int = setting(10, "record the matching loss every this many iterations")
     compile: bool | None = setting(None,
         "run DM's network passes (DC/DSA: the inner loop's training steps) through torch.compile (~2x (DC/DSA ~1.6x) "
-        "per iteration on the CPU, after a one-off compilation of ~30-60 s); null: on for DM runs of >= 1000 "
-        "iterations, off for DC/DSA")
+        "per iteration on the CPU, after a one-off compilation of ~30-60 s); null: on for DC, DSA and DM runs of "
+        ">= 1000 iterations (each paired against eager by seed), off for shorter ones and MTT")
     checkpoint_every: int = setting(0,
         "a study trial checkpoints its state every this many iterations, so that a retried or resumed trial goes on "
         "from there; 0: a tenth of the run (resolved with the config, so MLflow records the interval used)")
