@@ -65,7 +65,7 @@ def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None
     batch = min(d.batch_syn or size, size)
     student = new_model(cfg.model, (data.channels, data.num_classes, data.im_size), seed=0, device=device)
     need = student_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps,
-                          d.mtt_gradient) / 2**20
+                         d.mtt_gradient) / 2**20
     free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else available_mb()
     if free is not None and need > free:
         raise ConfigError(f"distill.syn_steps: MTT's {d.syn_steps} {d.mtt_gradient} steps of {batch} images need "

@@ -72,7 +72,7 @@ def test_dsa_defaults():
     ("mtt", 5000, False)])                                           # no compiled path
 def test_distill_compile_null_compiles_long_runs_of_dc_dsa_and_dm(method, iterations, compiled):
     """``distill.compile: null`` turns compilation on for runs of the published length, for DC and
-    DSA as for DM (each paired against eager over 5 seeds, BENCHMARKS.md); an explicit value wins."""
+    DSA as for DM (each paired against eager by seed, BENCHMARKS.md); an explicit value wins."""
     sets = [f"distill.method={method}", f"distill.iterations={iterations}"]
     sets += ["pool.archs=[ConvNet]"] if method == "mtt" else []  # MTT's experts
     assert load_config(None, sets).distill.compile is compiled

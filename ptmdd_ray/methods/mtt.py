@@ -157,7 +157,7 @@ def activation_elements(student: nn.Module, image_shape: tuple[int, int, int]) -
 
 
 def student_bytes(student: nn.Module, image_shape: tuple[int, int, int], batch: int, syn_steps: int,
-                   gradient: str = "unrolled") -> int:
+                  gradient: str = "unrolled") -> int:
     """What the student keeps for the backward pass. Unrolled: linear in ``syn_steps``, per step the
     activations of ``batch`` images (and their gradients), and a new parameter vector with its
     gradient. Recomputed: one such step, and a parameter vector per step."""
