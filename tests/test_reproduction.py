@@ -47,3 +47,21 @@ def test_verdicts_write_replaces_only_the_marked_block(tmp_path):
 
     with pytest.raises(SystemExit, match="no verdict markers"):
         verdicts.write_into(doc, "x")
+
+
+def test_the_findings_by_data_set_agree_with_the_verdict_table():
+    """The hand-arranged table of findings per data set quotes the verdict table: each cell's
+    difference, adjusted p (to its last printed digit) and verdict must be a claim row of its study."""
+    doc = (ROOT / "REPRODUCTION.md").read_text()
+    arranged = doc.split("### The findings on each data set", 1)[1].split("\n## ", 1)[0]
+    derived = subprocess.run([sys.executable, str(ROOT / "bench" / "verdicts.py")], capture_output=True, text=True,
+                             check=True, cwd=ROOT).stdout
+    claims = [[c.strip() for c in line.strip("|").split("|")] for line in derived.splitlines()[2:]]
+    cells = re.findall(r"`(\w+)`: ([+−-]\d+\.\d+), p ([\d.]+), \*\*([a-z ]+)\*\*", arranged)
+    assert len(cells) >= 10, "the findings table lost its cells"
+    for study, diff, p, verdict in cells:
+        diff = diff.replace("−", "-")
+        unit = 10.0 ** -len(p.split(".")[1])
+        match = [c for c in claims if c[0] == study and c[5].startswith(diff + " ")
+                 and abs(float(c[7].split()[0]) - float(p)) <= unit and c[8].strip("*").startswith(verdict)]
+        assert match, f"{study}: {diff}, p {p}, {verdict} is no claim of the verdict table"
