@@ -15,8 +15,8 @@ import torch
 from .config import Config, mtt_reach
 from .data import ImageData
 from .methods.mtt import Trajectory
-from .pool import (Pool, PTMRepository, check_compatible, load_ptm, pool_since, pool_specs, repo_counts, save_epochs,
-                   source_loader)
+from .pool import (Pool, PTMRepository, check_compatible, fetch_runs, load_ptm, pool_since, pool_specs, repo_counts,
+                   save_epochs, source_loader)
 from .store import CheckpointRepository, CheckpointStore
 from .train import new_model
 
@@ -46,13 +46,15 @@ def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progre
     before = repo_counts(repo)
     load_source = source_loader(cfg, target, device)
     epochs, to_save = trajectory_epochs(cfg), save_epochs(cfg)
+    specs = pool_specs(cfg)
+    firsts = fetch_runs(repo, specs, epochs[0], to_save, load_source)  # trains the missing runs
     trajectories, last = [], []
-    for spec in pool_specs(cfg):
+    for spec, first in zip(specs, firsts):
         names = [n for n, _ in new_model(spec.arch, (target.channels, target.num_classes, target.im_size),
                                          seed=0).named_parameters()]
         params = []
         for e in epochs:
-            ckpt = repo.get(spec, e, to_save, load_source)
+            ckpt = first if e == epochs[0] else repo.get(spec, e, to_save, load_source)
             check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels=True)
             params.append(torch.cat([ckpt.tensors[n].reshape(-1) for n in names]).to(device))
         trajectories.append(Trajectory(spec.arch, params, spec.key(epochs[-1])))

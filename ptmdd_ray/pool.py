@@ -133,11 +133,20 @@ def resolve_pool(cfg: Config, target: ImageData, device: torch.device, progress:
     needs_labels = any(weight_for(cfg.loss.clom, a) > 0 for a in cfg.pool.archs)
     before = repo_counts(repo)
     ptms = []
-    for spec in pool_specs(cfg):
-        ckpt = repo.get(spec, cfg.pool.epoch, save_epochs(cfg), load_source)
+    for ckpt in fetch_runs(repo, pool_specs(cfg), cfg.pool.epoch, save_epochs(cfg), load_source):
         check_compatible(tuple(ckpt.meta["shape"]), ckpt.meta["classes"], target, needs_labels)
         ptms.append(load_ptm(ckpt, device))
     return pool_since(ptms, repo, before)
+
+
+def fetch_runs(repo: CheckpointRepository, specs: list[PTMSpec], epoch: int, epochs_to_save: list[int],
+               load_source: Callable[[], ImageData]) -> list[Checkpoint]:
+    """The checkpoint at ``epoch`` of every spec's run, in spec order. Runs stored or free are served
+    first, and a run that another process is training is waited for only after them: two trials
+    that need the same missing pool train its PTMs side by side, on their own cores, instead of
+    one training all while the other waits."""
+    got = [repo.get(spec, epoch, epochs_to_save, load_source, wait=False) for spec in specs]
+    return [ckpt or repo.get(spec, epoch, epochs_to_save, load_source) for spec, ckpt in zip(specs, got)]
 
 
 def repo_counts(repo: CheckpointRepository) -> tuple[int, int, Seconds, int]:
@@ -195,18 +204,21 @@ class PTMRepository:
         return ckpt
 
     def get(self, spec: PTMSpec, epoch: int, epochs_to_save: list[int],
-            load_source: Callable[[], ImageData]) -> Checkpoint:
+            load_source: Callable[[], ImageData], wait: bool = True) -> Checkpoint | None:
         """The checkpoint of ``spec`` at ``epoch`` (:class:`~ptmdd_ray.store.CheckpointRepository`):
         the stored one if intact (:meth:`stored`; a damaged one is quarantined), else the run is
         trained here and saved (:func:`train_run`), or, if another process trained it while this
-        one waited for the run's lock, loaded as a hit."""
+        one waited for the run's lock, loaded as a hit. With ``wait=False``, None at once when
+        another process holds the run's lock (it is training the run)."""
         key = spec.key(epoch)
         while True:
             ckpt = self.stored(key)
             if ckpt is not None:
                 self.hits += 1
                 return ckpt
-            run = train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress)
+            run = train_run(self.store, spec, sorted({*epochs_to_save, epoch}), load_source, self.progress, wait)
+            if run is None:
+                return None
             if run:
                 self.trainings += 1
                 self.trained, self.bytes_written = self.trained + run.seconds, self.bytes_written + run.bytes
@@ -231,14 +243,18 @@ class Training:
 
 
 def train_run(store: CheckpointStore, spec: PTMSpec, epochs_to_save: list[int],
-              data: ImageData | Callable[[], ImageData], progress: bool = False) -> Training:
+              data: ImageData | Callable[[], ImageData], progress: bool = False,
+              wait: bool = True) -> Training | None:
     """Pretrain ``spec`` and save every requested epoch the store does not have yet. Under the
     run's store lock, so that processes sharing a local store (two studies, each with its own Ray)
     train a run once: the second finds the epochs written and returns an empty :class:`Training`
-    without training. ``data`` may be a callable, called only when training. Each checkpoint's
-    metadata keeps ``train_cost``: the seconds of its run up to its epoch (what that PTM costs)."""
+    without training (with ``wait=False``, None at once while another holds the lock). ``data``
+    may be a callable, called only when training. Each checkpoint's metadata keeps
+    ``train_cost``: the seconds of its run up to its epoch (what that PTM costs)."""
     store.check_writable()
-    with store.lock(f"train-{spec.run_id}"):
+    with store.lock(f"train-{spec.run_id}", wait) as held:
+        if not held:
+            return None
         missing = sorted(e for e in set(epochs_to_save) if not store.has(spec.key(e)))
         if not missing:
             return Training([])

@@ -64,7 +64,8 @@ class CheckpointRepository(Protocol):
     """Where a pool's PTM checkpoints come from (``run_distill(repo=...)``,
     :func:`ptmdd_ray.pool.resolve_pool`). :meth:`get` returns the checkpoint of ``spec``'s run at
     ``epoch``: the stored one if it is intact, else one this caller trains (every epoch of
-    ``epochs_to_save`` the store lacks, on ``load_source()``, under the run's lock) and stores.
+    ``epochs_to_save`` the store lacks, on ``load_source()``, under the run's lock) and stores;
+    with ``wait=False`` it returns None instead of waiting while another process trains the run.
     ``trainings`` and ``hits`` count what this repository trained and reused.
 
     Implemented over a local or object store by :class:`ptmdd_ray.pool.PTMRepository`, and
@@ -74,7 +75,8 @@ class CheckpointRepository(Protocol):
     hits: int
 
     def get(self, spec: RunSpec, epoch: int, epochs_to_save: list[int],
-            load_source: Callable[[], Any]) -> Checkpoint: ...
+            load_source: Callable[[], Any], wait: bool = True) -> Checkpoint | None:
+        """With ``wait=False``: None at once while another process trains the run."""
 
 
 def check_key(key: str) -> str:

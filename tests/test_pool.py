@@ -156,6 +156,33 @@ def test_processes_sharing_a_local_store_train_a_run_once(tmp_path):
     assert CheckpointStore(cfg.store).stats()["trainings"] == 1
 
 
+def test_a_pool_trains_first_the_runs_no_one_else_is_training(tmp_path):
+    """While another process trains the pool's first PTM (holds its run's lock), a trial that needs
+    the same pool trains the second meanwhile, then waits for the first: two trials train a missing
+    pool side by side instead of one after the other."""
+    import threading
+    import time
+
+    cfg = _cfg(tmp_path, seeds=2)
+    first, second = pool_specs(cfg)
+    store = CheckpointStore(cfg.store)
+    data = load_data(cfg.dataset)
+    result = {}
+    with store.lock(f"train-{first.run_id}"):  # "another process" is training the first run
+        worker = threading.Thread(target=lambda: result.update(pool=resolve_pool(cfg, data, DEVICE, progress=False)))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while not store.has(second.key(1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        trained_meanwhile = store.has(second.key(1))
+        assert not store.has(first.key(1)) and "pool" not in result  # it waits for the held run
+    worker.join(timeout=120)
+    assert trained_meanwhile, "the free run was not trained while another run's lock was held"
+    pool = result["pool"]
+    assert (pool.trainings, pool.hits) == (2, 0) and len(pool.ptms) == 2
+    assert [p.key for p in pool.ptms] == [first.key(1), second.key(1)]  # in spec order
+
+
 def test_clom_needs_the_target_label_space(tmp_path):
     from dataclasses import replace
 
