@@ -92,6 +92,14 @@ def test_bench_cclom_times_both_ways_per_batch():
     assert len(re.findall(r"^cclom_batch +\d+: .* s/step embedding every step: [\d.]+x$", proc.stdout, re.M)) == 2
 
 
+def test_bench_pool_train_times_a_shared_pool_side_by_side_and_one_after_the_other():
+    out = json.loads(bench("bench_pool_train.py", *TINY, "--train-per-class", "10", "--epochs", "1", "--repeats", "1",
+                           "--json", timeout=300).stdout)
+    assert set(out["seconds"]) == {"side_by_side", "one_after_the_other"}
+    assert all(len(v) == 1 and finite(v[0], positive=True) for v in out["seconds"].values())
+    assert finite(out["speedup"], positive=True) and out["settings"]["ptms"] == 2
+
+
 def test_bench_store_times_local_and_s3_loads_and_locks():
     out = json.loads(bench("bench_store.py", "--repeats", "3", "--arch", "ConvNetW32", timeout=180).stdout)
     assert out["arch"] == "ConvNetW32" and out["repeats"] == 3 and out["checkpoint_bytes"] > 0
