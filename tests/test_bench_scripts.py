@@ -361,22 +361,6 @@ def test_bench_study_memory_compares_shared_and_per_trial_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_load_tiny_study_and_concurrent_pool_requests(tmp_path):
-    proc = bench("bench_load.py", "--trials", "4", "--requests", "4", "--out", tmp_path / "load", timeout=600,
-                 cwd=tmp_path)
-    report = last_json(proc.stdout)
-    study = report["study"]
-    assert study["trials"] == study["finished_runs"] == study["distinct_trials"] == 4 and study["errors"] == 0
-    assert study["ptm_trainings"] == 2 and study["ptm_hits"] == 6  # 4 trials x 2 PTMs, 2 trained
-    assert finite(study["trials_per_minute"], True) and 0 < study["hit_rate"] < 1
-    req = report["store_requests"]
-    assert req["requests"] == 4 and req["trainings"] == 2
-    for which in ("cold", "warm"):
-        assert set(req[which]) == {"p50_ms", "p90_ms", "p99_ms", "max_ms"} and all(
-            finite(v, True) for v in req[which].values())
-
-
-@pytest.mark.slow
 def test_bench_cluster_runs_both_layouts_on_local_clusters(tmp_path):
     proc = bench("bench_cluster.py", "--samples", "1", "--iterations", "2", "--eval-epochs", "1", "--im-size", "8",
                  "--grid", "0,30", "--out", tmp_path / "cluster", timeout=900, cwd=tmp_path)
