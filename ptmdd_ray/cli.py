@@ -461,14 +461,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "botocore"):  # botocore says where it found credentials at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .errors import ConfigError, DivergenceError, IntegrityError, StoreError
+    from .errors import ConfigError, DivergenceError, IntegrityError, MemoryShortError, StoreError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"ptmdd: error: {e}", file=sys.stderr)
         return 2
-    except (DivergenceError, IntegrityError, StoreError) as e:
+    except (DivergenceError, IntegrityError, MemoryShortError, StoreError) as e:
         print(f"ptmdd: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

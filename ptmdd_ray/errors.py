@@ -20,6 +20,12 @@ def check(cond: object, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+class MemoryShortError(RuntimeError):
+    """A run fits the device but not what is free on it now (other processes hold the rest). Unlike a
+    :class:`ConfigError` it may not happen again, so a study's trial that meets it is retried and
+    resumed rather than recorded as failing for good."""
+
+
 class DivergenceError(RuntimeError):
     """The distillation loss became NaN or infinite (e.g. a learning rate far too large)."""
 

@@ -22,12 +22,13 @@ from . import __version__, artifacts, cost
 from .baseline import Scores, evaluate_against_baseline, random_real_baseline
 from .config import Config, ConfigError, eval_split, source_dataset, to_dict
 from .data import ImageData, load_data
+from .errors import MemoryShortError
 from .evaluate import evaluate_set
 from .experts import resolve_experts
 from .methods import Distilled, DistillState, distill
 from .methods.mtt import Trajectory, student_bytes
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
-from .proc import available_mb, memory_mb
+from .proc import meminfo_mb, memory_mb
 from .store import CheckpointRepository
 from .train import new_model
 
@@ -56,8 +57,7 @@ def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
 def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None:
     """MTT keeps every unrolled student step until its backward pass (memory linear in
     ``syn_steps``, :func:`~ptmdd_ray.methods.mtt.student_bytes`; one step with
-    ``mtt_gradient: recomputed``): a run that cannot fit in what the device has free is refused in
-    one line before anything runs."""
+    ``mtt_gradient: recomputed``): a run that cannot fit is refused in one line before anything runs."""
     d = cfg.distill
     if d.method != "mtt":
         return
@@ -66,12 +66,31 @@ def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None
     student = new_model(cfg.model, (data.channels, data.num_classes, data.im_size), seed=0, device=device)
     need = student_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps,
                          d.mtt_gradient) / 2**20
-    free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else available_mb()
-    if free is not None and need > free:
-        raise ConfigError(f"distill.syn_steps: MTT's {d.syn_steps} {d.mtt_gradient} steps of {batch} images need "
-                          f"~{need / 1024:.1f} GiB, more than the {free / 1024:.1f} GiB free on {device.type}; "
-                          "lower distill.syn_steps or distill.batch_syn"
-                          + (", or set distill.mtt_gradient: recomputed" if d.mtt_gradient == "unrolled" else ""))
+    check_fits(need, *device_memory_mb(device), device.type,
+               what=f"distill.syn_steps: MTT's {d.syn_steps} {d.mtt_gradient} steps of {batch} images need "
+                    f"~{need / 1024:.1f} GiB",
+               hint="lower distill.syn_steps or distill.batch_syn"
+                    + (", or set distill.mtt_gradient: recomputed" if d.mtt_gradient == "unrolled" else ""))
+
+
+def device_memory_mb(device: torch.device) -> tuple[float | None, float | None]:
+    """(free, total) MiB of the device: CUDA's own count, else the machine's (/proc/meminfo)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free / 2**20, total / 2**20
+    return meminfo_mb("MemAvailable"), meminfo_mb("MemTotal")
+
+
+def check_fits(need_mb: float, free_mb: float | None, total_mb: float | None, device_type: str, what: str,
+               hint: str) -> None:
+    """Refuse a run that needs more memory than the device has at all (bad input, :class:`ConfigError`)
+    or than is free on it now (:class:`MemoryShortError`: other processes hold the rest and may give it
+    back, so a study's trial that meets it is retried, not recorded as failing for good)."""
+    if total_mb is not None and need_mb > total_mb:
+        raise ConfigError(f"{what}, more than the {total_mb / 1024:.1f} GiB this {device_type} has; {hint}")
+    if free_mb is not None and need_mb > free_mb:
+        raise MemoryShortError(f"{what}, more than the {free_mb / 1024:.1f} GiB free on {device_type} now "
+                               f"(other processes hold the rest); {hint}")
 
 
 class Checkpoints(Protocol):

@@ -24,11 +24,12 @@ def status_mb(field: str = "VmHWM") -> float | None:
     return None
 
 
-def available_mb() -> float | None:
-    """Memory the machine can still give (``MemAvailable`` of ``/proc/meminfo``, MiB); None off Linux."""
+def meminfo_mb(field: str) -> float | None:
+    """A field of ``/proc/meminfo`` in MiB (``MemAvailable``: what the machine can still give,
+    ``MemTotal``: all it has); None off Linux."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass

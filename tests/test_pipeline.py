@@ -3,7 +3,10 @@ protocol), read back by every later run that shares them, never by one that does
 import threading
 import time
 
-from ptmdd_ray.config import load_config
+import pytest
+import torch
+
+from ptmdd_ray.config import ConfigError, load_config
 from ptmdd_ray.data import load_data
 from ptmdd_ray.baseline import baseline_record, random_real_baseline
 from ptmdd_ray.pipeline import run_distill
@@ -145,3 +148,24 @@ def test_a_validation_split_that_leaves_fewer_than_ipc_images_names_val_per_clas
     with pytest.raises(ConfigError, match=r"dataset.val_per_class: 135 held out .* fewer than distill.ipc 5"):
         run_distill(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_more_than_the_device_has_is_bad_input_and_more_than_it_has_free_is_transient():
+    """MTT's memory check (issue 26): a run that can never fit is a ConfigError (exit 2, and a study
+    records it for good); one that only meets memory other processes hold now is a MemoryShortError,
+    which a study's trial retries (a neighbour's peak once failed an MTT trial for good)."""
+    from ptmdd_ray.errors import MemoryShortError
+    from ptmdd_ray.pipeline import check_fits, device_memory_mb
+
+    kw = {"device_type": "cpu", "what": "distill.syn_steps: need ~4.0 GiB", "hint": "lower distill.syn_steps"}
+    check_fits(4096, 5000, 8000, **kw)  # fits
+    check_fits(4096, None, None, **kw)  # nothing known (off Linux): not refused
+    with pytest.raises(ConfigError, match=r"^distill.syn_steps: need ~4.0 GiB, more than the 3.0 GiB this cpu has; "
+                                          r"lower distill.syn_steps$"):
+        check_fits(4096, 1000, 3072, **kw)
+    with pytest.raises(MemoryShortError, match=r"^distill.syn_steps: need ~4.0 GiB, more than the 2.0 GiB free on "
+                                               r"cpu now \(other processes hold the rest\); lower distill.syn_steps$"):
+        check_fits(4096, 2048, 8000, **kw)
+    assert not issubclass(MemoryShortError, ConfigError)
+    free, total = device_memory_mb(torch.device("cpu"))
+    assert 0 < free <= total  # this machine's /proc/meminfo

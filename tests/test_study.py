@@ -473,6 +473,18 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path)
     assert failed[0].data.tags["ptmdd.failure"].startswith("DivergenceError: distillation diverged")
 
 
+def test_only_bad_input_and_divergence_fail_a_trial_for_good():
+    """What a trial's run records as deterministic (a resumed study does not run it again): not a
+    killed worker, not memory that was short only while a neighbouring trial peaked."""
+    from ptmdd_ray.errors import ConfigError, DivergenceError, MemoryShortError
+    from ptmdd_ray.study.trial import fails_for_good
+
+    assert fails_for_good(ConfigError("distill.ipc: must be >= 1, got 0"))
+    assert fails_for_good(DivergenceError("distillation diverged at iteration 3"))
+    assert not fails_for_good(MemoryShortError("distill.syn_steps: need ~3.1 GiB, more than the 2.9 GiB free"))
+    assert not fails_for_good(RuntimeError("the worker died"))
+
+
 def test_unreachable_mlflow_server_is_a_clear_error_before_anything_runs(tmp_path):
     path = _write(tmp_path, STUDY)
     url = f"http://127.0.0.1:{free_port()}"

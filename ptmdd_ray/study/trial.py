@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import tracking
-from ..config import Config, ConfigError, eval_split
+from ..config import Config, eval_split
+from ..errors import ConfigError, DivergenceError
 from ..proc import memory_mb, process_start_time, reset_peak_memory
 from ..study_spec import Study, metric_split, run_name
 from .checkpoints import TuneCheckpoints
@@ -24,6 +25,14 @@ PRUNED_REASON = "pruned by the scheduler on its intermediate evaluations"
 
 class TrialFailed(RuntimeError):
     """A trial that failed deterministically in an earlier attempt (its reason repeated)."""
+
+
+def fails_for_good(e: BaseException) -> bool:
+    """Whether a trial's error would come back on a retry: bad input (:class:`ConfigError`) and a
+    diverging distillation (:class:`DivergenceError`) would, so its run records that and a resumed
+    study does not run it again. Anything else is retried: a killed worker, or memory short only for
+    the moment (``MemoryShortError``, which a neighbouring trial's peak can cause)."""
+    return isinstance(e, (ConfigError, DivergenceError))
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,6 @@ def _distill(ctx: TrialContext, run, cfg: Config, repo, reports: _Reports, check
     from ray import tune
 
     from ..data import ImageData
-    from ..methods import DivergenceError
     from ..pipeline import run_distill
 
     out = Path(trial_dir(tune.get_context())) / "out"
@@ -150,8 +158,7 @@ def _distill(ctx: TrialContext, run, cfg: Config, repo, reports: _Reports, check
         raise
     except BaseException as e:
         run.end("FAILED", {"ptmdd.failure": f"{type(e).__name__}: {e}"[:1000],
-                           **({"ptmdd.deterministic": "true"} if isinstance(e, (DivergenceError, ConfigError))
-                              else {})})
+                           **({"ptmdd.deterministic": "true"} if fails_for_good(e) else {})})
         raise
     return result
 
