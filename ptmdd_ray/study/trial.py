@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import tracking
 from ..config import Config, eval_split
-from ..errors import ConfigError, DivergenceError
+from ..errors import ConfigError, DivergenceError, MemoryShortError
 from ..proc import memory_mb, process_start_time, reset_peak_memory
 from ..study_spec import Study, metric_split, run_name
 from .checkpoints import TuneCheckpoints
 
+log = logging.getLogger(__name__)
 
 PRUNED_REASON = "pruned by the scheduler on its intermediate evaluations"
 
@@ -33,6 +35,21 @@ def fails_for_good(e: BaseException) -> bool:
     study does not run it again. Anything else is retried: a killed worker, or memory short only for
     the moment (``MemoryShortError``, which a neighbouring trial's peak can cause)."""
     return isinstance(e, (ConfigError, DivergenceError))
+
+
+def waiting_for_memory(run: Callable[[], Any], patience_s: float = 600.0, poll_s: float = 15.0) -> Any:
+    """``run()``, run again every ``poll_s`` seconds while it meets memory that is short for the moment
+    (a neighbouring trial at its peak), for ``patience_s`` at most: the check comes before any work, so
+    a retry costs nothing, and waiting here beats spending Tune's retries within seconds."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return run()
+        except MemoryShortError as e:
+            if time.monotonic() + poll_s > deadline:
+                raise
+            log.warning("%s: trying again in %.0f s", e, poll_s)
+            time.sleep(poll_s)
 
 
 @dataclass(frozen=True)
@@ -146,9 +163,9 @@ def _distill(ctx: TrialContext, run, cfg: Config, repo, reports: _Reports, check
         data = ImageData.from_arrays(ray.get(ctx.data_ref)) if ctx.data_ref is not None else None
         reports.memory.update(object_store_mb())
         marks["data"] = time.time()
-        result = run_distill(cfg, out, progress=False, on_log=reports.on_log, repo=repo, data=data,
-                             on_eval=reports.on_eval if reports.scores else None, checkpoints=checkpoints,
-                             ptm_users=ctx.ptm_users)
+        result = waiting_for_memory(lambda: run_distill(
+            cfg, out, progress=False, on_log=reports.on_log, repo=repo, data=data,
+            on_eval=reports.on_eval if reports.scores else None, checkpoints=checkpoints, ptm_users=ctx.ptm_users))
         marks["distilled"] = time.time()
         reports.on_log(-1, 0.0)
         run.finish(result, out, reports.memory)
