@@ -28,7 +28,7 @@ from .experts import resolve_experts
 from .methods import Distilled, DistillState, distill
 from .methods.mtt import Trajectory, student_bytes
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
-from .proc import meminfo_mb, memory_mb
+from .proc import meminfo_mb, memory_mb, release_freed_memory
 from .store import CheckpointRepository
 from .train import new_model
 
@@ -132,6 +132,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
         pool, pool_cost = pool.joined(experts.pool), pool_cost + experts_cost
     run, distill_cost = cost.measured(sync, distill_set, cfg, data, guide, progress, on_log, on_eval, checkpoints,
                                       experts.trajectories if experts else None)
+    release_freed_memory()  # the distillation's graphs (MTT's unrolled steps: GiBs) back to the machine
     scores = evaluate_against_baseline(cfg, data, run.syn.images, run.syn.labels, progress, set_lr=run.syn.lr)
     costs = cost_record(pool, ptm_users or {}, {"guide": guide_cost, "distill": distill_cost,
                                                  "eval": scores.set_cost, "baseline": scores.baseline_cost},

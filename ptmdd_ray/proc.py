@@ -1,5 +1,5 @@
 """This process as Linux's /proc sees it: resident memory, start time and the memory still available
-(no torch, no Ray).
+(no torch, no Ray), and the one call that hands freed heap back to the machine.
 
 One reader for what the study's trials report (``mem.*``, ``time.process``) and what
 ``bench/bench_distill.py`` measures (peak and current resident set), so both count alike.
@@ -34,6 +34,21 @@ def meminfo_mb(field: str) -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap that freed tensors leave behind back to the machine (glibc's ``malloc_trim``).
+    glibc keeps freed memory mapped for reuse, so a worker that ran an MTT trial (~3 GiB of unrolled
+    steps at CIFAR-10 IPC 10, all freed by its end) went on holding that much: its next trial, a
+    neighbouring one and the MTT memory check saw the machine short of it. False where there is no
+    glibc (another libc, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def reset_peak_memory() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from .. import tracking
 from ..config import Config, eval_split
 from ..errors import ConfigError, DivergenceError, MemoryShortError
-from ..proc import memory_mb, process_start_time, reset_peak_memory
+from ..proc import memory_mb, process_start_time, release_freed_memory, reset_peak_memory
 from ..study_spec import Study, metric_split, run_name
 from .checkpoints import TuneCheckpoints
 
@@ -85,6 +85,7 @@ def trial(config: dict[str, Any], ctx: TrialContext) -> None:
         return
     if failed is not None:  # it would fail the same way again
         raise TrialFailed(f"{failed} (an earlier attempt of this trial; not run again)")
+    release_freed_memory()  # what an earlier trial of this reused worker freed: not this trial's peak
     reset_peak_memory()
     sample, overrides = trial_point(config)
     cfg = replace(ctx.study.trial_config(overrides, sample), store=ctx.store_uri)
