@@ -16,8 +16,9 @@ print(held, status_mb("VmRSS"), released)
 
 
 def test_the_heap_a_run_freed_goes_back_to_the_machine():
-    """A worker that ran an MTT trial held its ~3 GiB of freed unrolled steps until the trial's end
-    trimmed them (its next trial, its neighbours and the MTT memory check saw the machine short)."""
+    """A worker that ran an MTT trial went on holding its ~3 GiB of freed unrolled steps (its next
+    trial, its neighbours and the MTT memory check saw the machine short); runs now trim them after
+    distilling and trials at their start."""
     out = subprocess.run([sys.executable, "-c", HELD_AND_RELEASED], capture_output=True, text=True, timeout=120,
                          check=True).stdout.split()
     held, after, released = float(out[0]), float(out[1]), out[2] == "True"

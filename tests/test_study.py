@@ -485,36 +485,35 @@ def test_only_bad_input_and_divergence_fail_a_trial_for_good():
     assert not fails_for_good(RuntimeError("the worker died"))
 
 
+def _failing(times: int, error: Exception):
+    """A run that raises ``error`` on its first ``times`` calls, then returns; and its list of calls."""
+    calls = []
+
+    def run():
+        calls.append(1)
+        if len(calls) <= times:
+            raise error
+        return "distilled"
+
+    return run, calls
+
+
 def test_a_trial_waits_out_memory_that_is_short_for_the_moment_and_no_longer():
     from ptmdd_ray.errors import ConfigError, MemoryShortError
     from ptmdd_ray.study.trial import waiting_for_memory
 
-    calls = []
+    short = MemoryShortError("distill.syn_steps: need ~3.1 GiB, more than the 2.9 GiB free on cpu now")
+    run, calls = _failing(2, short)
+    assert waiting_for_memory(run, patience_s=5.0, poll_s=0.01) == "distilled" and len(calls) == 3
 
-    def short_twice():
-        calls.append(1)
-        if len(calls) < 3:
-            raise MemoryShortError("distill.syn_steps: need ~3.1 GiB, more than the 2.9 GiB free on cpu now")
-        return "distilled"
-
-    assert waiting_for_memory(short_twice, patience_s=5.0, poll_s=0.01) == "distilled" and len(calls) == 3
-
-    def always_short():
-        calls.append(1)
-        raise MemoryShortError("short")
-
-    calls.clear()
+    run, calls = _failing(10**9, short)
     with pytest.raises(MemoryShortError):
-        waiting_for_memory(always_short, patience_s=0.2, poll_s=0.05)
+        waiting_for_memory(run, patience_s=0.2, poll_s=0.05)
     assert 2 <= len(calls) <= 5  # tried again until its patience ran out, then gave up
 
-    def bad_input():
-        calls.append(1)
-        raise ConfigError("distill.syn_steps: must be >= 1, got 0")
-
-    calls.clear()
+    run, calls = _failing(1, ConfigError("distill.syn_steps: must be >= 1, got 0"))
     with pytest.raises(ConfigError):
-        waiting_for_memory(bad_input, patience_s=5.0, poll_s=0.01)
+        waiting_for_memory(run, patience_s=5.0, poll_s=0.01)
     assert len(calls) == 1  # not a matter of waiting
 
 
