@@ -8,7 +8,8 @@ and the MLflow metrics of the same names), all from this module:
   (every thread: 2 busy threads for 1 s count 2 s); ``cost.<phase>.gpu_s``: on CUDA, the wall
   seconds of the phase with the device synchronised at both ends (the time it held the GPU), else
   absent. Phases: ``guide`` (the PTMs' real-feature caches), ``distill`` (the distillation
-  alone), ``eval`` (the synthetic set), ``baseline`` (the random-real subset; 0 when read back
+  alone; a run that went on from a checkpoint adds the earlier attempts' seconds up to it, which
+  the checkpoint carries), ``eval`` (the synthetic set), ``baseline`` (the random-real subset; 0 when read back
   from the store).
 - ``cost.ptm_train.*``: the PTM trainings this trial ran itself (0 when the store had them), MTT's
   expert trajectories included.

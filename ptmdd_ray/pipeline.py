@@ -130,11 +130,11 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
     if cfg.distill.method == "mtt":  # the experts are pool PTMs too: their training is the pool's cost
         experts, experts_cost = cost.measured(sync, resolve_experts, cfg, data, device, progress, repo)
         pool, pool_cost = pool.joined(experts.pool), pool_cost + experts_cost
-    run, distill_cost = cost.measured(sync, distill_set, cfg, data, guide, progress, on_log, on_eval, checkpoints,
-                                      experts.trajectories if experts else None)
+    run = distill_set(cfg, data, guide, progress, on_log, on_eval, checkpoints,
+                      experts.trajectories if experts else None, sync)
     release_freed_memory()  # the distillation's graphs (MTT's unrolled steps: GiBs) back to the machine
     scores = evaluate_against_baseline(cfg, data, run.syn.images, run.syn.labels, progress, set_lr=run.syn.lr)
-    costs = cost_record(pool, ptm_users or {}, {"guide": guide_cost, "distill": distill_cost,
+    costs = cost_record(pool, ptm_users or {}, {"guide": guide_cost, "distill": run.cost,
                                                  "eval": scores.set_cost, "baseline": scores.baseline_cost},
                         scores.baseline_wait_seconds, device)
     result = result_record(cfg, device, pool, run, scores, {"pool": pool_cost.wall, "guide": guide_cost.wall},
@@ -180,26 +180,33 @@ class DistillRun:
     eval_history: list[tuple[int, float]]
     eval_split: str
     resumed_from: int
+    cost: cost.Seconds  # the distillation's, all told: a resumed run's earlier attempts included
 
 
 def distill_set(cfg: Config, data: ImageData, guide: PTMGuide, progress: bool = True,
                 on_log: Callable[[int, float], None] | None = None,
                 on_eval: Callable[[int, float], None] | None = None,
-                checkpoints: Checkpoints | None = None, experts: list[Trajectory] | None = None) -> DistillRun:
+                checkpoints: Checkpoints | None = None, experts: list[Trajectory] | None = None,
+                sync: Callable[[], None] | None = None) -> DistillRun:
     """Distill ``cfg.distill`` on ``data`` (with ``guide``, if it has PTMs; MTT along its
     ``experts``), evaluating the set along the way (:class:`IntermediateEvals`); with
-    ``checkpoints``, going on from the last saved state and saving it (with the evaluations so far)
-    along the way."""
-    resume, extra = (checkpoints.load() if checkpoints else None) or (None, {})
-    along = IntermediateEvals(cfg, data, extra.get("eval_history", []), on_eval)
+    ``checkpoints``, going on from the last saved state and saving it (with the evaluations so far
+    and the cost so far) along the way. ``DistillRun.cost`` is what the whole distillation cost:
+    a resumed run adds the seconds its checkpoint recorded to its own, so a study's ``cost.*`` of a
+    trial that was interrupted counts every attempt's work up to its last checkpoint, not only the
+    last attempt's (``sync``: the device's, as for :class:`~ptmdd_ray.cost.Meter`)."""
+    with cost.Meter(sync) as meter:
+        resume, extra = (checkpoints.load() if checkpoints else None) or (None, {})
+        earlier = cost.Seconds.from_dict(extra.get("cost")) or cost.Seconds()  # none before it was recorded
+        along = IntermediateEvals(cfg, data, extra.get("eval_history", []), on_eval)
 
-    def save_state(state: DistillState) -> None:
-        checkpoints.save(state, {"eval_history": along.history})
+        def save_state(state: DistillState) -> None:
+            checkpoints.save(state, {"eval_history": along.history, "cost": (earlier + meter.lap()).as_dict()})
 
-    syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log,
-                  cfg.eval.every, along, resume=resume, state_every=checkpoints.every if checkpoints else 0,
-                  on_state=save_state if checkpoints else None, precision=cfg.precision, experts=experts)
-    return DistillRun(syn, along.history, along.split, resume.iteration if resume else 0)
+        syn = distill(cfg.distill, cfg.model, data, cfg.seed, guide or None, progress, on_log,
+                      cfg.eval.every, along, resume=resume, state_every=checkpoints.every if checkpoints else 0,
+                      on_state=save_state if checkpoints else None, precision=cfg.precision, experts=experts)
+    return DistillRun(syn, along.history, along.split, resume.iteration if resume else 0, earlier + meter.seconds)
 
 
 class IntermediateEvals:

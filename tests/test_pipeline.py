@@ -169,3 +169,43 @@ def test_more_than_the_device_has_is_bad_input_and_more_than_it_has_free_is_tran
     assert not issubclass(MemoryShortError, ConfigError)
     free, total = device_memory_mb(torch.device("cpu"))
     assert 0 < free <= total  # this machine's /proc/meminfo
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _MemoryCheckpoints:
+    """A run's checkpoints in memory (:class:`ptmdd_ray.pipeline.Checkpoints`); with ``crash``,
+    the run stops right after its first save, as a killed worker would."""
+
+    def __init__(self, every: int):
+        self.every, self.saved, self.crash = every, None, False
+
+    def load(self):
+        return self.saved
+
+    def save(self, state, extra):
+        self.saved = (state, extra)
+        if self.crash:
+            raise _Interrupted
+
+
+def test_a_resumed_runs_distillation_cost_counts_the_attempts_before_it(tmp_path):
+    """A trial that went on from a checkpoint reports what its whole distillation cost (the
+    earlier attempt's seconds up to its checkpoint, which the checkpoint carries, plus its own),
+    not the last attempt's alone: 30 of 40 iterations ran before the crash, so the resumed run's
+    cost exceeds the checkpoint's."""
+    cfg = _cfg(tmp_path, "distill.iterations=40", "distill.ipc=2")
+    ckpts = _MemoryCheckpoints(every=30)
+    ckpts.crash = True
+    with pytest.raises(_Interrupted):
+        run_distill(cfg, progress=False, checkpoints=ckpts)
+    state, extra = ckpts.saved
+    before = extra["cost"]
+    assert state.iteration == 30 and before["wall_s"] > 0 and before["cpu_s"] > 0
+    ckpts.crash = False
+    resumed = run_distill(cfg, progress=False, checkpoints=ckpts)
+    assert resumed["timing"]["resumed_from"] == 30
+    spent = resumed["cost"]["distill"]
+    assert spent["wall_s"] > before["wall_s"] and spent["cpu_s"] > before["cpu_s"]
