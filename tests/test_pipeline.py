@@ -179,8 +179,8 @@ class _MemoryCheckpoints:
     """A run's checkpoints in memory (:class:`ptmdd_ray.pipeline.Checkpoints`); with ``crash``,
     the run stops right after its first save, as a killed worker would."""
 
-    def __init__(self, every: int):
-        self.every, self.saved, self.crash = every, None, False
+    def __init__(self, every: int, crash: bool):
+        self.every, self.saved, self.crash = every, None, crash
 
     def load(self):
         return self.saved
@@ -197,8 +197,7 @@ def test_a_resumed_runs_distillation_cost_counts_the_attempts_before_it(tmp_path
     not the last attempt's alone: 30 of 40 iterations ran before the crash, so the resumed run's
     cost exceeds the checkpoint's."""
     cfg = _cfg(tmp_path, "distill.iterations=40", "distill.ipc=2")
-    ckpts = _MemoryCheckpoints(every=30)
-    ckpts.crash = True
+    ckpts = _MemoryCheckpoints(every=30, crash=True)
     with pytest.raises(_Interrupted):
         run_distill(cfg, progress=False, checkpoints=ckpts)
     state, extra = ckpts.saved
