@@ -4,8 +4,9 @@ The student is a ``ReparamModule``-style wrapper (the network's parameters delet
 every forward, as views of one flat vector), the expert's parameters arrive as lists of tensors
 and are flattened with ``torch.cat``, each step appends to ``student_params`` and pops the last
 chunk of a ``torch.randperm`` split, and the loss is ``mse_loss(reduction="sum") / num_params``
-over the same for the expert, as there. The random draws come from ``gen`` so that a test can
-give ours the same ones; it is not part of the package.
+over the same for the expert, as there; the augmentation is the reference's DiffAugment ops
+(:mod:`reference_diffaug`). The random draws come from ``gen`` (ours' sampler, so that a test can
+give ours the same ones); it is not part of the package.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ptmdd_ray import augment
+from ptmdd_ray import augment  # its sampler only: the draws the test shares with ours
+
+import reference_diffaug
 
 
 class ReparamStudent:
@@ -55,7 +58,8 @@ def reference_mtt_step(student_net: nn.Module, starting_params: list[torch.Tenso
         these_indices = indices_chunks.pop()
         x = image_syn[these_indices]
         this_y = label_syn[these_indices]
-        x = augment.apply(x, augment.sample(strategy, x.shape[0], x.shape[-1], gen, x.device))  # DiffAugment
+        # DiffAugment (per image, one op drawn per call): the reference's ops on the values ours draws
+        x = reference_diffaug.apply(x, augment.sample(strategy, x.shape[0], x.shape[-1], gen, x.device))
         out = student(x, flat_param=student_params[-1])
         ce_loss = criterion(out, this_y)
         grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]

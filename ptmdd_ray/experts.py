@@ -39,14 +39,15 @@ class Experts:
 
 def resolve_experts(cfg: Config, target: ImageData, device: torch.device, progress: bool = True,
                     repo: CheckpointRepository | None = None) -> Experts:
-    """One :class:`Trajectory` per pool PTM (``pool.archs`` x ``pool.seeds``), loaded through
+    """One :class:`Trajectory` per pool PTM of the student's architecture (``model`` x ``pool.seeds``;
+    the pool's other architectures only guide), loaded through
     ``repo`` (default: a local repository on ``cfg.store``), its missing epochs trained in one run
     that also saves the pool's own epochs."""
     repo = repo or PTMRepository(CheckpointStore(cfg.store), progress)
     before = repo_counts(repo)
     load_source = source_loader(cfg, target, device)
     epochs, to_save = trajectory_epochs(cfg), save_epochs(cfg)
-    specs = pool_specs(cfg)
+    specs = [spec for spec in pool_specs(cfg) if spec.arch == cfg.model]
     firsts = fetch_runs(repo, specs, epochs[0], to_save, load_source)  # trains the missing runs
     trajectories, last = [], []
     for spec, first in zip(specs, firsts):

@@ -11,6 +11,7 @@ by atomic file.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from . import __version__, artifacts, cost
 from .baseline import Scores, evaluate_against_baseline, random_real_baseline
-from .config import Config, ConfigError, eval_split, source_dataset, to_dict
+from .config import Config, ConfigError, eval_split, mtt_for_ipc, mtt_reach, mtt_table_for, source_dataset, to_dict
 from .data import ImageData, load_data
 from .errors import MemoryShortError
 from .evaluate import evaluate_set
@@ -29,8 +30,11 @@ from .methods import Distilled, DistillState, distill
 from .methods.mtt import Trajectory, student_bytes
 from .pool import PTM_DATA_SEED, Pool, PTMGuide, resolve_pool
 from .proc import meminfo_mb, memory_mb, release_freed_memory
+from .sources import parse_name
 from .store import CheckpointRepository
 from .train import new_model
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,20 +61,42 @@ def check_ipc(data: ImageData, ipc: int, key: str = "distill.ipc") -> None:
 def check_mtt_memory(cfg: Config, data: ImageData, device: torch.device) -> None:
     """MTT keeps every unrolled student step until its backward pass (memory linear in
     ``syn_steps``, :func:`~ptmdd_ray.methods.mtt.student_bytes`; one step with
-    ``mtt_gradient: recomputed``): a run that cannot fit is refused in one line before anything runs."""
+    ``mtt_gradient: recomputed``) and every expert's trajectory on the device (a parameter vector per
+    epoch 0 .. max_start_epoch - 1 + expert_epochs): a run that cannot fit is refused in one line
+    before the pool is fetched or anything is distilled."""
     d = cfg.distill
     if d.method != "mtt":
         return
     size = d.ipc * data.num_classes
     batch = min(d.batch_syn or size, size)
     student = new_model(cfg.model, (data.channels, data.num_classes, data.im_size), seed=0, device=device)
-    need = student_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps,
-                         d.mtt_gradient) / 2**20
+    steps = student_bytes(student, (data.channels, data.im_size, data.im_size), batch, d.syn_steps, d.mtt_gradient)
+    need = (steps + trajectory_bytes(student, cfg)) / 2**20
     check_fits(need, *device_memory_mb(device), device.type,
-               what=f"distill.syn_steps: MTT's {d.syn_steps} {d.mtt_gradient} steps of {batch} images need "
-                    f"~{need / 1024:.1f} GiB",
+               what=f"distill.syn_steps: MTT's {d.syn_steps} {d.mtt_gradient} steps of {batch} images and "
+                    f"its experts' trajectories need ~{need / 1024:.1f} GiB",
                hint="lower distill.syn_steps or distill.batch_syn"
-                    + (", or set distill.mtt_gradient: recomputed" if d.mtt_gradient == "unrolled" else ""))
+                    + (", or set distill.mtt_gradient: recomputed" if d.mtt_gradient == "unrolled" else "")
+                    + ", or fewer pool.seeds or a lower distill.max_start_epoch")
+
+
+def trajectory_bytes(student: torch.nn.Module, cfg: Config) -> int:
+    """The experts on the device: one float32 parameter vector per expert (a pool seed of the
+    student's architecture) and kept epoch."""
+    experts = len(cfg.pool.seeds)
+    return 4 * experts * (mtt_reach(cfg.distill) + 1) * sum(p.numel() for p in student.parameters())
+
+
+def note_unwhitened_mtt(cfg: Config) -> None:
+    """MTT's published learning rates for IPC 1 and 10 were tuned on ZCA-whitened images: a run that
+    keeps them on raw images is off the paper's setting, and its log says so."""
+    d, ds = cfg.distill, cfg.dataset
+    if d.method != "mtt" or ds.zca:
+        return
+    row = mtt_for_ipc(d.ipc, mtt_table_for(parse_name(ds.name, "dataset")[0]))
+    if row["zca"] and (d.lr_img, d.lr_lr) == (row["lr_img"], row["lr_lr"]):
+        log.warning("MTT's published lr_img %g and lr_lr %g for IPC %d were tuned on ZCA-whitened images; "
+                    "dataset.zca is off, so this run is off the paper's setting", d.lr_img, d.lr_lr, d.ipc)
 
 
 def device_memory_mb(device: torch.device) -> tuple[float | None, float | None]:
@@ -124,6 +150,7 @@ def run_distill(cfg: Config, out: str | Path | None = None, progress: bool = Tru
         torch.cuda.reset_peak_memory_stats(device)  # cost.peak_gpu_mb is this run's
     data = target_data(cfg, data, device)
     check_mtt_memory(cfg, data, device)
+    note_unwhitened_mtt(cfg)
     pool, pool_cost = cost.measured(sync, resolve_pool, cfg, data, device, progress, repo=repo)
     guide, guide_cost = cost.measured(sync, PTMGuide.from_config, cfg.loss, pool.ptms, data, cfg.seed)
     experts = None

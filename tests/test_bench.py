@@ -18,6 +18,7 @@ from ptmdd_ray.train import new_model, train_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from reference_dc import _match_loss, reference_dc_iteration  # noqa: E402
+from reference_diffaug import apply as reference_diffaugment  # noqa: E402
 from reference_dm import reference_dm_iteration  # noqa: E402
 from reference_eval import reference_evaluate_synset  # noqa: E402
 from reference_mtt import reference_mtt_step  # noqa: E402
@@ -202,3 +203,29 @@ def test_mtt_step_equals_the_reference_loss_and_gradients(digits, strategy, batc
     assert 0 < l_a < 100 and l_a == pytest.approx(l_b, rel=1e-5)
     assert gi_a.abs().max() > 0 and torch.allclose(gi_a, gi_b, rtol=1e-4, atol=1e-6 * gi_a.abs().max().item())
     assert gl_a.abs() > 0 and torch.allclose(gl_a, gl_b, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["color", "crop", "cutout", "flip", "scale", "rotate"])
+@pytest.mark.parametrize("size", [32, 28, 15])
+@pytest.mark.parametrize("siamese", [False, True])
+def test_dsa_ops_equal_the_reference_diffaugment_on_the_same_draws(op, size, siamese):
+    """Each DSA op of ``ptmdd_ray.augment`` against the reference's ``rand_*`` (bench/reference_diffaug.py,
+    written from mtt-distillation's utils.py) given the values ours drew: per image (the reference's
+    default) and Siamese (one draw for the batch, its ``batchmode``), at even and odd sizes (crop's
+    and cutout's integer ranges depend on them). Equal to float rounding, in the images and in the
+    gradient reaching them."""
+    from ptmdd_ray import augment
+
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(6, 3, size, size, generator=gen)
+    for seed in range(8):  # several draws of the op's values
+        params = augment.sample(op, 1 if siamese else 6, size, torch.Generator().manual_seed(seed))
+        ours_x, ref_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        group = torch.zeros(6, dtype=torch.long) if siamese else None
+        ours, ref = augment.apply(ours_x, params, group), reference_diffaugment(ref_x, params, siamese)
+        assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+        weights = torch.randn(ours.shape, generator=gen)
+        (ours * weights).sum().backward()
+        (ref * weights).sum().backward()
+        assert torch.allclose(ours_x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+

@@ -322,16 +322,21 @@ MTT = ("model: ConvNetW32\ndistill: {method: mtt, ipc: 1}\npool: {archs: [ConvNe
     ("distill.expert_epochs=0", "distill.expert_epochs: must be >= 1"),
     ("distill.lr_lr=-1", "distill.lr_lr"),
     ("distill.max_start_epoch=50", "distill.max_start_epoch: segments reach epoch 51"),
-    ("pool.archs=[ConvNet]", "pool.archs[0]: ConvNet has no trajectory for the student ConvNetW32"),
+    ("distill.expert_epochs=60", "distill.expert_epochs: segments reach epoch 61"),
+    ("pool.archs=[ConvNet]", "pool.archs: MTT needs expert trajectories of the student's architecture: add "
+                             "ConvNetW32"),
     ("pool.archs=[]", "pool.archs: MTT needs expert trajectories"),
+    ("distill.compile=true", "distill.compile: MTT has no compiled path"),
     ("pretrain.schedule=cosine", "pretrain.schedule"),
     ("pretrain.dsa_strategy=blur", "pretrain.dsa_strategy"),
-    ("distill.syn_steps=100000000", "distill.syn_steps: MTT's 100000000 unrolled steps of 10 images need ~"),
+    ("distill.syn_steps=100000000", "distill.syn_steps: MTT's 100000000 unrolled steps of 10 images and its experts' "
+                                    "trajectories need ~"),
     ("distill.mtt_gradient=tesla", "distill.mtt_gradient: expected one of unrolled, recomputed, got 'tesla'"),
 ])
 def test_bad_mtt_settings_fail_before_anything_runs(tmp_path, override, needle):
     """MTT's own settings (issue 26): a step count below 1, segments beyond what the experts' runs
-    keep, experts of another architecture than the student, no experts at all, unrolled steps that
-    cannot fit in memory (refused after loading the data, before any expert trains)."""
+    keep (named by the setting that pushes them there), no expert of the student's architecture, no
+    experts at all, a compiled run (MTT has none), unrolled steps that cannot fit in memory (refused
+    after loading the data, before any expert trains)."""
     (tmp_path / "mtt.yaml").write_text(MTT)
     distill_fails(tmp_path, needle, "mtt.yaml", "--set", override)

@@ -23,7 +23,7 @@ from ._checks import (check_dataset, check_device, check_distill, check_eval, ch
                       check_pretrain, resolve)
 from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, DSA_OPS, DSA_STRATEGY, METHOD_DEFAULTS, PUBLISHED_LOOPS,
                        MTT_EXPERT_RECIPE, MTT_TABLE, REFERENCE_EVAL_RUNS, check_strategy, loops_for_ipc,
-                       mtt_for_ipc)
+                       mtt_for_ipc, mtt_table_for)
 from ._parse import PATH_PREFIXES, anchor_paths, build_config, load_config, load_yaml, parse_override, set_dotted
 from ._schema import describe, flatten, from_dict, json_schema, to_dict
 from ._sections import (INITS, METHODS, PRECISIONS, Config, DatasetConfig, DistillConfig, EvalConfig, LossConfig,
@@ -46,5 +46,5 @@ __all__ = [
     # vocabulary and published defaults
     "METHODS", "INITS", "DOMAINS", "PRECISIONS", "METHOD_DEFAULTS", "REFERENCE_EVAL_RUNS", "COMPILE_AUTO_ITERATIONS", "COMPILE_AUTO_EVAL_EPOCHS",
     "DSA_STRATEGY", "DSA_OPS", "check_strategy", "loops_for_ipc", "PUBLISHED_LOOPS", "MTT_TABLE", "MTT_EXPERT_RECIPE",
-    "mtt_for_ipc",
+    "mtt_for_ipc", "mtt_table_for",
 ]

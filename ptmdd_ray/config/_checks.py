@@ -14,16 +14,16 @@ from typing import Any
 
 from ..archs import is_known
 from ..errors import ConfigError, check
-from ..sources import canonical_name, check_dataset_config, image_shape
+from ..sources import canonical_name, check_dataset_config, image_shape, parse_name
 from ._methods import (COMPILE_AUTO_EVAL_EPOCHS, COMPILE_AUTO_ITERATIONS, COMPILED_METHODS, METHOD_DEFAULTS,
-                       check_strategy, loops_for_ipc, mtt_for_ipc)
+                       check_strategy, loops_for_ipc, mtt_for_ipc, mtt_table_for)
 from ._sections import (INITS, METHODS, MTT_GRADIENTS, PRECISIONS, SCHEDULES, Config, DatasetConfig, DistillConfig,
                         EvalConfig, LossConfig, PoolConfig, PretrainConfig, mtt_reach, source_dataset, weight_for)
 
 
 def resolve(cfg: Config) -> Config:
     """Validate every section and fill the method defaults. Raises :class:`ConfigError` naming the key."""
-    distill = check_distill(cfg.distill)
+    distill = check_distill(cfg.distill, cfg.dataset)
     check_model(cfg.model, "model")
     check_dataset(cfg.dataset, "dataset")
     pool = check_pool(cfg)
@@ -77,8 +77,9 @@ def check_dataset(ds: DatasetConfig, key: str) -> None:
     check_dataset_config(ds, key)
 
 
-def check_distill(distill: DistillConfig) -> DistillConfig:
-    """The method, its counts and rates; fills the method's published defaults and DC's loop table."""
+def check_distill(distill: DistillConfig, dataset: DatasetConfig | None = None) -> DistillConfig:
+    """The method, its counts and rates; fills the method's published defaults (MTT's: those of
+    ``dataset``, CIFAR-10's when None) and DC's loop table."""
     method = distill.method
     check(method in METHODS, "distill.method", f"unknown method {method!r} (known: {', '.join(METHODS)})")
     defaults = METHOD_DEFAULTS[method]
@@ -105,37 +106,45 @@ def check_distill(distill: DistillConfig) -> DistillConfig:
     # a study trial's checkpoints: about ten per run unless set (resolved here, so MLflow records it)
     every = distill.checkpoint_every or max(1, iterations // 10)
     if method == "mtt":
-        distill = _mtt_defaults(distill)
+        distill = _mtt_defaults(distill, dataset)
     return replace(distill, iterations=iterations, init=init, dsa_strategy=strategy, compile=compile_,
                    checkpoint_every=every, lr_img=defaults["lr_img"] if distill.lr_img is None else distill.lr_img,
                    outer_loop=distill.outer_loop or outer, inner_loop=distill.inner_loop or inner)
 
 
-_MTT_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_teacher")
+_MTT_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_teacher", "batch_syn")
 
 
-def _mtt_defaults(distill: DistillConfig) -> DistillConfig:
-    """MTT's unset settings from its published table for the IPC (:func:`mtt_for_ipc`); its
-    student batch is the whole set unless ``batch_syn`` says otherwise."""
-    table = mtt_for_ipc(distill.ipc)
+def _mtt_defaults(distill: DistillConfig, dataset: DatasetConfig | None) -> DistillConfig:
+    """MTT's unset settings from its published table for the data set and IPC (:func:`mtt_for_ipc`;
+    data sets MTT never published take CIFAR-10's rows); ``batch_syn`` None is the whole set."""
+    kind = parse_name(dataset.name, "dataset")[0] if dataset is not None else "cifar10"
+    table = mtt_for_ipc(distill.ipc, mtt_table_for(kind))
     filled = {k: table[k] if getattr(distill, k) is None else getattr(distill, k) for k in _MTT_FIELDS}
     return replace(distill, **filled)
 
 
 def check_experts(cfg: Config, distill: DistillConfig, pool: PoolConfig) -> None:
-    """MTT's experts are the pool's PTMs: of the student's architecture, trained (pretrain.epochs)
-    at least as far as the latest segment reaches, max_start_epoch - 1 + expert_epochs."""
+    """MTT's experts are the pool's PTMs of the student's architecture (the pool's other
+    architectures guide through CLoM/CCLoM, as for DC/DSA/DM), trained (pretrain.epochs) at least as
+    far as the latest segment reaches, max_start_epoch - 1 + expert_epochs."""
     if distill.method != "mtt":
         return
-    check(bool(pool.archs), "pool.archs", "MTT needs expert trajectories: name the student's architecture "
-          f"[{cfg.model}] here")
-    for i, arch in enumerate(pool.archs):
-        check(arch == cfg.model, f"pool.archs[{i}]", f"{arch} has no trajectory for the student {cfg.model}: "
-              "MTT's experts must be the matching model's architecture")
-    reach = mtt_reach(distill)
-    check(reach <= cfg.pretrain.epochs, "distill.max_start_epoch",
-          f"segments reach epoch {reach} (max_start_epoch - 1 + expert_epochs) but the experts' runs "
-          f"keep {cfg.pretrain.epochs} (pretrain.epochs)")
+    check(cfg.model in pool.archs, "pool.archs", f"MTT needs expert trajectories of the student's architecture: "
+          f"add {cfg.model} (model) to {pool.archs}")
+    check(not distill.compile, "distill.compile", "MTT has no compiled path (its unrolled student steps run "
+          "eagerly): leave it unset or false")
+    source, target = pool.source, cfg.dataset
+    if source is not None:  # an expert's parameters live in the student's input and label space
+        check(canonical_name(source.name) == canonical_name(target.name) and source.classes == target.classes
+              and source.domain == target.domain, "pool.source", f"MTT's experts must train on the target's "
+              f"images and labels ({target.name}, classes {target.classes or 'all'}, domain {target.domain})")
+        check(source.zca == target.zca, "pool.source.zca", f"{source.zca} but dataset.zca is {target.zca}: "
+              "experts and student must see the same whitening")
+    reach, epochs = mtt_reach(distill), cfg.pretrain.epochs
+    key = "distill.expert_epochs" if distill.expert_epochs > epochs else "distill.max_start_epoch"
+    check(reach <= epochs, key, f"segments reach epoch {reach} (max_start_epoch - 1 + expert_epochs) but the "
+          f"experts' runs keep {epochs} (pretrain.epochs)")
 
 
 def check_pool(cfg: Config) -> PoolConfig:

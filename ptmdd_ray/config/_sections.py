@@ -85,19 +85,20 @@ class DistillConfig:
         "DSA augmentations, e.g. color_crop_cutout_flip_scale_rotate; null: the method's published default")
     syn_steps: int | None = setting(None,
         "MTT: differentiable student steps on the synthetic set per iteration (memory grows linearly with it); "
-        "null: MTT's published value for the IPC")
+        "null: MTT's published value for the data set and IPC")
     expert_epochs: int | None = setting(None,
         "MTT: expert epochs the student's steps must cover (target = start + this); null: published value")
     max_start_epoch: int | None = setting(None,
-        "MTT: start epochs are drawn from [0, this); null: MTT's published value for the IPC")
+        "MTT: start epochs are drawn from [0, this); null: MTT's published value for the data set and IPC")
     lr_lr: float | None = setting(None, "MTT: SGD learning rate of the learnable student step size; null: published")
     lr_teacher: float | None = setting(None,
         "MTT: initial student step size (learned, then the evaluation's learning rate); null: published")
-    batch_syn: int | None = setting(None, "MTT: synthetic images per student step; null: the whole set")
+    batch_syn: int | None = setting(None,
+        "MTT: synthetic images per student step; null: the published value (the whole set but for CIFAR-100 IPC 50)")
     mtt_gradient: str = setting("unrolled",
         "MTT: the gradient through the student's steps: unrolled (the reference's graph; memory linear in "
         "syn_steps) or recomputed (TESLA's constant memory: each step recomputed backward, the same gradient up "
-        "to float order, ~1.25x the compute)", choices=MTT_GRADIENTS)
+        "to float order, 1.23-1.27x the compute, BENCHMARKS.md)", choices=MTT_GRADIENTS)
     log_every: int = setting(10, "record the matching loss every this many iterations")
     compile: bool | None = setting(None,
         "run DM's network passes (DC/DSA: the inner loop's training steps) through torch.compile (~2x (DC/DSA ~1.6x) "
@@ -159,8 +160,8 @@ class LossConfig:
     cclom: float | dict[str, float] = setting(0.0, "CCLoM weight β: a number or {arch: weight}")
     cclom_batch: int = setting(256, "real images in CCLoM's contrastive batch")
     augmented: bool = setting(False,
-        "PTM losses on the DSA-augmented images the matching term sees; false: the raw synthetic images, as the "
-        "reference code (and its published weights) do")
+        "PTM losses on the DSA-augmented images the matching term sees (MTT: one DSA draw of the set per iteration); "
+        "false: the raw synthetic images, as the reference code (and its published weights) do")
 
 
 @dataclass(frozen=True)

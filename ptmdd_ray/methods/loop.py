@@ -13,13 +13,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import augment
 from ..compiled import CompiledCall
 from ..config import DistillConfig
 from ..data import ImageData
 from ..errors import DivergenceError
 from ..synthetic import RealSampler, init_synthetic
 from ..train import new_model
-from .base import Guide
+from .base import Guide, groups
 from .dc import dc_step
 from .dm import dm_step
 from .mtt import Trajectory, draw_segment, trajectory_loss, trajectory_loss_recomputed
@@ -189,8 +190,8 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
         matching = trajectory_loss_recomputed if cfg.mtt_gradient == "recomputed" else trajectory_loss
         loss = matching(net, expert.params[start], expert.params[start + cfg.expert_epochs], syn, syn_y,
                         syn_lr, cfg.syn_steps, cfg.batch_syn or syn.shape[0], cfg.dsa_strategy, gen)
-        if guide is not None:  # the student augments per batch; the guide sees the raw set
-            loss = loss + guide(syn, syn, syn_y)
+        if guide is not None:  # the raw set, as the reference's CLoM; loss.augmented: one DSA draw of it
+            loss = loss + guide(_guide_view(syn, cfg, classes, gen, guide), syn, syn_y)
         update(loss)
         if not float(syn_lr.detach()) > 0:  # no student (and no evaluation) can train at it
             raise DivergenceError(f"MTT's learned step size went to {float(syn_lr.detach()):.3g}; "
@@ -206,6 +207,17 @@ def _outer_step(cfg: DistillConfig, syn: torch.Tensor, syn_y: torch.Tensor, samp
     if cfg.compile and hasattr(guide, "compile"):
         guide.compile(passes)
     return dm
+
+
+def _guide_view(syn: torch.Tensor, cfg: DistillConfig, classes: int, gen: torch.Generator, guide: Guide
+                ) -> torch.Tensor:
+    """What an MTT iteration's guide scores as the augmented set: MTT's students augment each of
+    their batches inside the unrolled steps, so a guide that asks for augmented images
+    (``loss.augmented``) gets one DSA draw of the whole set, class-wise as DM's, and else the raw set."""
+    if not getattr(guide, "augmented", False):
+        return syn
+    params = augment.sample(cfg.dsa_strategy, classes, syn.shape[-1], gen, syn.device)
+    return augment.apply(syn, params, groups(classes, cfg.ipc, syn.device))
 
 
 def _initial_set(data: ImageData, cfg: DistillConfig, gen: torch.Generator, resume: DistillState | None

@@ -93,7 +93,7 @@ def trajectory_loss_recomputed(student: nn.Module, start: torch.Tensor, target: 
     augmentation; the gradient then runs backward through them one step at a time (the adjoint of
     ``theta' = theta - lr * g(theta, x)``: ``lambda <- lambda - lr * H lambda``, the images get
     ``-lr * (dg/dx)^T lambda``, the step size ``-g . lambda``), recomputing that step's graph alone.
-    The same gradient as the unrolled one up to float order, for about 1.25x its compute (BENCHMARKS.md).
+    The same gradient as the unrolled one up to float order, for 1.23-1.27x its compute (BENCHMARKS.md).
 
     Returns a tensor whose value is the loss and whose backward gives ``images`` and ``syn_lr``
     those gradients (a surrogate: ``value + <grad, x> - <grad, x>.detach()``), so that it adds to
@@ -168,8 +168,9 @@ def student_bytes(student: nn.Module, image_shape: tuple[int, int, int], batch: 
 
 def draw_segment(experts: list[Trajectory], max_start_epoch: int, expert_epochs: int, gen: torch.Generator
                  ) -> tuple[Trajectory, int]:
-    """One iteration's expert and start epoch: an expert uniformly, a start epoch uniformly in
-    ``[0, max_start_epoch)`` (the reference's ``np.random.randint(0, max_start_epoch)``)."""
+    """One iteration's expert and start epoch: an expert uniformly (the reference's ``--load_all``;
+    by default it walks a shuffled buffer file of experts in turn, the same distribution over a
+    run), a start epoch uniformly in ``[0, max_start_epoch)`` (its ``np.random.randint(0, max_start_epoch)``)."""
     expert = experts[int(torch.randint(len(experts), (1,), generator=gen))]
     start = int(torch.randint(max_start_epoch, (1,), generator=gen))
     if start + expert_epochs > expert.epochs:
