@@ -4,7 +4,11 @@ from 0 (its initialisation) to the last a segment reaches, is one expert.
 A trajectory's checkpoints are the pool's own store keys (``<arch>-s<seed>-<run id>-e<epoch>``),
 so they are content-addressed by the recipe that trained them (another recipe is another run id),
 trained once however many trials ask (the store's lock on the run, locally or on S3, through the
-Ray store actor in a study), and every missing epoch is trained, never interpolated.
+Ray store actor in a study), and every missing epoch is trained, never interpolated. A trial that
+reaches further than the stored epochs trains the run again from its seed to its new last epoch,
+saving only the missing ones: the same draws, so the extended trajectory is the one a single
+training gives (to the bit on one machine, ``tests/test_methods_mtt.py``), at the price of the
+stored epochs' compute again; a study whose points reach differently pays it once per extension.
 """
 from __future__ import annotations
 

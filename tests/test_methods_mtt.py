@@ -185,6 +185,26 @@ def test_experts_are_the_stored_per_epoch_checkpoints_trained_once(digits, tmp_p
     assert "dsa_strategy" not in paper.identity()["pretrain"]  # at its default: keys stored before it stand
 
 
+def test_a_trajectory_extended_later_is_the_run_trained_once_to_its_end(digits, tmp_path):
+    """A trial that reaches further than the stored epochs trains the run again from its seed and
+    saves only the missing epochs: the same draws, so the extended trajectory is, to the bit, the one
+    a single training to its end gives (same machine)."""
+    from dataclasses import replace
+
+    from ptmdd_ray.experts import resolve_experts
+
+    def experts(cfg, max_start):
+        cfg = replace(cfg, distill=replace(cfg.distill, max_start_epoch=max_start))
+        return resolve_experts(cfg, digits, torch.device("cpu"), progress=False).trajectories
+
+    short = _mtt_cfg(tmp_path / "a")
+    assert [e.epochs for e in experts(short, 1)] == [1, 1]
+    extended = experts(short, 2)
+    direct = experts(_mtt_cfg(tmp_path / "b"), 2)
+    assert [e.epochs for e in extended] == [2, 2]
+    assert all(torch.equal(a, b) for x, y in zip(extended, direct) for a, b in zip(x.params, y.params))
+
+
 def test_only_the_students_architecture_gives_experts_the_others_guide(digits, tmp_path):
     from dataclasses import replace
 

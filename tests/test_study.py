@@ -297,16 +297,18 @@ def _checkpoints(results: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint_and_is_recorded_once(tmp_path):
+@pytest.mark.parametrize("method, iterations", [("dm", 400), ("mtt", 1000)])
+def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint_and_is_recorded_once(tmp_path, method,
+                                                                                        iterations):
     """SIGKILL the Ray worker running a trial after it checkpointed: Tune retries it, the second
     attempt goes on from the checkpoint (not iteration 0) and ends with exactly the synthetic set of
     an uninterrupted run; MLflow holds one FINISHED run for the trial and a FAILED one for the
-    killed attempt."""
+    killed attempt. DM, and MTT (its learned step size and the expert draws resumed too)."""
     from ptmdd_ray.artifacts import read_synthetic
 
     study = {**STUDY, "sweep": {"loss.clom": {"grid": [30.0]}}, "max_failures": 1, "control": None, "claims": []}
-    study["base"] = {**STUDY["base"], "distill": {**STUDY["base"]["distill"], "iterations": 400,
-                                                  "checkpoint_every": 50}}
+    base = MTT_BASE if method == "mtt" else STUDY["base"]
+    study["base"] = {**base, "distill": {**base["distill"], "iterations": iterations, "checkpoint_every": 50}}
     path = _write(tmp_path, study)
     uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
     proc = subprocess.Popen(_study_cmd(path, tmp_path), cwd=tmp_path, start_new_session=True,
@@ -328,7 +330,7 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint_and_is_recorde
     failed = next(r for r in children if r.info.status == "FAILED")
     assert "worker died" in failed.data.tags["ptmdd.failure"]
     finished = next(r for r in children if r.info.status == "FINISHED")
-    assert 50 <= saved <= finished.data.metrics["distill.resumed_from"] < 400
+    assert 50 <= saved <= finished.data.metrics["distill.resumed_from"] < iterations
 
     clean = subprocess.run([*_study_cmd(path, tmp_path), "--results", str(tmp_path / "clean")], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
@@ -336,6 +338,8 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint_and_is_recorde
     resumed_set, = (tmp_path / "results").glob("tiny/*/out/synthetic.parquet")
     clean_set, = (tmp_path / "clean").glob("tiny/*/out/synthetic.parquet")
     assert (read_synthetic(resumed_set)[0] == read_synthetic(clean_set)[0]).all()  # bit for bit
+    learned = [json.loads((p.parent / "result.json").read_text()).get("learned_lr") for p in (resumed_set, clean_set)]
+    assert learned[0] == learned[1] and (learned[0] is not None) == (method == "mtt")
 
 
 def _used_bytes() -> tuple[int, int]:
