@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ptmdd_ray import augment  # its sampler only: the draws the test shares with ours
 
-import reference_diffaug
+from reference_diffaug import apply as diffaugment  # bench/: the reference's own ops
 
 
 class ReparamStudent:
@@ -59,7 +59,7 @@ def reference_mtt_step(student_net: nn.Module, starting_params: list[torch.Tenso
         x = image_syn[these_indices]
         this_y = label_syn[these_indices]
         # DiffAugment (per image, one op drawn per call): the reference's ops on the values ours draws
-        x = reference_diffaug.apply(x, augment.sample(strategy, x.shape[0], x.shape[-1], gen, x.device))
+        x = diffaugment(x, augment.sample(strategy, x.shape[0], x.shape[-1], gen, x.device))
         out = student(x, flat_param=student_params[-1])
         ce_loss = criterion(out, this_y)
         grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
