@@ -377,7 +377,9 @@ def test_bench_cluster_runs_both_layouts_on_local_clusters(tmp_path):
 
 
 def test_paper_scale_says_there_is_no_cuda_and_exits_0():
-    proc = subprocess.run(["bash", str(BENCH / "paper_scale.sh")], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA even on a machine that has it
+    proc = subprocess.run(["bash", str(BENCH / "paper_scale.sh")], capture_output=True, text=True, timeout=120,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
     assert "paper_scale: no CUDA device here" in proc.stdout
 
@@ -391,6 +393,26 @@ def test_paper_scale_runs_its_steps_and_cuts_the_evaluation_to_its_budget(tmp_pa
     r = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == r
     assert list(r["sets"]) == ["dm", "dm+clom", "random real"] and r["sets"]["dm+clom"]["clom"] == 2000.0
-    assert r["eval_runs"] == 1 and r["eval_shortened"] and "cut from 3 to 1" in r["eval_note"]
+    assert r["eval_runs"] == 1 and r["eval_shortened"] and "cut from 3 to 1 models" in r["eval_note"]
+    assert r["iterations"] == 1 and r["distill_shortened"] and "distillation cut from 3 to 1" in r["eval_note"]
+    assert r["resolved"]["pretrain"]["weight_decay"] == 5e-3 and r["eval_seconds_per_model_epoch"] > 0
     assert all(len(s["accuracy_runs"]) == 1 and 0 <= s["accuracy_mean"] <= 100 for s in r["sets"].values())
     assert r["published"]["dm"]["mean"] == 48.9 and "published DM" in proc.stderr
+
+
+def test_paper_scale_cuts_the_evaluation_before_the_distillation():
+    """The budget plan: all of it when it fits; else fewer evaluation models (at least 1 per set),
+    and fewer iterations only when one model per set does not fit either."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("paper_scale", BENCH / "paper_scale.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    args = SimpleNamespace(eval_runs=5, eval_epochs=1000, iterations=20000)
+    # 0.01 s/it for both distillations (200 s), 0.004 s per model-epoch: 4 s a model, 12 s a model per 3 sets
+    assert ps.plan(0.004, 0.01, args, 3, 300.0) == (5, 20000)    # 200 + 60 fits
+    assert ps.plan(0.004, 0.01, args, 3, 240.0) == (3, 20000)    # 40 s left for evaluation: 3 models
+    assert ps.plan(0.004, 0.01, args, 3, 205.0) == (1, 19300)    # one model (12 s) leaves 193 s: 19,300 its
+    assert ps.plan(0.004, 0.01, args, 3, -5.0) == (1, 1)         # nothing fits: the least of each
+
