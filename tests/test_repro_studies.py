@@ -55,6 +55,7 @@ def test_reproduction_study_states_its_design(path, monkeypatch):
     cfgs = [study.trial_config(point, 0) for point in study.grid]
     for cfg in cfgs:
         assert cfg.eval.runs >= 3  # mean ± std over several evaluation models
+        assert cfg.dataset.val_per_class > 0  # every choice reads a validation split, on every data set
         if cfg.dataset.name.startswith("parquet:"):  # CIFAR-10: a validation split of 200 per class
             assert cfg.dataset.val_per_class == 200
 
