@@ -75,13 +75,12 @@ def plan(eval_s: float, distill_s: float, args, sets: int, left_s: float) -> tup
     return runs, iterations
 
 
-def probes(cfg, data, pool, device) -> tuple[float, float, float]:
+def probes(cfg, data, guides: dict) -> tuple[float, float, float]:
     """Steady seconds per evaluation model-epoch and per iteration of both distillations, each timed
     after a warm-up that compiles what the full runs compile (once per process), so that the
     one-off compilation is not scaled up; and the seconds the probes took."""
     from ptmdd_ray.evaluate import evaluate_set, random_real_subset
     from ptmdd_ray.methods import distill
-    from ptmdd_ray.pool import PTMGuide
 
     t0 = time.perf_counter()
     images, labels = random_real_subset(data, cfg.distill.ipc, cfg.seed)  # a set's shape: a set's cost
@@ -93,8 +92,7 @@ def probes(cfg, data, pool, device) -> tuple[float, float, float]:
                  splits=("test",), precision=cfg.precision)
     eval_s = (time.perf_counter() - t) / PROBE_EPOCHS
     distill_s = 0.0
-    for loss in (replace(cfg.loss, clom=0.0), cfg.loss):
-        guide = PTMGuide.from_config(loss, pool.ptms, data, cfg.seed) if loss.clom else None
+    for guide in guides.values():
         short = replace(cfg.distill, iterations=PROBE_ITERATIONS)
         distill(short, cfg.model, data, cfg.seed, guide, progress=False)  # warm-up (compiles if the run does)
         distill_s += distill(short, cfg.model, data, cfg.seed, guide, progress=False).seconds / PROBE_ITERATIONS
@@ -120,12 +118,14 @@ def run(args) -> dict:
         t = time.perf_counter()
         pool = resolve_pool(cfg, data, device, progress=True)
         ptm_s = time.perf_counter() - t
-        eval_s, distill_s, probe_s = probes(cfg, data, pool, device)
+        losses = {"dm": replace(cfg.loss, clom=0.0), "dm+clom": cfg.loss}
+        guides = {name: PTMGuide.from_config(loss, pool.ptms, data, cfg.seed) if loss.clom else None
+                  for name, loss in losses.items()}  # built once: the probes and the runs share them
+        eval_s, distill_s, probe_s = probes(cfg, data, guides)
         runs, iterations = plan(eval_s, distill_s, args, 3, args.budget_s - (time.perf_counter() - t0))
         sets, rows = {}, {}  # {name: (images, labels)}, {name: its figures}
-        for name, loss in (("dm", replace(cfg.loss, clom=0.0)), ("dm+clom", cfg.loss)):
-            guide = PTMGuide.from_config(loss, pool.ptms, data, cfg.seed) if loss.clom else None
-            made = distill(replace(cfg.distill, iterations=iterations), cfg.model, data, cfg.seed, guide,
+        for name, loss in losses.items():
+            made = distill(replace(cfg.distill, iterations=iterations), cfg.model, data, cfg.seed, guides[name],
                            progress=True)
             sets[name] = (made.images, made.labels)
             rows[name] = {"clom": loss.clom, "distill_seconds": made.seconds,
